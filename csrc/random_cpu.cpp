@@ -1,0 +1,35 @@
+// CPU entry points of the shared Philox stream, used by the tests to check that the
+// C++/CUDA bits equal the Triton and PyTorch ones.
+#include <pybind11/pybind11.h>
+
+#include "sslfast/bind.h"
+#include "sslfast/philox.h"
+
+namespace py = pybind11;
+
+namespace sslfast {
+
+// out[i, j] = word j of philox(c0 = c0_start + i, c1 = row, c2 = stream, c3 = 0), as int64.
+static void philox_fill_cpu(std::uintptr_t out_ptr, int64_t n, int64_t c0_start, int64_t row,
+                            int64_t stream, uint64_t seed) {
+  int64_t* out = as_ptr<int64_t>(out_ptr);
+  for (int64_t i = 0; i < n; ++i) {
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(c0_start + i), static_cast<uint32_t>(row),
+                                    static_cast<uint32_t>(stream), 0u, seed);
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = r.w[j];
+  }
+}
+
+static void uniform_fill_cpu(std::uintptr_t words_ptr, std::uintptr_t out_ptr, int64_t n) {
+  const int64_t* words = as_ptr<const int64_t>(words_ptr);
+  float* out = as_ptr<float>(out_ptr);
+  for (int64_t i = 0; i < n; ++i) out[i] = uint_to_uniform(static_cast<uint32_t>(words[i]));
+}
+
+void bind_random(py::module_& m) {
+  m.def("philox_fill", &philox_fill_cpu, py::arg("out"), py::arg("n"), py::arg("c0_start"),
+        py::arg("row"), py::arg("stream"), py::arg("seed"));
+  m.def("uniform_fill", &uniform_fill_cpu, py::arg("words"), py::arg("out"), py::arg("n"));
+}
+
+}  // namespace sslfast

@@ -1,0 +1,122 @@
+"""One dispatch mechanism for every op.
+
+Each op family registers one implementation per backend with ``@register(op, backend)``.
+A public op calls ``resolve(op, backend, device)``: an explicit ``backend`` must be
+available or a ``BackendUnavailableError`` says what is missing and how to get it;
+``backend=None`` takes ``SSLFAST_BACKEND`` if set, else the first available backend of the
+device's preference order (CUDA tensors: cuda, triton, reference; CPU tensors: cpu,
+reference; Triton runs on CPU tensors only when asked for, under ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+_DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+_ORDER: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that this op, build or device cannot provide."""
+
+
+def register(op: str, backend: str):
+    """Decorator: ``fn`` implements ``op`` on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def set_order(op: str, device_type: str, order: tuple[str, ...]) -> None:
+    """Override the automatic preference order of ``op`` on one device type."""
+    _ORDER[(op, device_type)] = tuple(order)
+
+
+def registered_ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def implemented_backends(op: str) -> tuple[str, ...]:
+    return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); `pip install triton` (Linux)"
+    return None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on tensors of ``device`` here, else a sentence why not."""
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got tensors on {device}"
+        return _ext.C_ERROR
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got tensors on {device}"
+        return _ext.cuda_unusable_reason()
+    if backend == "triton":
+        err = _triton_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "torch sees no CUDA device on this machine"
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return (
+            f"the triton backend needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"sslfast is imported (got tensors on {device})"
+        )
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Callable]:
+    """The backend name and implementation that run ``op`` on tensors of ``device``."""
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise BackendUnavailableError(f"sslfast: no implementation of {op!r} is registered")
+    device = torch.device(device)
+    if backend is None:
+        backend = os.environ.get("SSLFAST_BACKEND") or None
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"SSLFAST_BACKEND={backend!r} is not one of {BACKENDS}")
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+        if backend not in impls:
+            raise BackendUnavailableError(
+                f"sslfast: {op} has no {backend} backend; it has {implemented_backends(op)}"
+            )
+        reason = backend_unavailable_reason(backend, device)
+        if reason:
+            raise BackendUnavailableError(f"sslfast: backend {backend!r} is unavailable for {op}: {reason}")
+        return backend, impls[backend]
+    order = _ORDER.get((op, device.type), _DEFAULT_ORDER.get(device.type, ("reference",)))
+    for name in order:
+        if name in impls and backend_unavailable_reason(name, device) is None:
+            return name, impls[name]
+    return "reference", impls["reference"]

@@ -1,0 +1,2 @@
+"""Drop-in ``nn.Module`` wrappers of sslfast ops, with the constructors, parameter names and
+state_dict keys of the implementations they replace."""

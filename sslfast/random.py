@@ -1,0 +1,136 @@
+"""Counter-based randomness shared by every random op.
+
+Every random draw in sslfast is Philox4x32-10 keyed by a 64-bit seed and counted by the
+element's position, so a draw depends only on (seed, row, position, stream) and never on
+launch order, block size or device. The same function is written three times with one bit
+layout: here in PyTorch (used by the reference implementations), in C++/CUDA
+(``csrc/sslfast/philox.h``) and in Triton (``kernels/philox.py``); the tests check that the
+three agree bit for bit and that the Triton one equals ``tl.philox``.
+
+Counter convention: ``c0`` = position inside the row, ``c1`` = row, ``c2`` = stream tag
+(which draw of which op, see ``Stream``), ``c3`` = 0. Key = (seed & 0xffffffff, seed >> 32).
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+__all__ = [
+    "Stream",
+    "philox4x32",
+    "uint_to_uniform",
+    "uint_below",
+    "resolve_seed",
+    "derive_seed",
+]
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+UNIFORM_SCALE = 4.6566127342e-10
+MAX_SEED = 2**63 - 1
+
+
+class Stream(enum.IntEnum):
+    """Stream tags (counter word c2). One per independent draw, so ops never share bits."""
+
+    MASK_COUNT = 1  # span count rounding noise
+    MASK_LENGTH = 2  # span lengths (uniform/normal/poisson)
+    MASK_START = 3  # span starts
+    MASK_EQUALIZE = 4  # require_same_masks selection
+    MASK_DROPOUT = 5  # mask_dropout selection
+    NEGATIVES = 16  # within-utterance negatives
+    CROSS_NEGATIVES = 17  # cross-sample negatives
+    MASK_NOISE = 24  # apply_mask Gaussian fill
+    GUMBEL = 32  # Gumbel-softmax noise
+    DERIVE = 0x5EED  # derive_seed
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # b holds uint32 values in int64; a < 2^32 so a*b < 2^64 can overflow int64: split a.
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_lo = a_lo * b  # < 2^48
+    p_hi = a_hi * b  # < 2^48
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    hi = ((p_hi + (p_lo >> 16)) >> 16) & _MASK32
+    return hi, lo
+
+
+def philox4x32(
+    c0: torch.Tensor | int,
+    c1: torch.Tensor | int,
+    c2: torch.Tensor | int,
+    c3: torch.Tensor | int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 on int64 tensors holding uint32 values; returns the four output words.
+
+    The counters broadcast against each other; the results are int64 tensors in [0, 2^32).
+    """
+    seed = int(seed)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    ref = next((c for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    device = ref.device if ref is not None else None
+    c = [torch.as_tensor(v, dtype=torch.int64, device=device) & _MASK32 for v in (c0, c1, c2, c3)]
+    c0, c1, c2, c3 = torch.broadcast_tensors(*c)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """A uint32 word (held in int64) to fp32 in [0, 1), bit-identical to ``tl.rand``.
+
+    Reinterpret as int32, complement negatives, scale by 4.6566127342e-10. Can return 0.
+    """
+    i = torch.where(x >= 2**31, x - 2**32, x)
+    i = torch.where(i < 0, -i - 1, i)  # ~i for negative int32
+    return i.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+
+
+def uint_to_open_uniform(x: torch.Tensor, lo: float) -> torch.Tensor:
+    """``uint_to_uniform`` clamped to [lo, 1 - lo] (fp32), for logs that must stay finite."""
+    lo32 = torch.tensor(lo, dtype=torch.float32)
+    return uint_to_uniform(x).clamp(lo32, 1.0 - lo32)
+
+
+def uint_below(x: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """An integer in [0, n) from a uint32 word: the high word of x * n (n < 2^31)."""
+    return (x * n) >> 32
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed an op uses: ``seed`` itself, or one drawn from torch's default CPU generator.
+
+    Drawing from the CPU generator never touches a device, so ``seed=None`` costs no host
+    synchronisation, and ``torch.manual_seed`` makes runs repeatable.
+    """
+    if seed is None:
+        return int(torch.randint(0, MAX_SEED, (), dtype=torch.int64).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    return seed
+
+
+def derive_seed(seed: int, *, rank: int = 0, step: int = 0) -> int:
+    """A seed for (rank, step) derived from a base seed, so DDP ranks never share a stream.
+
+    fairseq reseeds every rank identically each step, so every rank draws the same masks
+    and negatives. Use ``derive_seed(base, rank=dist.get_rank(), step=num_updates)``:
+    distinct (rank, step) pairs give unrelated Philox keys (the derivation is itself one
+    Philox block keyed by ``seed``).
+    """
+    seed = resolve_seed(seed)
+    if rank < 0 or step < 0:
+        raise ValueError(f"rank and step must be >= 0, got rank={rank}, step={step}")
+    w0, w1, _, _ = philox4x32(rank & _MASK32, step & _MASK32, int(Stream.DERIVE), (step >> 32) & _MASK32, seed)
+    return ((int(w1) << 32) | int(w0)) & MAX_SEED
