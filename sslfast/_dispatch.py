@@ -120,3 +120,12 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
         if name in impls and backend_unavailable_reason(name, device) is None:
             return name, impls[name]
     return "reference", impls["reference"]
+
+
+def get(op: str, backend: str) -> Callable:
+    """The registered implementation of ``op`` on ``backend`` (no availability check: the
+    public function resolved it already; custom ops call this with the resolved name)."""
+    try:
+        return _REGISTRY[op][backend]
+    except KeyError:
+        raise BackendUnavailableError(f"sslfast: {op} has no {backend} backend") from None
