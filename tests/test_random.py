@@ -11,10 +11,10 @@ M32 = 0xFFFFFFFF
 try:
     import triton
     import triton.language as tl
-
-    from sslfast.kernels import philox as kp
 except ImportError:  # the interpreter tier is skipped without triton
     triton = None
+else:
+    from sslfast.kernels import philox as kp
 
 if triton is not None:
 

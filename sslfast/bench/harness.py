@@ -252,6 +252,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="time torch.compile(reference) (default: on, off with --quick)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--csv", default="sslfast_bench.csv", help="CSV file to append rows to")
 
 
@@ -262,8 +265,11 @@ def main(args: argparse.Namespace) -> int:
     vers = versions()
     print(f"sslfast bench on {device_name(device)} ({device.type}); " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     print(f"warm-up {warmup}, {reps} timed reps per provider; median (p20-p80) in ms", flush=True)
+    with_compile = args.compile if args.compile is not None else not args.quick
     results = []
     for case in collect_cases(device, quick=args.quick, ops=args.ops):
+        if not with_compile:
+            case.providers.pop("compile", None)
         rows = run_case(case, device, warmup=warmup, reps=reps, providers=args.providers, memory=not args.no_memory)
         results.extend(rows)
         print(format_table(rows).split("\n", 2)[-1], flush=True)
