@@ -51,5 +51,7 @@ def test_run_case_table_and_csv(tmp_path):
 
 @pytest.mark.cpu
 def test_every_family_defines_quick_cases():
-    for case in harness.collect_cases(torch.device("cpu"), quick=True):
+    cases = harness.collect_cases(torch.device("cpu"), quick=True)
+    assert {c.op for c in cases}, "no benchmark cases were found"
+    for case in cases:
         assert case.providers and case.op and case.shape and case.mode in ("fwd", "fwd+bwd")
