@@ -42,6 +42,8 @@ class Case:
     providers: dict[str, Callable[[], Callable[[], object]]]
     baseline: str = "reference"  # speed-ups are reported against this provider and "hf"
     bytes_moved: int | None = None  # fewest bytes the op must move (GB/s on GPU)
+    reps: int | None = None  # a cap on timed reps for cases that take seconds per call
+    warmup: int | None = None
     flops: int | None = None
     params: dict = field(default_factory=dict)
 
@@ -127,7 +129,8 @@ def run_case(case: Case, device: torch.device, *, warmup: int, reps: int, provid
         res = Result(case, name)
         try:
             fn = factory()
-            times = time_callable(fn, device, warmup=warmup, reps=reps)
+            times = time_callable(fn, device, warmup=min(warmup, case.warmup if case.warmup is not None else warmup),
+                                  reps=min(reps, case.reps or reps))
             res.median_ms = statistics.median(times)
             res.p20_ms, res.p80_ms = _percentile(times, 0.2), _percentile(times, 0.8)
             res.reps = len(times)
@@ -267,14 +270,15 @@ def main(args: argparse.Namespace) -> int:
     print(f"warm-up {warmup}, {reps} timed reps per provider; median (p20-p80) in ms", flush=True)
     with_compile = args.compile if args.compile is not None else not args.quick
     results = []
+    n = 0
     for case in collect_cases(device, quick=args.quick, ops=args.ops):
         if not with_compile:
             case.providers.pop("compile", None)
         rows = run_case(case, device, warmup=warmup, reps=reps, providers=args.providers, memory=not args.no_memory)
         results.extend(rows)
         print(format_table(rows).split("\n", 2)[-1], flush=True)
+        n += write_csv(args.csv, rows, device)  # per case, so an interrupted run keeps what it measured
     print()
     print(format_table(results))
-    n = write_csv(args.csv, results, device)
     print(f"\n{n} rows appended to {args.csv}")
     return 0
