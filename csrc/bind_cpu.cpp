@@ -6,6 +6,7 @@ namespace py = pybind11;
 namespace sslfast {
 void bind_random(py::module_& m);
 void bind_negatives(py::module_& m);
+void bind_masking(py::module_& m);
 }  // namespace sslfast
 
 PYBIND11_MODULE(_C, m) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   sslfast::bind_random(m);
   sslfast::bind_negatives(m);
+  sslfast::bind_masking(m);
 }

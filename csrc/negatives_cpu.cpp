@@ -20,7 +20,7 @@ static void sample_negatives_cpu(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr
   int64_t* out = as_ptr<int64_t>(out_ptr);
   std::vector<int32_t> rank(B * T), mrank(B * T), pos(B * T);
   std::vector<int64_t> counts(B), mcounts(B), row_end(B), mstart(B);
-#pragma omp parallel for schedule(static) if (B * T > 32768)
+#pragma omp parallel for schedule(static) if (B * T > 262144)
   for (int64_t b = 0; b < B; ++b) {
     negatives::scan_row(mask + b * T, pad ? pad + b * T : nullptr, from_masked_only, T, &rank[b * T], &mrank[b * T],
                         &pos[b * T], &counts[b], &mcounts[b]);
@@ -35,7 +35,7 @@ static void sample_negatives_cpu(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr
   const negatives::Batch p{B, T, K, Kc, hf_layout, seed, pos.data(), counts.data(), row_end.data(), total};
   const int64_t width = K + Kc;
   const int64_t kb = (K + 3) / 4, kcb = (Kc + 3) / 4;
-#pragma omp parallel for schedule(dynamic, 1) if (masked * width > 16384)
+#pragma omp parallel for schedule(dynamic, 1) if (masked * width > 1048576)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < T; ++t) {
       const int64_t m = mrank[b * T + t];

@@ -138,4 +138,9 @@ def sample_negatives(
     name, _ = _dispatch.resolve(_OP, backend, device)
     if name == "reference":
         return _reference(mask, padding_mask, K, Kc, from_masked_only, layout, seed)
-    return torch.ops.sslfast.sample_negatives(mask, padding_mask, K, Kc, from_masked_only, layout, seed, n, name)
+    args = (mask, padding_mask, K, Kc, from_masked_only, layout, seed, n)
+    if torch.compiler.is_compiling():
+        return torch.ops.sslfast.sample_negatives(*args, name)
+    # Eager calls skip the custom-op dispatch (~0.1 ms on a CPU, no autograd to route);
+    # traced calls go through the op above.
+    return _dispatch.get(_OP, name)(*args)
