@@ -3,6 +3,8 @@
 // each function here is one step of it, so both backends return the reference's bits.
 #pragma once
 
+#include <cmath>
+
 #include "sslfast/common.h"
 #include "sslfast/philox.h"
 

@@ -252,7 +252,8 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("B,T,K,Kc,pad_frac,fmo,layout", [CONFIGS[1], CONFIGS[2], CONFIGS[4], CONFIGS[6]])
+@pytest.mark.parametrize("B,T,K,Kc,pad_frac,fmo,layout", [
+    (3, 17, 7, 5, 0.3, True, "packed"), (4, 11, 1, 9, 0.2, False, "hf"), (3, 9, 6, 3, 0.0, True, "hf")])
 def test_triton_bit_identical_to_reference(B, T, K, Kc, pad_frac, fmo, layout, triton_device):
     if "triton" not in _dispatch.implemented_backends("sample_negatives"):
         pytest.skip("sample_negatives has no triton backend in this build")

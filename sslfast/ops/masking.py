@@ -47,6 +47,41 @@ def _cpu(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_ot
     return out
 
 
+_DEVICE_TABLES: dict = {}
+
+
+def _device_table(mask_type, mask_length, mask_other, device):
+    """The thresholds on ``device``, copied once per (table, device): later calls never
+    touch the host (the copy would synchronise, and break CUDA-graph capture)."""
+    key = (mask_type, mask_length, mask_other, str(device))
+    if key not in _DEVICE_TABLES:
+        vmin, thr = _table(mask_type, mask_length, mask_other)
+        _DEVICE_TABLES[key] = (vmin, len(thr), torch.tensor(list(thr) or [0], dtype=torch.int64, device=device))
+    return _DEVICE_TABLES[key]
+
+
+def _workspace(lengths, B, T, mask_prob, mask_length, min_masks):
+    n_cap = max(_max_spans(T, mask_prob, mask_length, min_masks), 1)
+    r_cap = max(T, n_cap + 1)
+    dev = lengths.device
+    return (n_cap, r_cap, torch.empty(B * n_cap, dtype=torch.int64, device=dev),
+            torch.empty(B * r_cap, dtype=torch.int64, device=dev), torch.empty(B, dtype=torch.int64, device=dev))
+
+
+@_dispatch.register(_OP, "cuda")
+def _cuda(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other, min_masks,
+          require_same_masks, mask_dropout, style, seed):
+    out = torch.empty(B, T, dtype=torch.bool, device=lengths.device)
+    vmin, n_thr, thr = _device_table(mask_type, mask_length, mask_other, lengths.device)
+    n_cap, r_cap, lens_ws, keys_ws, counts = _workspace(lengths, B, T, mask_prob, mask_length, min_masks)
+    _ext.cuda_module().compute_mask_indices(
+        _ext.ptr(lengths), _ext.ptr(padding_mask), B, T, float(mask_prob), mask_length, vmin, _ext.ptr(thr), n_thr,
+        min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), seed, n_cap, r_cap,
+        _ext.ptr(lens_ws), _ext.ptr(keys_ws), _ext.ptr(counts), _ext.ptr(out), _ext.stream(lengths.device),
+    )
+    return out
+
+
 @torch.library.custom_op("sslfast::compute_mask_indices", mutates_args=())
 def _mask_op(
     lengths: torch.Tensor,
@@ -186,7 +221,7 @@ def compute_mask_indices(
         raise ValueError(f"shape[1] and the span count must be < 2**31, got T={T}, min_masks={min_masks}")
     seed = sr.resolve_seed(seed)
     if padding_mask is not None:
-        lengths = T - padding_mask.sum(1)
+        lengths = (T - padding_mask.sum(1)).contiguous()
     else:
         lengths = torch.full((B,), T, dtype=torch.int64, device=device)
     args = (lengths, padding_mask, B, T, mask_prob, L, mask_type, mask_other, min_masks, require_same_masks,

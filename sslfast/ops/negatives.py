@@ -46,6 +46,40 @@ def _cpu(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-
     return out
 
 
+def _output(mask, K, Kc, layout, num_masked):
+    """The output tensor on mask's device and its row bound for the kernels."""
+    B, T = mask.shape
+    if layout == "hf":
+        return torch.empty(B, T, K + Kc, dtype=torch.int64, device=mask.device), B * T
+    if num_masked < 0:
+        n = int(mask.sum())
+        return torch.empty(n, K + Kc, dtype=torch.int64, device=mask.device), n
+    # A trusted count: rows it has beyond mask.sum() stay -1, rows it lacks are not written.
+    return torch.full((num_masked, K + Kc), -1, dtype=torch.int64, device=mask.device), num_masked
+
+
+@_dispatch.register(_OP, "cuda")
+def _cuda(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-1):
+    B, T = mask.shape
+    out, n_rows = _output(mask, K, Kc, layout, num_masked)
+    ws32 = torch.empty(3 * B * T, dtype=torch.int32, device=mask.device)
+    ws64 = torch.empty(4 * B + 1, dtype=torch.int64, device=mask.device)
+    _ext.cuda_module().sample_negatives(
+        _ext.ptr(mask), _ext.ptr(padding_mask), B, T, K, Kc, int(from_masked_only), int(layout == "hf"), seed,
+        _ext.ptr(ws32), _ext.ptr(ws64), n_rows, _ext.ptr(out), _ext.stream(mask.device),
+    )
+    return out
+
+
+@_dispatch.register(_OP, "triton")
+def _triton(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-1):
+    from ..kernels import negatives as kn
+
+    out, n_rows = _output(mask, K, Kc, layout, num_masked)
+    kn.sample_negatives(mask, padding_mask, K, Kc, from_masked_only, layout == "hf", seed, n_rows, out)
+    return out
+
+
 @torch.library.custom_op("sslfast::sample_negatives", mutates_args=())
 def _sample_negatives_op(
     mask: torch.Tensor,
