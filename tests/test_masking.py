@@ -325,10 +325,16 @@ def test_apply_mask_validation():
 
 def _kernel_cases():
     return [
-        dict(shape=(3, 37), pad_lengths=[37, 20, 0], mask_prob=0.65, mask_length=10, min_masks=2),
+        dict(shape=(3, 37), pad_lengths=[37, 20, 3], mask_prob=0.65, mask_length=10, min_masks=2),
         dict(shape=(4, 29), pad_lengths=None, mask_prob=0.5, mask_length=3, mask_type="poisson",
              require_same_masks=False, mask_dropout=0.25),
         dict(shape=(2, 23), pad_lengths=[23, 11], mask_prob=0.65, mask_length=4, style="hf"),
+        dict(shape=(3, 20), pad_lengths=[20, 2, 5], mask_prob=1.0, mask_length=1, min_masks=2,
+             mask_type="uniform", mask_dropout=0.5),
+        dict(shape=(3, 40), pad_lengths=None, mask_prob=0.65, mask_length=5, min_masks=2, mask_type="normal",
+             mask_other=2.0, require_same_masks=False),
+        dict(shape=(2, 30), pad_lengths=[30, 12], mask_prob=0.65, mask_length=5, min_masks=1,
+             mask_type="poisson", mask_dropout=0.2),
     ]
 
 
@@ -341,7 +347,7 @@ def _run(case, backend, device):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(6))
 def test_triton_bit_identical_to_reference(case, triton_device):
     if "triton" not in _dispatch.implemented_backends("compute_mask_indices"):
         pytest.skip("compute_mask_indices has no triton backend in this build")

@@ -82,6 +82,19 @@ def _cuda(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_o
     return out
 
 
+@_dispatch.register(_OP, "triton")
+def _triton(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other, min_masks,
+            require_same_masks, mask_dropout, style, seed):
+    from ..kernels import masking as km
+
+    out = torch.empty(B, T, dtype=torch.bool, device=lengths.device)
+    vmin, n_thr, thr = _device_table(mask_type, mask_length, mask_other, lengths.device)
+    n_cap = max(_max_spans(T, mask_prob, mask_length, min_masks), 1)
+    r_cap = max(T, n_cap + 1)
+    return km.compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vmin, thr, n_thr, min_masks,
+                                   require_same_masks, mask_dropout, style == "hf", seed, n_cap, r_cap, out)
+
+
 @torch.library.custom_op("sslfast::compute_mask_indices", mutates_args=())
 def _mask_op(
     lengths: torch.Tensor,
