@@ -31,6 +31,12 @@ void mask_row(const Params& p, int64_t b, int64_t sz, uint8_t* out, std::vector<
   }
   if (all_zero) lens[0] = masking::zero_length_fix(p, sz);
   for (int64_t i = 0; i < n; ++i) min_len = std::min(min_len, lens[i]);
+  if (p.no_overlap) {
+    std::sort(lens.begin(), lens.end(), [](int64_t a, int64_t c) { return a > c; });
+    std::vector<int64_t> parts(2 * (n + 1));
+    masking::no_overlap_row(p, b, sz, n, lens.data(), min_len, parts.data(), parts.data() + n + 1, out);
+    return;
+  }
   const int64_t R = masking::start_range(p, sz, n, min_len);
   if (R <= 0) return;
   keys.resize(R);
@@ -71,10 +77,10 @@ void keep_smallest(const Params& p, int64_t b, uint8_t* out, int64_t keep, uint3
 void compute_mask_indices_cpu(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr, int64_t B, int64_t T,
                               double mask_prob, int64_t L, int64_t vmin, std::uintptr_t thr_ptr, int64_t n_thr,
                               int64_t min_masks, int require_same, double dropout, int hf, uint64_t seed,
-                              std::uintptr_t out_ptr) {
+                              int no_overlap, int64_t min_space, std::uintptr_t out_ptr) {
   if (B == 0 || T == 0) return;
   const Params p{B, T, mask_prob, L, vmin, as_ptr<const int64_t>(thr_ptr), n_thr, min_masks, require_same,
-                 dropout, hf, seed};
+                 dropout, hf, seed, no_overlap, min_space};
   const int64_t* lengths = as_ptr<const int64_t>(lengths_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
   uint8_t* out = as_ptr<uint8_t>(out_ptr);
@@ -119,7 +125,8 @@ void bind_masking(py::module_& m) {
   m.def("compute_mask_indices", &compute_mask_indices_cpu, py::arg("lengths"), py::arg("padding_mask"),
         py::arg("B"), py::arg("T"), py::arg("mask_prob"), py::arg("mask_length"), py::arg("vmin"),
         py::arg("thresholds"), py::arg("n_thresholds"), py::arg("min_masks"), py::arg("require_same_masks"),
-        py::arg("mask_dropout"), py::arg("hf_style"), py::arg("seed"), py::arg("out"),
+        py::arg("mask_dropout"), py::arg("hf_style"), py::arg("seed"), py::arg("no_overlap"), py::arg("min_space"),
+        py::arg("out"),
         py::call_guard<py::gil_scoped_release>());
 }
 

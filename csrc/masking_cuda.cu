@@ -38,6 +38,7 @@ __global__ void mask_rows_kernel(Params p, const int64_t* lengths, const uint8_t
   __shared__ int64_t s_n, s_R, s_sz;
   __shared__ unsigned long long s_count;
   for (int64_t t = threadIdx.x; t < T; t += blockDim.x) row[t] = 0;
+  __syncthreads();  // no_overlap paints the row from thread 0 below
   if (threadIdx.x == 0) {
     const int64_t sz = lengths[b];
     const int64_t n = masking::span_count(p, b, sz);
@@ -52,6 +53,12 @@ __global__ void mask_rows_kernel(Params p, const int64_t* lengths, const uint8_t
     s_n = n;
     s_sz = sz;
     s_R = n > 0 ? masking::start_range(p, sz, n, min_len) : 0;
+    if (p.no_overlap) {  // sequential by nature (fairseq's interval list): one thread per row
+      masking::sort_desc(lens, n);
+      int64_t* parts = reinterpret_cast<int64_t*>(keys);
+      masking::no_overlap_row(p, b, sz, n, lens, min_len, parts, parts + n + 1, row);
+      s_R = 0;
+    }
     s_count = 0;
   }
   __syncthreads();
@@ -109,12 +116,12 @@ __global__ void mask_equalize_kernel(Params p, const int64_t* counts, int64_t r_
 void compute_mask_indices_cuda(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr, int64_t B, int64_t T,
                                double mask_prob, int64_t L, int64_t vmin, std::uintptr_t thr_ptr, int64_t n_thr,
                                int64_t min_masks, int require_same, double dropout, int hf, uint64_t seed,
-                               int64_t n_cap, int64_t r_cap, std::uintptr_t lens_ws, std::uintptr_t keys_ws,
+                               int no_overlap, int64_t min_space, int64_t n_cap, int64_t r_cap, std::uintptr_t lens_ws, std::uintptr_t keys_ws,
                                std::uintptr_t counts_ws, std::uintptr_t out_ptr, std::uintptr_t stream_handle) {
   if (B == 0 || T == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const Params p{B, T, mask_prob, L, vmin, as_ptr<const int64_t>(thr_ptr), n_thr, min_masks, require_same,
-                 dropout, hf, seed};
+                 dropout, hf, seed, no_overlap, min_space};
   mask_rows_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
       p, as_ptr<const int64_t>(lengths_ptr), as_ptr<const uint8_t>(pad_ptr), n_cap, r_cap, as_ptr<int64_t>(lens_ws),
       as_ptr<uint64_t>(keys_ws), as_ptr<int64_t>(counts_ws), as_ptr<uint8_t>(out_ptr));
@@ -131,7 +138,8 @@ void bind_masking(py::module_& m) {
   m.def("compute_mask_indices", &compute_mask_indices_cuda, py::arg("lengths"), py::arg("padding_mask"),
         py::arg("B"), py::arg("T"), py::arg("mask_prob"), py::arg("mask_length"), py::arg("vmin"),
         py::arg("thresholds"), py::arg("n_thresholds"), py::arg("min_masks"), py::arg("require_same_masks"),
-        py::arg("mask_dropout"), py::arg("hf_style"), py::arg("seed"), py::arg("n_cap"), py::arg("r_cap"),
+        py::arg("mask_dropout"), py::arg("hf_style"), py::arg("seed"), py::arg("no_overlap"),
+        py::arg("min_space"), py::arg("n_cap"), py::arg("r_cap"),
         py::arg("lens_ws"), py::arg("keys_ws"), py::arg("counts_ws"), py::arg("out"), py::arg("cuda_stream"));
 }
 

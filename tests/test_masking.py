@@ -188,6 +188,53 @@ def test_span_lengths_poisson_end_to_end():
     assert stats.chisquare(obs, exp).pvalue > 1e-3
 
 
+def _fairseq_no_overlap_numpy(sz, n, L, min_space, rng):
+    """fairseq's no_overlap placement for static spans, from semantics.md (independent port;
+    an interval that fits a span exactly starts at its left end)."""
+    mask = np.zeros(sz, dtype=bool)
+    parts = [(0, sz)]
+    for _ in range(n):
+        lens = np.array([e - s if e - s >= L + min_space else 0 for s, e in parts])
+        if lens.sum() == 0:
+            break
+        s, e = parts.pop(rng.choice(len(parts), p=lens / lens.sum()))
+        start = rng.integers(s, e - L) if e - L > s else s
+        mask[start:start + L] = True
+        if start - s - min_space >= L:
+            parts.append((s, start - min_space + 1))
+        if e - start - L - min_space > L:
+            parts.append((start + L + min_space, e))
+    return mask
+
+
+@pytest.mark.cpu
+def test_no_overlap_bit_identical_to_reference():
+    g = torch.Generator().manual_seed(2)
+    B, T = 5, 97
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    pad = torch.arange(T)[None] >= lengths[:, None]
+    for (mt, mo), ms, rs, (p, L) in itertools.product(
+            [("static", 0.0), ("uniform", 2.0), ("poisson", 0.0)], [0, 2], [True, False], [(0.65, 10), (1.0, 1)]):
+        kw = dict(mask_type=mt, mask_other=mo, no_overlap=True, min_space=ms, require_same_masks=rs, min_masks=2,
+                  seed=ms + 10 * L)
+        assert torch.equal(cmi((B, T), pad, p, L, backend="reference", **kw), cmi((B, T), pad, p, L, backend="cpu", **kw))
+
+
+@pytest.mark.cpu
+def test_no_overlap_spans_and_min_space():
+    B, T, L, ms = 64, 400, 10, 3
+    m = cmi((B, T), None, 0.65, L, no_overlap=True, min_space=ms, min_masks=2, require_same_masks=False, seed=9)
+    for row in m.numpy():
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(int), [0]])))
+        starts, ends = edges[::2], edges[1::2]
+        assert np.all(ends - starts == L), "static spans must stay whole and apart"
+        assert np.all(starts[1:] - ends[:-1] >= ms), "spans closer than min_space"
+    rng = np.random.default_rng(0)
+    theirs = np.array([_fairseq_no_overlap_numpy(T, int(0.65 * T / L + rng.random()), L, ms, rng).sum()
+                       for _ in range(B)])
+    assert stats.ks_2samp(m.sum(1).numpy(), theirs).pvalue > 1e-3
+
+
 # ---------------------------------------------------------------- edges and validation
 
 @pytest.mark.cpu
@@ -241,8 +288,10 @@ def test_validation_errors():
         cmi((2, 5), torch.zeros(2, 5, dtype=torch.bool), attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="seed"):
         cmi((2, 5), None, seed=-3)
-    with pytest.raises(NotImplementedError, match="no_overlap"):
-        cmi((2, 5), None, no_overlap=True, min_space=1)
+    with pytest.raises(ValueError, match="min_space"):
+        cmi((2, 5), None, no_overlap=True, min_space=-1)
+    with pytest.raises(ValueError, match="no_overlap"):
+        cmi((2, 5), None, no_overlap=True, style="hf")
 
 
 @pytest.mark.cpu
@@ -365,7 +414,10 @@ def test_gpu_bit_identical_to_cpu(backend):
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(200, 782, (64,), generator=g)
     pad = torch.arange(781)[None] >= lengths[:, None]
-    for kw in (dict(min_masks=2), dict(mask_type="normal", mask_other=2.0, mask_dropout=0.1), dict(style="hf")):
+    for kw in (dict(min_masks=2), dict(mask_type="normal", mask_other=2.0, mask_dropout=0.1), dict(style="hf"),
+               dict(no_overlap=True, min_space=2, min_masks=2)):
+        if backend == "triton" and kw.get("no_overlap"):
+            continue
         a = cmi((64, 781), pad.cuda(), 0.65, 10, seed=77, backend=backend, **kw)
         b = cmi((64, 781), pad, 0.65, 10, seed=77, backend="cpu", **kw)
         assert torch.equal(a.cpu(), b)

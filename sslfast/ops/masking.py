@@ -29,20 +29,21 @@ def _max_spans(T: int, mask_prob: float, mask_length: int, min_masks: int) -> in
 
 @_dispatch.register(_OP, "reference")
 def _reference(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other, min_masks,
-               require_same_masks, mask_dropout, style, seed):
+               require_same_masks, mask_dropout, style, seed, no_overlap=False, min_space=0):
     return ref.compute_mask_indices(B, T, lengths, mask_prob, mask_length, mask_type, mask_other, min_masks,
-                                    require_same_masks, mask_dropout, style, seed, padding_mask)
+                                    require_same_masks, mask_dropout, style, seed, padding_mask, no_overlap, min_space)
 
 
 @_dispatch.register(_OP, "cpu")
 def _cpu(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other, min_masks,
-         require_same_masks, mask_dropout, style, seed):
+         require_same_masks, mask_dropout, style, seed, no_overlap=False, min_space=0):
     out = torch.empty(B, T, dtype=torch.bool)
     vmin, thr = _table(mask_type, mask_length, mask_other)
     thr_t = torch.tensor(thr, dtype=torch.int64) if thr else None
     _ext.cpu_module().compute_mask_indices(
         _ext.ptr(lengths), _ext.ptr(padding_mask), B, T, float(mask_prob), mask_length, vmin, _ext.ptr(thr_t),
-        len(thr), min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), seed, _ext.ptr(out),
+        len(thr), min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), seed, int(no_overlap),
+        min_space, _ext.ptr(out),
     )
     return out
 
@@ -62,7 +63,7 @@ def _device_table(mask_type, mask_length, mask_other, device):
 
 def _workspace(lengths, B, T, mask_prob, mask_length, min_masks):
     n_cap = max(_max_spans(T, mask_prob, mask_length, min_masks), 1)
-    r_cap = max(T, n_cap + 1)
+    r_cap = max(T, 2 * (n_cap + 1))  # start keys, or no_overlap's two interval arrays
     dev = lengths.device
     return (n_cap, r_cap, torch.empty(B * n_cap, dtype=torch.int64, device=dev),
             torch.empty(B * r_cap, dtype=torch.int64, device=dev), torch.empty(B, dtype=torch.int64, device=dev))
@@ -70,13 +71,14 @@ def _workspace(lengths, B, T, mask_prob, mask_length, min_masks):
 
 @_dispatch.register(_OP, "cuda")
 def _cuda(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other, min_masks,
-          require_same_masks, mask_dropout, style, seed):
+          require_same_masks, mask_dropout, style, seed, no_overlap=False, min_space=0):
     out = torch.empty(B, T, dtype=torch.bool, device=lengths.device)
     vmin, n_thr, thr = _device_table(mask_type, mask_length, mask_other, lengths.device)
     n_cap, r_cap, lens_ws, keys_ws, counts = _workspace(lengths, B, T, mask_prob, mask_length, min_masks)
     _ext.cuda_module().compute_mask_indices(
         _ext.ptr(lengths), _ext.ptr(padding_mask), B, T, float(mask_prob), mask_length, vmin, _ext.ptr(thr), n_thr,
-        min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), seed, n_cap, r_cap,
+        min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), seed, int(no_overlap), min_space,
+        n_cap, r_cap,
         _ext.ptr(lens_ws), _ext.ptr(keys_ws), _ext.ptr(counts), _ext.ptr(out), _ext.stream(lengths.device),
     )
     return out
@@ -84,9 +86,14 @@ def _cuda(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_o
 
 @_dispatch.register(_OP, "triton")
 def _triton(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other, min_masks,
-            require_same_masks, mask_dropout, style, seed):
+            require_same_masks, mask_dropout, style, seed, no_overlap=False, min_space=0):
     from ..kernels import masking as km
 
+    if no_overlap:
+        raise NotImplementedError(
+            "the triton backend of compute_mask_indices has no no_overlap placement (a sequential interval "
+            "list per row); use backend='cuda' or 'cpu'"
+        )
     out = torch.empty(B, T, dtype=torch.bool, device=lengths.device)
     vmin, n_thr, thr = _device_table(mask_type, mask_length, mask_other, lengths.device)
     n_cap = max(_max_spans(T, mask_prob, mask_length, min_masks), 1)
@@ -110,10 +117,13 @@ def _mask_op(
     mask_dropout: float,
     style: str,
     seed: int,
+    no_overlap: bool,
+    min_space: int,
     backend: str,
 ) -> torch.Tensor:
     return _dispatch.get(_OP, backend)(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other,
-                                       min_masks, require_same_masks, mask_dropout, style, seed)
+                                       min_masks, require_same_masks, mask_dropout, style, seed, no_overlap,
+                                       min_space)
 
 
 @_mask_op.register_fake
@@ -169,8 +179,9 @@ def compute_mask_indices(
             assumed right-padded (as both do); padded frames are never masked.
         mask_prob: in [0, 1]. mask_length: int >= 1. min_masks: int >= 0.
         mask_other: std of the normal lengths, low end of the uniform ones.
-        no_overlap, min_space: fairseq's non-overlapping placement: not implemented yet
-            (NotImplementedError when no_overlap=True).
+        no_overlap, min_space: fairseq's non-overlapping placement (spans longest first into
+            free intervals, at least min_space frames apart, the corrected keep condition);
+            sequential per row: cpu, cuda and reference backends (not triton).
         seed: Philox seed (``sslfast.derive_seed`` gives per-rank, per-step ones); None draws
             one from torch's default CPU generator, on the host, without a device sync.
         device: where the mask is made (default: padding_mask's device, else CPU).
@@ -225,11 +236,6 @@ def compute_mask_indices(
             raise ValueError(f"style='hf' has no mask_dropout, got mask_dropout={mask_dropout}")
         if no_overlap:
             raise ValueError("style='hf' has no no_overlap placement; use style='fairseq'")
-    if no_overlap:
-        raise NotImplementedError(
-            "compute_mask_indices(no_overlap=True) (fairseq's interval placement with min_space) is not "
-            "implemented yet; use no_overlap=False"
-        )
     if T >= 2**31 or _max_spans(T, mask_prob, L, min_masks) >= 2**31:
         raise ValueError(f"shape[1] and the span count must be < 2**31, got T={T}, min_masks={min_masks}")
     seed = sr.resolve_seed(seed)
@@ -238,7 +244,7 @@ def compute_mask_indices(
     else:
         lengths = torch.full((B,), T, dtype=torch.int64, device=device)
     args = (lengths, padding_mask, B, T, mask_prob, L, mask_type, mask_other, min_masks, require_same_masks,
-            mask_dropout, style, seed)
+            mask_dropout, style, seed, no_overlap, min_space)
     name, _ = _dispatch.resolve(_OP, backend, device)
     if name == "reference":
         return _reference(*args)

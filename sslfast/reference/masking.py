@@ -37,8 +37,15 @@ fairseq style only, across rows:
 7. ``mask_dropout``: each row unmasks ``rint(count * mask_dropout)`` frames (half to even,
    numpy's rint) chosen as the largest keys of stream ``MASK_DROPOUT``.
 
-``no_overlap=True`` (fairseq's interval algorithm) is not implemented yet: it raises
-NotImplementedError rather than pretending.
+``no_overlap=True`` (fairseq style) replaces steps 3-5 by fairseq's interval placement,
+run for all rows at once with a loop over the span index (``_no_overlap``): spans longest
+first; a free interval chosen with probability proportional to its length among those with
+room for length + min_space (word 2i of MASK_START: ``uint_below(word, total room)`` located
+in the rooms' running sum); a start uniform in [s, e - length) (word 2i + 1); the left part
+kept if start - s - min_space >= min_len, the right part if e - start - length - min_space >
+min_len (the corrected condition); stop at the first span that fits nowhere. The interval
+list keeps fairseq's order (pop the chosen one, append left then right). Where an interval
+fits the span exactly numpy's ``randint(s, s)`` raises; here the start is s.
 """
 from __future__ import annotations
 
@@ -134,6 +141,8 @@ def compute_mask_indices(
     style: str,
     seed: int,
     padding_mask: torch.Tensor | None = None,
+    no_overlap: bool = False,
+    min_space: int = 0,
 ) -> torch.Tensor:
     """(B, T) bool mask; ``lengths`` (B,) int64 holds each row's non-padded frame count."""
     device = lengths.device
@@ -169,6 +178,12 @@ def compute_mask_indices(
         first = torch.where(all_zero, torch.minimum(torch.full_like(sz, L), sz - 1), span_len[:, 0])
         span_len = torch.cat([first.unsqueeze(1), span_len[:, 1:]], dim=1)
 
+    if no_overlap:
+        mask = _no_overlap(span_len, live, n, sz, min_space, T, seed)
+        if padding_mask is not None:
+            mask &= ~padding_mask
+        return _equalize(mask, require_same_masks, mask_dropout, seed)
+
     # 3. start range
     if style == "hf":
         R = sz - L + 1
@@ -199,16 +214,72 @@ def compute_mask_indices(
         mask &= ~padding_mask
 
     if style == "fairseq":
-        # 6. equalise every row to the smallest count
-        if require_same_masks:
-            counts = mask.sum(1)
-            mask = _keep_smallest(mask, counts.min().expand(B), sr.Stream.MASK_EQUALIZE, seed)
-        # 7. mask dropout
-        if mask_dropout > 0:
-            counts = mask.sum(1)
-            holes = torch.round(counts.to(torch.float64) * mask_dropout).to(torch.int64)
-            mask = _keep_smallest(mask, counts - holes, sr.Stream.MASK_DROPOUT, seed)
+        mask = _equalize(mask, require_same_masks, mask_dropout, seed)
     return mask
+
+
+def _equalize(mask, require_same_masks, mask_dropout, seed):
+    B = mask.shape[0]
+    # 6. equalise every row to the smallest count
+    if require_same_masks:
+        counts = mask.sum(1)
+        mask = _keep_smallest(mask, counts.min().expand(B), sr.Stream.MASK_EQUALIZE, seed)
+    # 7. mask dropout
+    if mask_dropout > 0:
+        counts = mask.sum(1)
+        holes = torch.round(counts.to(torch.float64) * mask_dropout).to(torch.int64)
+        mask = _keep_smallest(mask, counts - holes, sr.Stream.MASK_DROPOUT, seed)
+    return mask
+
+
+def _no_overlap(span_len, live, n, sz, min_space, T, seed):
+    """fairseq's interval placement (see the module docstring), all rows at once."""
+    B, n_max = span_len.shape
+    device = span_len.device
+    rows = torch.arange(B, device=device)
+    min_len = torch.where(live, span_len, torch.full_like(span_len, _FAR)).amin(1)
+    lens = torch.where(live, span_len, torch.full_like(span_len, -1)).sort(1, descending=True).values
+    cap = n_max + 2
+    slot = torch.arange(cap, device=device).expand(B, cap)
+    S = torch.zeros(B, cap, dtype=torch.int64, device=device)
+    E = torch.zeros(B, cap, dtype=torch.int64, device=device)
+    E[:, 0] = sz
+    parts = torch.ones(B, dtype=torch.int64, device=device)
+    going = n > 0
+    diff = torch.zeros(B, T + 2, dtype=torch.int64, device=device)
+    two_i = torch.arange(2 * n_max, device=device).expand(B, -1)
+    words = _words(two_i, rows.unsqueeze(1), sr.Stream.MASK_START, seed)
+    for i in range(n_max):
+        length = lens[:, i]
+        width = E - S
+        room = torch.where((slot < parts.unsqueeze(1)) & (width >= (length + min_space).unsqueeze(1)), width, 0)
+        total = room.sum(1)
+        going = going & (i < n) & (total > 0)
+        x = sr.uint_below(words[:, 2 * i], total.clamp_min(1))
+        c = (room.cumsum(1) <= x.unsqueeze(1)).sum(1).clamp_max(cap - 1)
+        s = S.gather(1, c.unsqueeze(1)).squeeze(1)
+        e = E.gather(1, c.unsqueeze(1)).squeeze(1)
+        free = e - length - s
+        start = s + torch.where(free > 0, sr.uint_below(words[:, 2 * i + 1], free.clamp_min(1)), 0)
+        on = going.to(torch.int64)
+        diff.scatter_add_(1, start.clamp(0, T).unsqueeze(1), on.unsqueeze(1))
+        diff.scatter_add_(1, (start + length.clamp_min(0)).clamp(0, T).unsqueeze(1), -on.unsqueeze(1))
+        # pop slot c, then append the kept parts
+        src = (slot + (slot >= c.unsqueeze(1)).to(torch.int64)).clamp_max(cap - 1)
+        S2, E2, p2 = S.gather(1, src), E.gather(1, src), parts - 1
+        left = start - s - min_space >= min_len
+        right = e - start - length - min_space > min_len
+        at_l = p2.clamp_max(cap - 1)
+        S2 = torch.where((slot == at_l.unsqueeze(1)) & left.unsqueeze(1), s.unsqueeze(1), S2)
+        E2 = torch.where((slot == at_l.unsqueeze(1)) & left.unsqueeze(1), (start - min_space + 1).unsqueeze(1), E2)
+        at_r = (p2 + left.to(torch.int64)).clamp_max(cap - 1)
+        S2 = torch.where((slot == at_r.unsqueeze(1)) & right.unsqueeze(1), (start + length + min_space).unsqueeze(1), S2)
+        E2 = torch.where((slot == at_r.unsqueeze(1)) & right.unsqueeze(1), e.unsqueeze(1), E2)
+        p2 = p2 + left.to(torch.int64) + right.to(torch.int64)
+        g = going.unsqueeze(1)
+        S, E, parts = torch.where(g, S2, S), torch.where(g, E2, E), torch.where(going, p2, parts)
+    mask = diff[:, :T].cumsum(1) > 0
+    return mask & (torch.arange(T, device=device).unsqueeze(0) < sz.unsqueeze(1))
 
 
 def gaussian_noise(bs: torch.Tensor, ts: torch.Tensor, D: int, std: float, seed: int) -> torch.Tensor:
