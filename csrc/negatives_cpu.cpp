@@ -34,7 +34,6 @@ static void sample_negatives_cpu(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr
   }
   const negatives::Batch p{B, T, K, Kc, hf_layout, seed, pos.data(), counts.data(), row_end.data(), total};
   const int64_t width = K + Kc;
-  const int64_t kb = (K + 3) / 4, kcb = (Kc + 3) / 4;
 #pragma omp parallel for schedule(dynamic, 1) if (masked * width > 1048576)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < T; ++t) {
@@ -46,8 +45,8 @@ static void sample_negatives_cpu(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr
         continue;
       }
       const int64_t own = rank[b * T + t];
-      for (int64_t q = 0; q < kb; ++q) negatives::draw_block(p, b, t, own, 0, q, row_out);
-      for (int64_t q = 0; q < kcb; ++q) negatives::draw_block(p, b, t, own, 1, q, row_out + K);
+      if (K) negatives::draw_frame(p, b, t, own, 0, row_out);
+      if (Kc) negatives::draw_frame(p, b, t, own, 1, row_out + K);
     }
   }
 }
