@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "masking.h"
+#include "negatives.h"  // philox_batch (a candidate for sslfast/philox.h)
 #include "sslfast/bind.h"
 
 namespace py = pybind11;
@@ -16,6 +17,19 @@ namespace sslfast {
 namespace {
 
 using masking::Params;
+
+// Calls f(c, word c of the row's stream) for c in [0, n): Philox blocks eight at a time.
+template <typename F>
+void row_words(uint64_t seed, int64_t b, uint32_t stream, int64_t n, F&& f) {
+  constexpr int kGroup = 8;
+  uint32_t c0[kGroup], words[kGroup][4];
+  for (int64_t c = 0; c < n; c += 4 * kGroup) {
+    for (int j = 0; j < kGroup; ++j) c0[j] = static_cast<uint32_t>((c >> 2) + j);
+    negatives::philox_batch<kGroup>(c0, static_cast<uint32_t>(b), stream, seed, words);
+    const int64_t end = std::min(c + 4 * kGroup, n);
+    for (int64_t i = c; i < end; ++i) f(i, words[(i - c) >> 2][i & 3]);
+  }
+}
 
 void mask_row(const Params& p, int64_t b, int64_t sz, uint8_t* out, std::vector<int64_t>& lens,
               std::vector<uint64_t>& keys) {
@@ -40,12 +54,9 @@ void mask_row(const Params& p, int64_t b, int64_t sz, uint8_t* out, std::vector<
   const int64_t R = masking::start_range(p, sz, n, min_len);
   if (R <= 0) return;
   keys.resize(R);
-  for (int64_t s = 0; s < R; s += 4) {
-    const Philox4 r = philox4x32_10(static_cast<uint32_t>(s >> 2), static_cast<uint32_t>(b), masking::kStreamStart,
-                                    0u, p.seed);
-    for (int64_t k = 0; k < 4 && s + k < R; ++k)
-      keys[s + k] = (static_cast<uint64_t>(r.w[k]) << masking::kPosBits) | static_cast<uint64_t>(s + k);
-  }
+  row_words(p.seed, b, masking::kStreamStart, R, [&](int64_t s, uint32_t w) {
+    keys[s] = (static_cast<uint64_t>(w) << masking::kPosBits) | static_cast<uint64_t>(s);
+  });
   const int64_t take = std::min(n, R);
   if (take < R) std::nth_element(keys.begin(), keys.begin() + take, keys.end());
   if (p.n_thr > 0) std::sort(keys.begin(), keys.begin() + take);  // span i pairs with the i-th smallest key
@@ -60,15 +71,9 @@ void mask_row(const Params& p, int64_t b, int64_t sz, uint8_t* out, std::vector<
 void keep_smallest(const Params& p, int64_t b, uint8_t* out, int64_t keep, uint32_t stream,
                    std::vector<uint64_t>& keys) {
   keys.clear();
-  for (int64_t t0 = 0; t0 < p.T; t0 += 4) {
-    const int64_t t1 = std::min(t0 + 4, p.T);
-    bool any = false;
-    for (int64_t t = t0; t < t1; ++t) any = any || out[t];
-    if (!any) continue;
-    const Philox4 r = philox4x32_10(static_cast<uint32_t>(t0 >> 2), static_cast<uint32_t>(b), stream, 0u, p.seed);
-    for (int64_t t = t0; t < t1; ++t)
-      if (out[t]) keys.push_back((static_cast<uint64_t>(r.w[t - t0]) << masking::kPosBits) | static_cast<uint64_t>(t));
-  }
+  row_words(p.seed, b, stream, p.T, [&](int64_t t, uint32_t w) {
+    if (out[t]) keys.push_back((static_cast<uint64_t>(w) << masking::kPosBits) | static_cast<uint64_t>(t));
+  });
   if (static_cast<int64_t>(keys.size()) <= keep) return;
   std::nth_element(keys.begin(), keys.begin() + keep, keys.end());
   for (size_t i = keep; i < keys.size(); ++i) out[keys[i] & masking::kPosMask] = 0;
