@@ -7,6 +7,8 @@ style="hf", the like-for-like comparison. On GPU the "hf" row includes the copy 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _dispatch
@@ -39,8 +41,18 @@ def _hf(B, T, device):
     return factory
 
 
+def _compile_allowed(device) -> None:
+    # The reference has data-dependent sizes (n.max(), nonzero): dynamo splits it at each and
+    # inductor compiles every piece; on a shared 2-core CPU that took over 6 minutes (measured),
+    # which would stall the whole run. Opt in with SSLFAST_BENCH_COMPILE=1.
+    if device.type == "cpu" and os.environ.get("SSLFAST_BENCH_COMPILE", "0") != "1":
+        raise Unavailable("torch.compile(reference) graph-breaks at data-dependent sizes and compiles for minutes "
+                          "on CPU; set SSLFAST_BENCH_COMPILE=1 to time it")
+
+
 def _compile(B, T, device):
     def factory():
+        _compile_allowed(torch.device(device))
         from ..reference.masking import compute_mask_indices as ref
 
         lengths = torch.full((B,), T, dtype=torch.int64, device=device)

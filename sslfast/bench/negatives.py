@@ -6,6 +6,8 @@ a trainer pays today.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _dispatch
@@ -47,8 +49,18 @@ def _hf(mask, K):
     return factory
 
 
+def _compile_allowed(device) -> None:
+    # The reference has data-dependent sizes (nonzero): dynamo splits it at each and
+    # inductor compiles every piece; on a shared 2-core CPU that took over 6 minutes (measured),
+    # which would stall the whole run. Opt in with SSLFAST_BENCH_COMPILE=1.
+    if device.type == "cpu" and os.environ.get("SSLFAST_BENCH_COMPILE", "0") != "1":
+        raise Unavailable("torch.compile(reference) graph-breaks at data-dependent sizes and compiles for minutes "
+                          "on CPU; set SSLFAST_BENCH_COMPILE=1 to time it")
+
+
 def _compile(mask, K):
     def factory():
+        _compile_allowed(mask.device)
         from ..reference.negatives import sample_negatives as ref
 
         fn = torch.compile(ref, dynamic=False)
