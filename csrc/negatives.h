@@ -1,0 +1,150 @@
+// Negative sampling math shared by the CPU (negatives_cpu.cpp) and CUDA (negatives_cuda.cu)
+// kernels. The semantics and the Philox counter layout are specified in
+// sslfast/reference/negatives.py; every function here reproduces it bit for bit.
+#pragma once
+
+#include "sslfast/common.h"
+#include "sslfast/philox.h"
+
+namespace sslfast {
+namespace negatives {
+
+// Stream tags of sslfast.random.Stream.
+constexpr uint32_t kStreamNegatives = 16;
+constexpr uint32_t kStreamCrossNegatives = 17;
+
+// One row's candidate bookkeeping: rank[t] = rank of frame t among the row's candidates,
+// mrank[t] = rank among its masked frames (-1 where not masked), pos[r] = frame of the r-th
+// candidate. Returns the candidate count in *n_cand and the masked count in *n_mask.
+// Candidates: masked frames, or (from_masked_only == 0) every frame that is masked or not padding.
+SSLFAST_HD void scan_row(const uint8_t* mask, const uint8_t* pad, int from_masked_only, int64_t T, int32_t* rank,
+                         int32_t* mrank, int32_t* pos, int64_t* n_cand, int64_t* n_mask) {
+  int32_t nc = 0, nm = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool m = mask[t] != 0;
+    const bool c = m || (!from_masked_only && (pad == nullptr || pad[t] == 0));
+    rank[t] = c ? nc : -1;
+    mrank[t] = m ? nm : -1;
+    if (c) pos[nc++] = static_cast<int32_t>(t);
+    if (m) ++nm;
+  }
+  *n_cand = nc;
+  *n_mask = nm;
+}
+
+// Uniform over [0, n) without `own` (the shift of fairseq / HF); `own` when n <= 1.
+SSLFAST_HD int64_t shifted_draw(uint32_t word, int64_t n, int64_t own) {
+  if (n <= 1) return own;
+  const int64_t d = static_cast<int64_t>((static_cast<uint64_t>(word) * static_cast<uint64_t>(n - 1)) >> 32);
+  return d + (d >= own ? 1 : 0);
+}
+
+// First row whose exclusive end passes global candidate rank g (row_end is inclusive prefix).
+SSLFAST_HD int64_t row_of(const int64_t* row_end, int64_t B, int64_t g) {
+  int64_t lo = 0, hi = B - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (row_end[mid] > g) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+struct Batch {
+  int64_t B, T, K, Kc;
+  int hf_layout;
+  uint64_t seed;
+  const int32_t* pos;      // (B, T) candidate frames per row
+  const int64_t* counts;   // (B,) candidates per row
+  const int64_t* row_end;  // (B,) inclusive prefix of counts
+  int64_t total;           // candidates in the batch
+};
+
+// The index of one draw `w` for positive (b, t) whose candidate rank is `own`: within the
+// row (cross = 0) or across the batch (cross = 1), in the packed or the hf layout.
+SSLFAST_HD int64_t negative_index(const Batch& p, int64_t b, int64_t own, int cross, uint32_t w) {
+  const int64_t start = p.row_end[b] - p.counts[b];
+  if (!cross) {
+    const int64_t local = shifted_draw(w, p.counts[b], own);
+    return p.hf_layout ? b * p.T + p.pos[b * p.T + local] : start + local;
+  }
+  const int64_t g = shifted_draw(w, p.total, start + own);
+  if (!p.hf_layout) return g;
+  const int64_t b2 = row_of(p.row_end, p.B, g);
+  return b2 * p.T + p.pos[b2 * p.T + (g - (p.row_end[b2] - p.counts[b2]))];
+}
+
+// The negatives of one counter block of one positive (b, t): draws j in [4q, 4q + 4) of
+// stream `cross` (0: within-utterance, K of them; 1: cross-sample, Kc of them), written to
+// out[j] (out points at the positive's first within-utterance entry for cross = 0 and at its
+// first cross-sample entry for cross = 1).
+SSLFAST_HD void draw_block(const Batch& p, int64_t b, int64_t t, int64_t own, int cross, int64_t q, int64_t* out) {
+  const int64_t count = cross ? p.Kc : p.K;
+  const int64_t blocks = (count + 3) / 4;
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(t * blocks + q), static_cast<uint32_t>(b),
+                                  cross ? kStreamCrossNegatives : kStreamNegatives, 0u, p.seed);
+  for (int k = 0; k < 4; ++k) {
+    const int64_t j = 4 * q + k;
+    if (j >= count) break;
+    out[j] = negative_index(p, b, own, cross, r.w[k]);
+  }
+}
+
+// N Philox4x32-10 blocks (counters c0[j], c1, c2, 0) at once, bit-identical to
+// philox4x32_10: N independent chains let a CPU core overlap their multiplies (about 1.7x the
+// throughput of one block at a time, measured with N = 8). A candidate for sslfast/philox.h.
+template <int N>
+inline void philox_batch(const uint32_t* c0, uint32_t c1, uint32_t c2, uint64_t seed, uint32_t (*out)[4]) {
+  uint32_t a[N], b[N], c[N], d[N];
+  for (int j = 0; j < N; ++j) {
+    a[j] = c0[j];
+    b[j] = c1;
+    c[j] = c2;
+    d[j] = 0u;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    for (int j = 0; j < N; ++j) {
+      const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * a[j];
+      const uint64_t pc = static_cast<uint64_t>(0xCD9E8D57u) * c[j];
+      const uint32_t na = static_cast<uint32_t>(pc >> 32) ^ b[j] ^ k0;
+      const uint32_t nc = static_cast<uint32_t>(pa >> 32) ^ d[j] ^ k1;
+      b[j] = static_cast<uint32_t>(pc);
+      d[j] = static_cast<uint32_t>(pa);
+      a[j] = na;
+      c[j] = nc;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int j = 0; j < N; ++j) {
+    out[j][0] = a[j];
+    out[j][1] = b[j];
+    out[j][2] = c[j];
+    out[j][3] = d[j];
+  }
+}
+
+// All `count` draws of one stream for positive (b, t) on the CPU: draw_block's math with the
+// Philox blocks computed eight at a time.
+inline void draw_frame(const Batch& p, int64_t b, int64_t t, int64_t own, int cross, int64_t* out) {
+  constexpr int kGroup = 8;
+  const int64_t count = cross ? p.Kc : p.K;
+  const int64_t blocks = (count + 3) / 4;
+  const uint32_t stream = cross ? kStreamCrossNegatives : kStreamNegatives;
+  const int64_t n_row = p.counts[b], start = p.row_end[b] - n_row;
+  uint32_t c0[kGroup], words[kGroup][4];
+  for (int64_t q0 = 0; q0 < blocks; q0 += kGroup) {
+    for (int j = 0; j < kGroup; ++j) c0[j] = static_cast<uint32_t>(t * blocks + q0 + j);
+    philox_batch<kGroup>(c0, static_cast<uint32_t>(b), stream, p.seed, words);
+    const int64_t j_end = (q0 + kGroup) * 4 < count ? (q0 + kGroup) * 4 : count;
+    if (!cross && !p.hf_layout) {
+      // the common case, with the row's constants in registers (out may alias them for the compiler)
+      for (int64_t j = q0 * 4; j < j_end; ++j) out[j] = start + shifted_draw(words[(j >> 2) - q0][j & 3], n_row, own);
+    } else {
+      for (int64_t j = q0 * 4; j < j_end; ++j) out[j] = negative_index(p, b, own, cross, words[(j >> 2) - q0][j & 3]);
+    }
+  }
+}
+
+}  // namespace negatives
+}  // namespace sslfast
