@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import _dispatch, _ext
 from .. import _validation as V
@@ -198,7 +197,7 @@ def _prepare(x: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tens
     # Normalise in fp32 and store in the input dtype: the kernels then read (and on GPU
     # multiply on tensor cores in) the narrow format, accumulating in fp32.
     if normalize:
-        return F.normalize(x.float(), dim=-1, eps=1e-12).to(dtype)
+        return ref.l2_normalize(x.float()).to(dtype)
     return x.to(dtype)
 
 
@@ -208,8 +207,8 @@ def info_nce(query, key, *, temperature=0.07, normalize=True, symmetric=False, q
 
     ``query``, ``key``: (N, D) float tensors (fp32, fp16, bf16); row i of ``key`` is the
     positive of row i of ``query``, every other key a negative. ``logits = <q_i, k_j> /
-    temperature`` after L2 normalisation (``normalize=True``: ``F.normalize``, eps 1e-12,
-    gradient through it); loss of row i = ``logsumexp_j logits_ij - logits_ii``.
+    temperature`` after L2 normalisation (``normalize=True``: ``F.normalize`` with the row
+    first divided by its max |x|, so norms up to fp32's range work; gradient through it); loss of row i = ``logsumexp_j logits_ij - logits_ii``.
 
     * ``temperature``: a float > 0 or a scalar tensor; a tensor receives a gradient (CLIP's
       learnable scale: pass ``1 / logit_scale.exp()``).

@@ -8,8 +8,8 @@ Conventions (see ../shared/docs/semantics.md, section 6):
 * ``info_nce``: row i of ``query`` is scored against every row of ``key`` (and of ``queue``);
   its positive is ``key[i]``, every other key and every queue row is a negative.
   ``logits = <q_i, k_j> / temperature`` with ``q``, ``k`` (and the queue) L2-normalised
-  first when ``normalize=True`` (``F.normalize``, eps 1e-12, with gradient through the
-  normalisation). Loss per row: ``logsumexp_j(logits_ij) - logits_ii`` (cross-entropy with
+  first when ``normalize=True`` (``l2_normalize``: ``F.normalize`` made safe for huge and
+  tiny norms, with gradient through the normalisation). Loss per row: ``logsumexp_j(logits_ij) - logits_ii`` (cross-entropy with
   target i). ``symmetric=True`` is CLIP's ``(CE(q->k) + CE(k->q)) / 2``; ``queue`` is MoCo's
   bank of extra negatives (detached: it never receives a gradient).
 * ``distributed=True`` (CLIP's ``gather_with_grad`` + ``local_loss``): every rank gathers
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["info_nce", "nt_xent", "gather_with_grad", "reduce_rows"]
+__all__ = ["info_nce", "nt_xent", "gather_with_grad", "l2_normalize", "reduce_rows"]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +46,23 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` scaled to unit L2 norm; a zero row stays zero.
+
+    ``F.normalize`` squares the entries, so rows above about 1e19 (fp32) come back as zeros
+    and rows below its eps are not unit. Dividing by the row's max |x| first (a constant to
+    autograd: normalisation is scale-invariant, so the gradient is unchanged) makes every
+    finite nonzero row come back unit.
+    """
+    peak = x.detach().abs().amax(dim=-1, keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return F.normalize(x / peak, dim=-1, eps=1e-12)
+
+
 def _prepare(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     # fp32 math for fp32/fp16/bf16; fp64 stays fp64 (the tests' exact reference, gradcheck).
     x = x if x.dtype == torch.float64 else x.float()
-    return F.normalize(x, dim=-1, eps=1e-12) if normalize else x
+    return l2_normalize(x) if normalize else x
 
 
 def _row_losses(a: torch.Tensor, b: torch.Tensor, temperature, pos: torch.Tensor, exclude_self: bool) -> torch.Tensor:
