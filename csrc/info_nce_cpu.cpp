@@ -38,12 +38,14 @@ __attribute__((always_inline)) inline void load8(v8& v, const float* p) { __buil
 
 __attribute__((always_inline)) inline void store8(float* p, const v8& v) { __builtin_memcpy(p, &v, sizeof v); }
 
-// C[i][j] (+)= sum_p A[i * lda + p] * B[p * ldb + j] for i < m, j < n (m % MR == 0,
-// n % NR == 0). The MR x NR accumulator lives in eight named vector registers across the
+// C[i][j] (+)= sum_p A[i * lda + p] * B(p, j) for i < m, j < n (m % MR == 0, n % NR == 0),
+// where B(p, j) = B[(j / NR) * panel + p * ldb + j % NR]: B is read as NR-wide column panels,
+// so packed operands (ldb = NR, panel = k * NR) stream contiguously; a row-major B is
+// ldb = row stride, panel = NR. The MR x NR accumulator lives in eight named vector registers across the
 // whole p loop (an indexed array was spilled to the stack on every iteration).
 __attribute__((always_inline)) inline void gemm_body(
-    int m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-    bool accumulate) {
+    int m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t panel, float* C,
+    int64_t ldc, bool accumulate) {
   static_assert(MR == 4 && NR == 16, "the micro-kernel below is written out for 4 x 16");
   for (int i = 0; i < m; i += MR) {
     const float* a0 = A + i * lda;
@@ -59,7 +61,7 @@ __attribute__((always_inline)) inline void gemm_body(
         load8(c20, c + 2 * ldc), load8(c21, c + 2 * ldc + 8);
         load8(c30, c + 3 * ldc), load8(c31, c + 3 * ldc + 8);
       }
-      const float* b = B + j;
+      const float* b = B + (j / NR) * panel;
       for (int64_t p = 0; p < k; ++p, b += ldb) {
         v8 b0, b1;
         load8(b0, b), load8(b1, b + 8);
@@ -80,76 +82,77 @@ __attribute__((always_inline)) inline void gemm_body(
 // The body compiled twice: for AVX2+FMA (x86) and for the baseline target, picked once at
 // run time.
 // (target_clones picked the baseline clone here, 25x slower, hence the explicit choice.)
-using GemmFn = void (*)(int, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+using GemmFn = void (*)(int, int64_t, int64_t, const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
+                        bool);
 
 #if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2,fma"))) void gemm_avx2(int m, int64_t n, int64_t k, const float* A, int64_t lda,
-                                                   const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
-  gemm_body(m, n, k, A, lda, B, ldb, C, ldc, acc);
+                                                   const float* B, int64_t ldb, int64_t panel, float* C, int64_t ldc,
+                                                   bool acc) {
+  gemm_body(m, n, k, A, lda, B, ldb, panel, C, ldc, acc);
 }
 
 #endif
 
-void gemm_base(int m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-               int64_t ldc, bool acc) {
-  gemm_body(m, n, k, A, lda, B, ldb, C, ldc, acc);
+void gemm_base(int m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t panel,
+               float* C, int64_t ldc, bool acc) {
+  gemm_body(m, n, k, A, lda, B, ldb, panel, C, ldc, acc);
 }
 
-void gemm_acc(int m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-              int64_t ldc, bool acc) {
+void gemm_acc(int m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t panel,
+              float* C, int64_t ldc, bool acc) {
 #if defined(__x86_64__) || defined(__i386__)
   static const GemmFn fn = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? gemm_avx2 : gemm_base;
 #else
   static const GemmFn fn = gemm_base;
 #endif
-  fn(m, n, k, A, lda, B, ldb, C, ldc, acc);
+  fn(m, n, k, A, lda, B, ldb, panel, C, ldc, acc);
 }
 
-// Rows r0..r0+nr of X (D columns, storage dtype) as fp32 into dst[TILE][ld], zero padded.
-void load_rows(const void* X, int dtype, int64_t r0, int nr, int64_t D, float* dst, int64_t ld) {
-  std::fill(dst, dst + TILE * ld, 0.0f);
-  for (int i = 0; i < nr; ++i)
-    for (int64_t k = 0; k < D; ++k) dst[i * ld + k] = infonce::load_float(X, (r0 + i) * D + k, dtype);
-}
-
-// The same rows transposed: dst[k][i] (D x TILE), zero padded past nr.
-void load_rows_t(const void* X, int dtype, int64_t r0, int nr, int64_t D, float* dst) {
-  std::fill(dst, dst + D * TILE, 0.0f);
-  for (int i = 0; i < nr; ++i)
-    for (int64_t k = 0; k < D; ++k) dst[k * TILE + i] = infonce::load_float(X, (r0 + i) * D + k, dtype);
-}
+// Operands arrive as fp32 copies packed by the Python side (sslfast/ops/info_nce.py,
+// _cpu_operands), zero padded so that every tile is full (rows to a multiple of TILE,
+// features to a multiple of NR), each side in three layouts: row-major (rows, Dp); "t"
+// panels (rows / NR, Dp, NR), the B of the score product; "f" panels (Dp / NR, rows, NR), the
+// B of the gradient product. The micro-kernel then streams every operand contiguously (a
+// strided B aliased in L1 and ran 4x slower) with no per-tile conversion or bounds checks.
+struct Side {
+  const float* rows;
+  const float* t;
+  const float* f;
+  int64_t n, n_pad;
+};
 
 struct Problem {
-  const void* a;  // rows (M, D)
-  const void* b;  // columns (C, D)
-  int dtype;
-  int64_t M, C, D;
+  Side a, b;
+  int64_t Dp;
   float scale;
   int64_t pos_shift, pos_mod;
   bool exclude_self;
 };
 
 void forward(const Problem& p, float* loss, float* lse) {
-  const int64_t n_blocks = (p.M + TILE - 1) / TILE;
+  const int64_t n_blocks = (p.a.n + TILE - 1) / TILE;
 #pragma omp parallel
   {
-    std::vector<float> xf(TILE * p.D), yt(p.D * TILE), s(TILE * TILE);
+    std::vector<float> s(TILE * TILE);
 #pragma omp for schedule(dynamic)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t r0 = blk * TILE;
-      const int nr = static_cast<int>(std::min<int64_t>(TILE, p.M - r0));
-      load_rows(p.a, p.dtype, r0, nr, p.D, xf.data(), p.D);
+      const int nr = static_cast<int>(std::min<int64_t>(TILE, p.a.n - r0));
       infonce::RowState st[TILE];
-      for (int i = 0; i < TILE; ++i) st[i] = infonce::row_init();
-      for (int64_t c0 = 0; c0 < p.C; c0 += TILE) {
-        const int nc = static_cast<int>(std::min<int64_t>(TILE, p.C - c0));
-        load_rows_t(p.b, p.dtype, c0, nc, p.D, yt.data());
-        gemm_acc(TILE, TILE, p.D, xf.data(), p.D, yt.data(), TILE, s.data(), TILE, false);
+      int64_t pcol[TILE];
+      for (int i = 0; i < nr; ++i) {
+        st[i] = infonce::row_init();
+        pcol[i] = infonce::pos_col(r0 + i, p.pos_shift, p.pos_mod);
+      }
+      for (int64_t c0 = 0; c0 < p.b.n; c0 += TILE) {
+        const int nc = static_cast<int>(std::min<int64_t>(TILE, p.b.n - c0));
+        gemm_acc(TILE, TILE, p.Dp, p.a.rows + r0 * p.Dp, p.Dp, p.b.t + c0 * p.Dp, NR, p.Dp * NR, s.data(), TILE,
+                 false);
         for (int i = 0; i < nr; ++i) {
           float* row = s.data() + i * TILE;
           for (int j = 0; j < nc; ++j) row[j] *= p.scale;
-          infonce::row_update(st[i], row, nc, c0, r0 + i, infonce::pos_col(r0 + i, p.pos_shift, p.pos_mod),
-                              p.exclude_self);
+          infonce::row_update(st[i], row, nc, c0, r0 + i, pcol[i], p.exclude_self);
         }
       }
       for (int i = 0; i < nr; ++i) {
@@ -163,81 +166,87 @@ void forward(const Problem& p, float* loss, float* lse) {
 // One backward pass. The "X side" is the block whose gradient this pass produces: the rows
 // (dA, col_side = false) or the columns (dB, col_side = true); the "Y side" is walked tile by
 // tile. dX[x] = scale * sum_y dS(x, y) * Y[y], where dS is dL/ds of the (row, col) pair.
-void backward_pass(const Problem& p, bool col_side, int64_t n_x, const float* lse, const float* g, float* dx) {
-  const void* X = col_side ? p.b : p.a;
-  const void* Y = col_side ? p.a : p.b;
-  const int64_t n_y = col_side ? p.M : p.C;
-  const int64_t Dp = round_up(p.D, NR);
+void backward_pass(const Problem& p, bool col_side, int64_t n_x, const float* lse, const float* g, float* dx,
+                   int64_t D) {
+  const Side& X = col_side ? p.b : p.a;
+  const Side& Y = col_side ? p.a : p.b;
+  const int64_t n_y = Y.n;
   const int64_t n_blocks = (n_x + TILE - 1) / TILE;
 #pragma omp parallel
   {
-    std::vector<float> xf(TILE * p.D), yt(p.D * TILE), yf(TILE * Dp), s(TILE * TILE), acc(TILE * Dp);
+    std::vector<float> s(TILE * TILE), acc(TILE * p.Dp);
 #pragma omp for schedule(dynamic)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t x0 = blk * TILE;
       const int nx = static_cast<int>(std::min<int64_t>(TILE, n_x - x0));
-      load_rows(X, p.dtype, x0, nx, p.D, xf.data(), p.D);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t y0 = 0; y0 < n_y; y0 += TILE) {
         const int ny = static_cast<int>(std::min<int64_t>(TILE, n_y - y0));
-        load_rows_t(Y, p.dtype, y0, ny, p.D, yt.data());
-        load_rows(Y, p.dtype, y0, ny, p.D, yf.data(), Dp);
-        gemm_acc(TILE, TILE, p.D, xf.data(), p.D, yt.data(), TILE, s.data(), TILE, false);
+        gemm_acc(TILE, TILE, p.Dp, X.rows + x0 * p.Dp, p.Dp, Y.t + y0 * p.Dp, NR, p.Dp * NR, s.data(), TILE, false);
+        // The positive column of each row is hoisted out of the element loop (a 64-bit
+        // modulo per score cost as much as the scores themselves).
+        int64_t pcol[TILE];
+        const int n_rows = col_side ? ny : nx;
+        const int64_t row0 = col_side ? y0 : x0;
+        for (int r = 0; r < n_rows; ++r) pcol[r] = infonce::pos_col(row0 + r, p.pos_shift, p.pos_mod);
         for (int x = 0; x < TILE; ++x) {
-          for (int y = 0; y < TILE; ++y) {
-            float& v = s[x * TILE + y];
-            if (x >= nx || y >= ny) {
-              v = 0.0f;
-              continue;
-            }
-            const int64_t row = col_side ? y0 + y : x0 + x;
-            const int64_t col = col_side ? x0 + x : y0 + y;
-            v = infonce::dscore(p.scale * v, lse[row], g[row], col == infonce::pos_col(row, p.pos_shift, p.pos_mod),
-                                infonce::excluded(row, col, p.exclude_self));
+          float* sx = s.data() + x * TILE;
+          if (x >= nx) {
+            std::fill(sx, sx + TILE, 0.0f);
+            continue;
           }
+          for (int y = 0; y < ny; ++y) {
+            const int r = col_side ? y : x;
+            const int64_t row = row0 + r;
+            const int64_t col = col_side ? x0 + x : y0 + y;
+            sx[y] = infonce::dscore(p.scale * sx[y], lse[row], g[row], col == pcol[r],
+                                    infonce::excluded(row, col, p.exclude_self));
+          }
+          std::fill(sx + ny, sx + TILE, 0.0f);
         }
-        gemm_acc(TILE, Dp, TILE, s.data(), TILE, yf.data(), Dp, acc.data(), Dp, true);
+        gemm_acc(TILE, p.Dp, TILE, s.data(), TILE, Y.f + y0 * NR, NR, Y.n_pad * NR, acc.data(), p.Dp, true);
       }
       for (int x = 0; x < nx; ++x)
-        for (int64_t k = 0; k < p.D; ++k) dx[(x0 + x) * p.D + k] = p.scale * acc[x * Dp + k];
+        for (int64_t k = 0; k < D; ++k) dx[(x0 + x) * D + k] = p.scale * acc[x * p.Dp + k];
     }
   }
 }
 
-Problem make_problem(std::uintptr_t a, std::uintptr_t b, int dtype, int64_t M, int64_t C, int64_t D,
-                     std::uintptr_t scale, int64_t pos_shift, int64_t pos_mod, bool exclude_self) {
-  return Problem{as_ptr<const void>(a), as_ptr<const void>(b), dtype, M, C, D, *as_ptr<const float>(scale),
-                 pos_shift, pos_mod, exclude_self};
+Side make_side(std::uintptr_t rows, std::uintptr_t t, std::uintptr_t f, int64_t n) {
+  return Side{as_ptr<const float>(rows), as_ptr<const float>(t), as_ptr<const float>(f), n, round_up(n, TILE)};
 }
 
-void info_nce_forward_cpu(std::uintptr_t a, std::uintptr_t b, int dtype, int64_t M, int64_t C, int64_t D,
-                          std::uintptr_t scale, int64_t pos_shift, int64_t pos_mod, bool exclude_self,
-                          std::uintptr_t loss, std::uintptr_t lse) {
+void info_nce_forward_cpu(std::uintptr_t a, std::uintptr_t b_t, int64_t M, int64_t C, int64_t D, std::uintptr_t scale,
+                          int64_t pos_shift, int64_t pos_mod, bool exclude_self, std::uintptr_t loss,
+                          std::uintptr_t lse) {
   if (M == 0) return;
-  const Problem p = make_problem(a, b, dtype, M, C, D, scale, pos_shift, pos_mod, exclude_self);
+  const Problem p{make_side(a, 0, 0, M), make_side(0, b_t, 0, C), round_up(D, NR), *as_ptr<const float>(scale),
+                  pos_shift, pos_mod, exclude_self};
   py::gil_scoped_release nogil;
   forward(p, as_ptr<float>(loss), as_ptr<float>(lse));
 }
 
-void info_nce_backward_cpu(std::uintptr_t a, std::uintptr_t b, int dtype, int64_t M, int64_t C, int64_t D,
+void info_nce_backward_cpu(std::uintptr_t a, std::uintptr_t a_t, std::uintptr_t a_f, std::uintptr_t b,
+                           std::uintptr_t b_t, std::uintptr_t b_f, int64_t M, int64_t C, int64_t D,
                            std::uintptr_t scale, int64_t pos_shift, int64_t pos_mod, bool exclude_self,
                            std::uintptr_t lse, std::uintptr_t grad, int64_t n_grad_cols, std::uintptr_t da,
                            std::uintptr_t db) {
   if (M == 0) return;
-  const Problem p = make_problem(a, b, dtype, M, C, D, scale, pos_shift, pos_mod, exclude_self);
+  const Problem p{make_side(a, a_t, a_f, M), make_side(b, b_t, b_f, C), round_up(D, NR), *as_ptr<const float>(scale),
+                  pos_shift, pos_mod, exclude_self};
   py::gil_scoped_release nogil;
-  backward_pass(p, false, M, as_ptr<const float>(lse), as_ptr<const float>(grad), as_ptr<float>(da));
-  backward_pass(p, true, n_grad_cols, as_ptr<const float>(lse), as_ptr<const float>(grad), as_ptr<float>(db));
+  backward_pass(p, false, M, as_ptr<const float>(lse), as_ptr<const float>(grad), as_ptr<float>(da), D);
+  backward_pass(p, true, n_grad_cols, as_ptr<const float>(lse), as_ptr<const float>(grad), as_ptr<float>(db), D);
 }
 
 }  // namespace
 
 void bind_info_nce(py::module_& m) {
-  m.def("info_nce_forward", &info_nce_forward_cpu, py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("M"),
+  m.def("info_nce_forward", &info_nce_forward_cpu, py::arg("a"), py::arg("b_t"), py::arg("M"),
         py::arg("C"), py::arg("D"), py::arg("scale"), py::arg("pos_shift"), py::arg("pos_mod"),
         py::arg("exclude_self"), py::arg("loss"), py::arg("lse"));
-  m.def("info_nce_backward", &info_nce_backward_cpu, py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("M"),
-        py::arg("C"), py::arg("D"), py::arg("scale"), py::arg("pos_shift"), py::arg("pos_mod"),
+  m.def("info_nce_backward", &info_nce_backward_cpu, py::arg("a"), py::arg("a_t"), py::arg("a_f"), py::arg("b"),
+        py::arg("b_t"), py::arg("b_f"), py::arg("M"), py::arg("C"), py::arg("D"), py::arg("scale"), py::arg("pos_shift"), py::arg("pos_mod"),
         py::arg("exclude_self"), py::arg("lse"), py::arg("grad"), py::arg("n_grad_cols"), py::arg("da"),
         py::arg("db"));
 }

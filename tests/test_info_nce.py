@@ -453,6 +453,22 @@ def test_gpu_low_precision(backend, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_low_precision_gradients_at_large_batch(backend, dtype):
+    # With a mean over 8k rows, g * softmax is ~1e-8: it must not underflow in fp16.
+    n, d = 8191, 128
+    q, k = make(n, d, 107).to(dtype), make(n, d, 108).to(dtype)
+    q2, k2 = q.double().requires_grad_(), k.double().requires_grad_()
+    formula_info_nce(q2, k2, 0.1).backward()
+    a, b = q.cuda().requires_grad_(), k.cuda().requires_grad_()
+    sslfast.info_nce(a, b, temperature=0.1, backend=backend).backward()
+    for g, w in ((a.grad, q2.grad), (b.grad, k2.grad)):
+        assert g.dtype == dtype
+        assert (g.double().cpu() - w).abs().max() <= 2e-2 * w.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_nt_xent_and_memory(backend):
     z1, z2 = make(300, 64, 105), make(300, 64, 106)
     got = sslfast.nt_xent(z1.float().cuda(), z2.float().cuda(), backend=backend)

@@ -43,15 +43,31 @@ def _reference_nt_xent(*args, **kwargs):
     return ref.nt_xent(*args, **kwargs)
 
 
+def _cpu_operands(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x as the fp32 layouts csrc/info_nce_cpu.cpp streams tiles from: zero padded to rows
+    a multiple of 64 and features a multiple of 16, then row-major (R, Dp), "t" panels
+    (R / 16, Dp, 16) and "f" panels (Dp / 16, R, 16). O(N * D), allocated through torch so
+    memory profiles see them."""
+    m, d = x.shape
+    r, dp = -(-m // 64) * 64, -(-d // 16) * 16
+    rows = torch.zeros(r, dp, dtype=torch.float32, device=x.device)
+    rows[:m, :d] = x
+    t = rows.view(r // 16, 16, dp).transpose(1, 2).contiguous()
+    f = rows.view(r, dp // 16, 16).transpose(0, 1).contiguous()
+    return rows, t, f
+
+
 @_dispatch.register(OP, "cpu")
 @_dispatch.register(OP_NTX, "cpu")
 def _cpu_forward(a, b, scale, pos_shift, pos_mod, exclude_self):
     m, d = a.shape
     loss = torch.empty(m, dtype=torch.float32, device=a.device)
     lse = torch.empty(m, dtype=torch.float32, device=a.device)
+    ar, at, _ = _cpu_operands(a)
+    bt = at if b is a else _cpu_operands(b)[1]
     _ext.cpu_module().info_nce_forward(
-        _ext.ptr(a), _ext.ptr(b), _ext.DTYPE_CODE[a.dtype], m, b.shape[0], d, _ext.ptr(scale),
-        pos_shift, pos_mod, exclude_self, _ext.ptr(loss), _ext.ptr(lse))
+        _ext.ptr(ar), _ext.ptr(bt), m, b.shape[0], d, _ext.ptr(scale), pos_shift, pos_mod, exclude_self,
+        _ext.ptr(loss), _ext.ptr(lse))
     return loss, lse
 
 
@@ -60,9 +76,11 @@ def _cpu_backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_gr
     m, d = a.shape
     da = torch.empty(m, d, dtype=torch.float32, device=a.device)
     db = torch.zeros(b.shape[0], d, dtype=torch.float32, device=a.device)
+    pa = _cpu_operands(a)
+    pb = pa if b is a else _cpu_operands(b)
     _ext.cpu_module().info_nce_backward(
-        _ext.ptr(a), _ext.ptr(b), _ext.DTYPE_CODE[a.dtype], m, b.shape[0], d, _ext.ptr(scale),
-        pos_shift, pos_mod, exclude_self, _ext.ptr(lse), _ext.ptr(grad), n_grad_cols, _ext.ptr(da), _ext.ptr(db))
+        *map(_ext.ptr, pa), *map(_ext.ptr, pb), m, b.shape[0], d, _ext.ptr(scale), pos_shift, pos_mod,
+        exclude_self, _ext.ptr(lse), _ext.ptr(grad), n_grad_cols, _ext.ptr(da), _ext.ptr(db))
     return da, db
 
 
