@@ -109,8 +109,8 @@ void gemm_acc(int m, int64_t n, int64_t k, const float* A, int64_t lda, const fl
   fn(m, n, k, A, lda, B, ldb, panel, C, ldc, acc);
 }
 
-// Operands arrive as fp32 copies packed by the Python side (sslfast/ops/info_nce.py,
-// _cpu_operands), zero padded so that every tile is full (rows to a multiple of TILE,
+// Operands arrive as fp32 copies packed by `pack` below into buffers that the Python side
+// allocates (sslfast/ops/info_nce.py, _cpu_operands), zero padded so that every tile is full (rows to a multiple of TILE,
 // features to a multiple of NR), each side in three layouts: row-major (rows, Dp); "t"
 // panels (rows / NR, Dp, NR), the B of the score product; "f" panels (Dp / NR, rows, NR), the
 // B of the gradient product. The micro-kernel then streams every operand contiguously (a
@@ -212,6 +212,28 @@ void backward_pass(const Problem& p, bool col_side, int64_t n_x, const float* ls
   }
 }
 
+// x (n, D), storage dtype -> the three fp32 layouts of a Side (t or f may be 0: skipped).
+void pack(const void* x, int dtype, int64_t n, int64_t D, float* rows, float* t, float* f) {
+  const int64_t n_pad = round_up(n, TILE), Dp = round_up(D, NR);
+#pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n_pad; r0 += NR) {
+    for (int64_t r = r0; r < r0 + NR; ++r) {
+      for (int64_t k = 0; k < Dp; ++k) {
+        const float v = (r < n && k < D) ? infonce::load_float(x, r * D + k, dtype) : 0.0f;
+        if (rows) rows[r * Dp + k] = v;
+        if (t) t[(r / NR) * Dp * NR + k * NR + r % NR] = v;
+        if (f) f[(k / NR) * n_pad * NR + r * NR + k % NR] = v;
+      }
+    }
+  }
+}
+
+void info_nce_pack_cpu(std::uintptr_t x, int dtype, int64_t n, int64_t D, std::uintptr_t rows, std::uintptr_t t,
+                       std::uintptr_t f) {
+  py::gil_scoped_release nogil;
+  pack(as_ptr<const void>(x), dtype, n, D, as_ptr<float>(rows), as_ptr<float>(t), as_ptr<float>(f));
+}
+
 Side make_side(std::uintptr_t rows, std::uintptr_t t, std::uintptr_t f, int64_t n) {
   return Side{as_ptr<const float>(rows), as_ptr<const float>(t), as_ptr<const float>(f), n, round_up(n, TILE)};
 }
@@ -242,6 +264,8 @@ void info_nce_backward_cpu(std::uintptr_t a, std::uintptr_t a_t, std::uintptr_t 
 }  // namespace
 
 void bind_info_nce(py::module_& m) {
+  m.def("info_nce_pack", &info_nce_pack_cpu, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("D"),
+        py::arg("rows"), py::arg("t"), py::arg("f"));
   m.def("info_nce_forward", &info_nce_forward_cpu, py::arg("a"), py::arg("b_t"), py::arg("M"),
         py::arg("C"), py::arg("D"), py::arg("scale"), py::arg("pos_shift"), py::arg("pos_mod"),
         py::arg("exclude_self"), py::arg("loss"), py::arg("lse"));

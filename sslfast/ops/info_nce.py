@@ -43,18 +43,16 @@ def _reference_nt_xent(*args, **kwargs):
     return ref.nt_xent(*args, **kwargs)
 
 
-def _cpu_operands(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x as the fp32 layouts csrc/info_nce_cpu.cpp streams tiles from: zero padded to rows
-    a multiple of 64 and features a multiple of 16, then row-major (R, Dp), "t" panels
-    (R / 16, Dp, 16) and "f" panels (Dp / 16, R, 16). O(N * D), allocated through torch so
-    memory profiles see them."""
+def _cpu_operands(x: torch.Tensor, layouts: str = "rtf") -> list[torch.Tensor | None]:
+    """x as the fp32 layouts csrc/info_nce_cpu.cpp streams tiles from, zero padded to rows a
+    multiple of 64 and features a multiple of 16: "r" row-major (R, Dp), "t" panels
+    (R / 16, Dp, 16), "f" panels (Dp / 16, R, 16); None for a layout not asked for. O(N * D),
+    allocated here through torch so that memory profiles see them, filled by the extension."""
     m, d = x.shape
     r, dp = -(-m // 64) * 64, -(-d // 16) * 16
-    rows = torch.zeros(r, dp, dtype=torch.float32, device=x.device)
-    rows[:m, :d] = x
-    t = rows.view(r // 16, 16, dp).transpose(1, 2).contiguous()
-    f = rows.view(r, dp // 16, 16).transpose(0, 1).contiguous()
-    return rows, t, f
+    out = [torch.empty(r * dp, dtype=torch.float32, device=x.device) if c in layouts else None for c in "rtf"]
+    _ext.cpu_module().info_nce_pack(_ext.ptr(x), _ext.DTYPE_CODE[x.dtype], m, d, *map(_ext.ptr, out))
+    return out
 
 
 @_dispatch.register(OP, "cpu")
@@ -63,8 +61,10 @@ def _cpu_forward(a, b, scale, pos_shift, pos_mod, exclude_self):
     m, d = a.shape
     loss = torch.empty(m, dtype=torch.float32, device=a.device)
     lse = torch.empty(m, dtype=torch.float32, device=a.device)
-    ar, at, _ = _cpu_operands(a)
-    bt = at if b is a else _cpu_operands(b)[1]
+    if b is a:
+        ar, bt, _ = _cpu_operands(a, "rt")
+    else:
+        ar, bt = _cpu_operands(a, "r")[0], _cpu_operands(b, "t")[1]
     _ext.cpu_module().info_nce_forward(
         _ext.ptr(ar), _ext.ptr(bt), m, b.shape[0], d, _ext.ptr(scale), pos_shift, pos_mod, exclude_self,
         _ext.ptr(loss), _ext.ptr(lse))
