@@ -28,8 +28,10 @@ constexpr int DV = 128;       // gradient features per program
 constexpr int THREADS = 256;  // 16 x 16 threads, 4 x 4 scores each
 
 struct TileSmem {
-  float x[BK][BM];
-  float y[BK][BM];
+  // +4: the loads write a column of 16 consecutive k per row; with rows 64 floats apart
+  // they all hit one bank, with 68 they spread over eight.
+  float x[BK][BM + 4];
+  float y[BK][BM + 4];
   float s[BM][BM + 1];  // +1: the per-row sweeps read a column of rows without bank conflicts
 };
 
