@@ -15,6 +15,7 @@ namespace sslfast {
 void bind_random(py::module_& m);
 void bind_negatives(py::module_& m);
 void bind_masking(py::module_& m);
+void bind_info_nce(py::module_& m);
 }  // namespace sslfast
 
 static int device_count() {
@@ -43,4 +44,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   sslfast::bind_random(m);
   sslfast::bind_negatives(m);
   sslfast::bind_masking(m);
+  sslfast::bind_info_nce(m);
 }

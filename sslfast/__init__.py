@@ -12,3 +12,4 @@ from .env import env_info, env_report  # noqa: F401
 from .random import derive_seed  # noqa: F401
 from .ops.negatives import sample_negatives  # noqa: F401,E402
 from .ops.masking import apply_mask, compute_mask_indices  # noqa: F401,E402
+from .ops.info_nce import info_nce, nt_xent  # noqa: F401,E402

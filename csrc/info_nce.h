@@ -1,0 +1,97 @@
+// In-batch InfoNCE / NT-Xent: the per-element and per-row math shared by the C++ CPU kernels
+// (csrc/info_nce_cpu.cpp) and the CUDA kernels (csrc/info_nce_cuda.cu).
+//
+// The problem both solve: rows A (M, D), columns B (C, D), scores s_ij = scale * <A_i, B_j>.
+// Row i's positive is column pos(i) = (i + pos_shift) mod pos_mod; with exclude_self the
+// column j == i is no candidate (NT-Xent's self-similarity). Loss_i = lse_i - s_i,pos(i).
+// Both kernels walk the score matrix tile by tile with an online log-sum-exp, so nothing
+// N x N is ever stored; the backward recomputes each tile from the saved per-row lse
+// (flash-attention style): dL/ds_ij = g_i * (exp(s_ij - lse_i) - [j == pos(i)]).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "sslfast/common.h"
+
+namespace sslfast {
+namespace infonce {
+
+SSLFAST_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// IEEE binary16 -> fp32, exact for every input (subnormals, inf, NaN), no intrinsics so the
+// host and the device decode the same bits the same way.
+SSLFAST_HD float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+SSLFAST_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+// Element idx of a tensor stored as DType code `dtype` (0 f32, 1 f16, 2 bf16), as fp32.
+SSLFAST_HD float load_float(const void* base, int64_t idx, int dtype) {
+  if (dtype == static_cast<int>(DType::f32)) return static_cast<const float*>(base)[idx];
+  const uint16_t bits = static_cast<const uint16_t*>(base)[idx];
+  return dtype == static_cast<int>(DType::f16) ? half_to_float(bits) : bf16_to_float(bits);
+}
+
+SSLFAST_HD int64_t pos_col(int64_t row, int64_t pos_shift, int64_t pos_mod) { return (row + pos_shift) % pos_mod; }
+
+SSLFAST_HD bool excluded(int64_t row, int64_t col, bool exclude_self) { return exclude_self && row == col; }
+
+// Online log-sum-exp state of one row: running max m, running sum l of exp(s - m), and the
+// positive's score once its column has been seen.
+struct RowState {
+  float m;
+  float l;
+  float pos;
+};
+
+SSLFAST_HD RowState row_init() { return RowState{-INFINITY, 0.0f, 0.0f}; }
+
+// Folds the scores s[0..n) of columns col0..col0+n of `row` into the state. Two sweeps over
+// the tile (max, then sum) rescale the running sum once per tile instead of once per column.
+SSLFAST_HD void row_update(RowState& st, const float* s, int n, int64_t col0, int64_t row, int64_t pcol,
+                           bool exclude_self) {
+  float tile_max = -INFINITY;
+  for (int j = 0; j < n; ++j) {
+    if (excluded(row, col0 + j, exclude_self)) continue;
+    tile_max = fmaxf(tile_max, s[j]);
+    if (col0 + j == pcol) st.pos = s[j];
+  }
+  if (tile_max == -INFINITY) return;  // every column of the tile excluded
+  const float m_new = fmaxf(st.m, tile_max);
+  float sum = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    if (!excluded(row, col0 + j, exclude_self)) sum += expf(s[j] - m_new);
+  }
+  st.l = st.l * expf(st.m - m_new) + sum;  // expf(-inf) = 0 on the first tile
+  st.m = m_new;
+}
+
+SSLFAST_HD float row_lse(const RowState& st) { return st.m + logf(st.l); }
+
+// dL/ds for one score: g * (softmax - onehot(positive)), 0 for an excluded column.
+SSLFAST_HD float dscore(float s, float lse, float g, bool is_pos, bool is_excluded) {
+  if (is_excluded) return 0.0f;
+  return g * (expf(s - lse) - (is_pos ? 1.0f : 0.0f));
+}
+
+}  // namespace infonce
+}  // namespace sslfast
