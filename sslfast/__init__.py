@@ -10,3 +10,4 @@ from . import random  # noqa: F401
 from ._dispatch import BACKENDS, BackendUnavailableError  # noqa: F401
 from .env import env_info, env_report  # noqa: F401
 from .random import derive_seed  # noqa: F401
+from .ops.rp_quantize import nearest_codeword, random_projection_quantize  # noqa: F401
