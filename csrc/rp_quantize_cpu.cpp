@@ -1,13 +1,13 @@
 // CPU kernels of random-projection quantization and nearest-codeword assignment.
 //
-// One pass per call, parallel over blocks of rows: load the block's stacked rows (straight
-// from the (B, T, F) input, no stacked copy), LayerNorm, project, normalise, then for each
-// head stream the codebook in tiles of TV codewords and keep a running best per row. A tile
-// is converted once to fp32 and transposed to (d, TV), so the scores of one row against a
-// tile are TV/8 vector accumulators over d; the (rows, V) score matrix never exists.
+// One call: load the stacked rows (straight from the (B, T, F) input, no stacked copy),
+// LayerNorm, project, normalise, then for each (block of rows, head) stream the head's
+// codebook in tiles of TV codewords and keep a running best per row. Each tile is converted
+// once per call to fp32 and transposed to (d, TV), so the scores of one row against a tile
+// are TV/L vector accumulators over d; the (rows, V) score matrix never exists.
 //
-// The hot loop is compiled twice (AVX2+FMA and the baseline ISA) and picked at run time,
-// because the build's flags target the baseline x86-64 only.
+// The scoring loop is compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked
+// at run time, because the build's flags target the baseline ISA only.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -33,6 +33,8 @@ typedef float v16f __attribute__((vector_size(64)));
 constexpr int kUnroll = 4;  // vectors of codewords scored together: reuses each broadcast y_j
 constexpr int kTileQuantum = 16 * kUnroll;  // codewords per tile: a multiple of either group
 constexpr int kAlign = 64;
+// Rows per work item: each precomputed codebook tile is reused by this many rows while hot.
+constexpr int64_t kRowBlock = 32;
 
 // Instruction sets of the scoring loop; the best the CPU has is used unless a test forces one.
 enum Isa : int { kIsaAuto = -1, kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
@@ -97,12 +99,15 @@ void load_tile(const Problem& p, int64_t h, int64_t v0, int64_t TV, float* ct, f
   }
 }
 
-// Scores one row y (d floats) against a transposed tile and updates its running best.
-// Vec is 8 or 16 fp32 lanes; a group is kUnroll vectors of consecutive codewords.
-template <typename Vec>
-__attribute__((always_inline)) inline void score_row_tile(const float* y, int64_t d, const float* ct, const float* a,
-                                                          const float* b, int64_t TV, int64_t v0, float* best,
-                                                          int64_t* best_index) {
+// Scores NR rows (y[r], d floats each) against a transposed tile and updates their running
+// bests. Vec is 8 or 16 fp32 lanes; a group is kUnroll vectors of consecutive codewords. The
+// NR x kUnroll accumulators stay in registers, so each tile load feeds NR FMAs (a single
+// row would be load-bound for wide rows such as 768-dim k-means features).
+template <typename Vec, int NR>
+__attribute__((always_inline)) inline void score_rows_tile(const float* const* y, int nrows, int64_t d,
+                                                           const float* ct, const float* a, const float* b,
+                                                           int64_t TV, int64_t v0, float* best,
+                                                           int64_t* best_index) {
   constexpr int L = sizeof(Vec) / sizeof(float);
   constexpr int G = L * kUnroll;
   const Vec* ctv = reinterpret_cast<const Vec*>(ct);
@@ -111,66 +116,84 @@ __attribute__((always_inline)) inline void score_row_tile(const float* y, int64_
   const int64_t nvec = TV / L;
   alignas(kAlign) float s[G];
   for (int64_t g = 0; g < nvec; g += kUnroll) {
-    Vec acc[kUnroll];
-    for (int u = 0; u < kUnroll; ++u) acc[u] = Vec{};
+    Vec acc[NR][kUnroll];
+    for (int r = 0; r < NR; ++r)
+      for (int u = 0; u < kUnroll; ++u) acc[r][u] = Vec{};
     for (int64_t j = 0; j < d; ++j) {
-      const Vec yj = Vec{} + y[j];
       const Vec* row = ctv + j * nvec + g;
-      for (int u = 0; u < kUnroll; ++u) acc[u] += yj * row[u];
+      Vec c[kUnroll];
+      for (int u = 0; u < kUnroll; ++u) c[u] = row[u];
+      for (int r = 0; r < NR; ++r) {
+        const Vec yj = Vec{} + y[r][j];
+        for (int u = 0; u < kUnroll; ++u) acc[r][u] += yj * c[u];
+      }
     }
-    Vec top = acc[0] * av[g] + bv[g];
-    reinterpret_cast<Vec*>(s)[0] = top;
-    for (int u = 1; u < kUnroll; ++u) {
-      const Vec su = acc[u] * av[g + u] + bv[g + u];
-      reinterpret_cast<Vec*>(s)[u] = su;
-      top = top > su ? top : su;
-    }
-    float m = top[0];
-    for (int l = 1; l < L; ++l) m = top[l] > m ? top[l] : m;
-    // Most groups cannot beat the running best: scan in order only when one can, which keeps
-    // the lowest index among equal scores.
-    if (m > *best) {
-      for (int l = 0; l < G; ++l) {
-        if (s[l] > *best) {
-          *best = s[l];
-          *best_index = v0 + g * L + l;
+    for (int r = 0; r < nrows; ++r) {
+      Vec top = acc[r][0] * av[g] + bv[g];
+      reinterpret_cast<Vec*>(s)[0] = top;
+      for (int u = 1; u < kUnroll; ++u) {
+        const Vec su = acc[r][u] * av[g + u] + bv[g + u];
+        reinterpret_cast<Vec*>(s)[u] = su;
+        top = top > su ? top : su;
+      }
+      float m = top[0];
+      for (int l = 1; l < L; ++l) m = top[l] > m ? top[l] : m;
+      // Most groups cannot beat the running best: scan in order only when one can, which
+      // keeps the lowest index among equal scores.
+      if (m > best[r]) {
+        for (int l = 0; l < G; ++l) {
+          if (s[l] > best[r]) {
+            best[r] = s[l];
+            best_index[r] = v0 + g * L + l;
+          }
         }
       }
     }
   }
 }
 
-template <typename Vec>
+// Labels of one head for a block of rows: every precomputed tile of the head's codebook is
+// scored against every row of the block while it is hot in cache.
+template <typename Vec, int NR>
 __attribute__((always_inline)) inline void score_block_impl(const Problem& p, int64_t h, const float* y, int64_t ldy,
-                                                            const int64_t* rows, int64_t nrows, float* ct, float* a,
-                                                            float* b, int64_t TV, float* best, int64_t* best_index) {
+                                                            const int64_t* rows, int64_t nrows, const float* tiles,
+                                                            int64_t TV, int64_t ntiles, float* best,
+                                                            int64_t* best_index) {
   for (int64_t r = 0; r < nrows; ++r) {
     best[r] = -std::numeric_limits<float>::infinity();
     best_index[r] = 0;
   }
-  for (int64_t v0 = 0; v0 < p.V; v0 += TV) {
-    load_tile(p, h, v0, TV, ct, a, b);
-    for (int64_t r = 0; r < nrows; ++r) {
-      score_row_tile<Vec>(y + r * ldy + h * p.d, p.d, ct, a, b, TV, v0, &best[r], &best_index[r]);
+  const int64_t tile_floats = (p.d + 2) * TV;
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const float* ct = tiles + t * tile_floats;
+    const float* a = ct + p.d * TV;
+    const float* b = a + TV;
+    for (int64_t r0 = 0; r0 < nrows; r0 += NR) {
+      const int n = static_cast<int>(std::min<int64_t>(NR, nrows - r0));
+      const float* ys[NR];
+      for (int r = 0; r < NR; ++r) ys[r] = y + (r0 + std::min(r, n - 1)) * ldy + h * p.d;  // tail: repeat a row
+      score_rows_tile<Vec, NR>(ys, n, p.d, ct, a, b, TV, t * TV, best + r0, best_index + r0);
     }
   }
   for (int64_t r = 0; r < nrows; ++r) p.out[rows[r] * p.H + h] = best_index[r];
 }
 
-#define SSLFAST_RPQ_BLOCK_ARGS                                                                                   \
-  const Problem &p, int64_t h, const float *y, int64_t ldy, const int64_t *rows, int64_t nrows, float *ct, float *a, \
-      float *b, int64_t TV, float *best, int64_t *best_index
-#define SSLFAST_RPQ_BLOCK_CALL p, h, y, ldy, rows, nrows, ct, a, b, TV, best, best_index
+#define SSLFAST_RPQ_BLOCK_ARGS                                                                              \
+  const Problem &p, int64_t h, const float *y, int64_t ldy, const int64_t *rows, int64_t nrows,            \
+      const float *tiles, int64_t TV, int64_t ntiles, float *best, int64_t *best_index
+#define SSLFAST_RPQ_BLOCK_CALL p, h, y, ldy, rows, nrows, tiles, TV, ntiles, best, best_index
 
-void score_block_base(SSLFAST_RPQ_BLOCK_ARGS) { score_block_impl<v8f>(SSLFAST_RPQ_BLOCK_CALL); }
+// Rows per register block: AVX-512 has 32 vector registers (4 x 4 accumulators fit), the
+// others 16.
+void score_block_base(SSLFAST_RPQ_BLOCK_ARGS) { score_block_impl<v8f, 2>(SSLFAST_RPQ_BLOCK_CALL); }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define SSLFAST_RPQ_X86 1
 __attribute__((target("avx2,fma"))) void score_block_avx2(SSLFAST_RPQ_BLOCK_ARGS) {
-  score_block_impl<v8f>(SSLFAST_RPQ_BLOCK_CALL);
+  score_block_impl<v8f, 2>(SSLFAST_RPQ_BLOCK_CALL);
 }
 __attribute__((target("avx512f,avx2,fma"))) void score_block_avx512(SSLFAST_RPQ_BLOCK_ARGS) {
-  score_block_impl<v16f>(SSLFAST_RPQ_BLOCK_CALL);
+  score_block_impl<v16f, 4>(SSLFAST_RPQ_BLOCK_CALL);
 }
 #endif
 
@@ -239,47 +262,63 @@ void prepare_rows(const Problem& p, const int64_t* rows, int64_t nrows, float* x
   }
 }
 
+float* align_up(float* ptr) {
+  return reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(ptr) + kAlign - 1) & ~std::uintptr_t(kAlign - 1));
+}
+
+// Three parallel phases in one region: (1) every codebook tile converted to fp32, transposed
+// and given its score coefficients, once per call (one pass over the codebooks); (2) the
+// active rows loaded, normalised and projected into y (rows, H*d); (3) (row block, head)
+// items scored against the tiles. Small dynamic items keep both threads busy when the
+// machine is shared and one of them is descheduled.
 void run(const Problem& p) {
   if (p.rows == 0) return;
   const int64_t hd = p.H * p.d;
   const int64_t TV = tile_size(p.d, p.V);
-  int threads = 1;
-#ifdef _OPENMP
-  threads = omp_get_max_threads();
-#endif
-  // Enough blocks to balance the threads, few enough that each codebook tile, converted and
-  // transposed once per block, is reused by many rows.
-  int64_t R = (p.rows + 2 * threads - 1) / (2 * threads);
-  R = std::max<int64_t>(16, std::min<int64_t>(256, R));
-  const int64_t nblocks = (p.rows + R - 1) / R;
+  const int64_t ntiles = (p.V + TV - 1) / TV;
+  const int64_t tile_floats = (p.d + 2) * TV;
+  // Scratch kept per calling thread between calls: fresh multi-MB buffers would page-fault
+  // on every call, which costs as much as the codebook pass itself.
+  thread_local std::vector<float> tile_store, y_store;
+  thread_local std::vector<int64_t> active_store;
+  active_store.resize(p.rows);
+  int64_t nactive = 0;
+  for (int64_t n = 0; n < p.rows; ++n) {
+    if (p.mask != nullptr && p.mask[n] == 0) {
+      for (int64_t h = 0; h < p.H; ++h) p.out[n * p.H + h] = -1;
+    } else {
+      active_store[nactive++] = n;
+    }
+  }
+  if (nactive == 0) return;
+  tile_store.resize(p.H * ntiles * tile_floats + kAlign);
+  y_store.resize(nactive * hd);
+  float* tiles = align_up(tile_store.data());
+  float* y = y_store.data();
+  const int64_t* active = active_store.data();
+  const int64_t R = kRowBlock;
+  const int64_t nblocks = (nactive + R - 1) / R;
   const int isa = active_isa();
 #pragma omp parallel
   {
-    std::vector<float> xb(R * p.in_dim), y(R * hd), best(R);
-    std::vector<int64_t> rows(R), best_index(R);
-    // Over-allocated so the tile can start on a kAlign boundary (vector loads of ct, a, b).
-    std::vector<float> tile_buf(p.d * TV + 2 * TV + kAlign);
-    float* base = tile_buf.data();
-    float* ct = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(base) + kAlign - 1) &
-                                         ~std::uintptr_t(kAlign - 1));
-    float* a = ct + p.d * TV;
-    float* b = a + TV;
+    std::vector<float> xb(R * p.in_dim), best(R);
+    std::vector<int64_t> best_index(R);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < p.H * ntiles; ++i) {
+      float* ct = tiles + i * tile_floats;
+      load_tile(p, i / ntiles, (i % ntiles) * TV, TV, ct, ct + p.d * TV, ct + (p.d + 1) * TV);
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t r0 = blk * R, r1 = std::min(p.rows, r0 + R);
-      int64_t nrows = 0;
-      for (int64_t n = r0; n < r1; ++n) {
-        if (p.mask != nullptr && p.mask[n] == 0) {
-          for (int64_t h = 0; h < p.H; ++h) p.out[n * p.H + h] = -1;
-        } else {
-          rows[nrows++] = n;
-        }
-      }
-      if (nrows == 0) continue;
-      prepare_rows(p, rows.data(), nrows, xb.data(), y.data());
-      for (int64_t h = 0; h < p.H; ++h) {
-        score_block(isa, p, h, y.data(), hd, rows.data(), nrows, ct, a, b, TV, best.data(), best_index.data());
-      }
+      const int64_t r0 = blk * R, nr = std::min(R, nactive - r0);
+      prepare_rows(p, active + r0, nr, xb.data(), y + r0 * hd);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < nblocks * p.H; ++item) {
+      const int64_t blk = item / p.H, h = item % p.H;
+      const int64_t r0 = blk * R, nr = std::min(R, nactive - r0);
+      score_block(isa, p, h, y + r0 * hd, hd, active + r0, nr, tiles + h * ntiles * tile_floats, TV, ntiles,
+                  best.data(), best_index.data());
     }
   }
 }

@@ -158,6 +158,7 @@ void rp_quantize_cuda(std::uintptr_t x, int x_dtype, int64_t B, int64_t T, int64
   if (p.rows == 0) return;
   const int warps = p.smem_per_warp * 4 <= kMaxSmemFloats ? 4 : 1;
   const int64_t blocks = (p.rows + warps - 1) / warps;
+  if (blocks > 2147483647LL) throw std::invalid_argument("sslfast rp_quantize (cuda): too many rows for one launch");
   const size_t smem = static_cast<size_t>(warps * p.smem_per_warp) * sizeof(float);
   rp_quantize_kernel<<<static_cast<unsigned>(blocks), warps * kWarp, smem, reinterpret_cast<cudaStream_t>(stream)>>>(p);
   SSLFAST_CUDA_CHECK(cudaGetLastError());

@@ -145,9 +145,11 @@ def rp_quantize(x, proj, codebooks, *, stack, layernorm, cosine, mask, out):
     if rows == 0:
         return out
     in_dim = F * stack
-    BLOCK_N = 16
     BLOCK_K = 32 if in_dim <= 32 else 64
     BLOCK_D = max(16, triton.next_power_of_2(d)) if proj is not None else 16
+    # More rows per program share each codebook tile; fewer when the projected tile is wide
+    # (it lives in registers).
+    BLOCK_N = 64 if BLOCK_D <= 64 else 16
     BLOCK_V = 64
     grid = (triton.cdiv(rows, BLOCK_N), H)
     _rp_quantize_kernel[grid](
