@@ -99,22 +99,38 @@ void load_tile(const Problem& p, int64_t h, int64_t v0, int64_t TV, float* ct, f
   }
 }
 
+template <typename Vec>
+struct IndexVec;
+template <>
+struct IndexVec<v8f> {
+  typedef int32_t type __attribute__((vector_size(32)));
+};
+template <>
+struct IndexVec<v16f> {
+  typedef int32_t type __attribute__((vector_size(64)));
+};
+
 // Scores NR rows (y[r], d floats each) against a transposed tile and updates their running
-// bests. Vec is 8 or 16 fp32 lanes; a group is kUnroll vectors of consecutive codewords. The
-// NR x kUnroll accumulators stay in registers, so each tile load feeds NR FMAs (a single
+// bests. Vec is L = 8 or 16 fp32 lanes; a group is kUnroll vectors of consecutive codewords.
+// The NR x kUnroll accumulators stay in registers, so each tile load feeds NR FMAs (a single
 // row would be load-bound for wide rows such as 768-dim k-means features).
+//
+// The running best is kept per lane (lane_best / lane_base: L scores and the index of the
+// vector each came from) with vector compares and blends only; score_block_impl reduces the
+// lanes at the end. Every lane sees its codewords in increasing index order and only a
+// strictly greater score replaces, so each lane keeps its lowest-index maximum and the final
+// reduction (better(): ties to the lower index) yields the lowest-index maximum overall.
 template <typename Vec, int NR>
 __attribute__((always_inline)) inline void score_rows_tile(const float* const* y, int nrows, int64_t d,
                                                            const float* ct, const float* a, const float* b,
-                                                           int64_t TV, int64_t v0, float* best,
-                                                           int64_t* best_index) {
+                                                           int64_t TV, int64_t v0, float* lane_best,
+                                                           int32_t* lane_base) {
+  typedef typename IndexVec<Vec>::type IVec;
   constexpr int L = sizeof(Vec) / sizeof(float);
-  constexpr int G = L * kUnroll;
   const Vec* ctv = reinterpret_cast<const Vec*>(ct);
   const Vec* av = reinterpret_cast<const Vec*>(a);
   const Vec* bv = reinterpret_cast<const Vec*>(b);
   const int64_t nvec = TV / L;
-  alignas(kAlign) float s[G];
   for (int64_t g = 0; g < nvec; g += kUnroll) {
     Vec acc[NR][kUnroll];
     for (int r = 0; r < NR; ++r)
@@ -128,26 +144,21 @@ __attribute__((always_inline)) inline void score_rows_tile(const float* const* y
         for (int u = 0; u < kUnroll; ++u) acc[r][u] += yj * c[u];
       }
     }
+    const int32_t base = static_cast<int32_t>(v0 + g * L);
     for (int r = 0; r < nrows; ++r) {
-      Vec top = acc[r][0] * av[g] + bv[g];
-      reinterpret_cast<Vec*>(s)[0] = top;
+      Vec m = acc[r][0] * av[g] + bv[g];
+      IVec mi = IVec{} + base;
       for (int u = 1; u < kUnroll; ++u) {
         const Vec su = acc[r][u] * av[g + u] + bv[g + u];
-        reinterpret_cast<Vec*>(s)[u] = su;
-        top = top > su ? top : su;
+        const IVec gt = su > m;
+        m = gt ? su : m;
+        mi = gt ? (IVec{} + (base + u * L)) : mi;
       }
-      float m = top[0];
-      for (int l = 1; l < L; ++l) m = top[l] > m ? top[l] : m;
-      // Most groups cannot beat the running best: scan in order only when one can, which
-      // keeps the lowest index among equal scores.
-      if (m > best[r]) {
-        for (int l = 0; l < G; ++l) {
-          if (s[l] > best[r]) {
-            best[r] = s[l];
-            best_index[r] = v0 + g * L + l;
-          }
-        }
-      }
+      Vec& best = *reinterpret_cast<Vec*>(lane_best + r * L);
+      IVec& best_base = *reinterpret_cast<IVec*>(lane_base + r * L);
+      const IVec gt = m > best;
+      best = gt ? m : best;
+      best_base = gt ? mi : best_base;
     }
   }
 }
@@ -157,11 +168,12 @@ __attribute__((always_inline)) inline void score_rows_tile(const float* const* y
 template <typename Vec, int NR>
 __attribute__((always_inline)) inline void score_block_impl(const Problem& p, int64_t h, const float* y, int64_t ldy,
                                                             const int64_t* rows, int64_t nrows, const float* tiles,
-                                                            int64_t TV, int64_t ntiles, float* best,
-                                                            int64_t* best_index) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    best[r] = -std::numeric_limits<float>::infinity();
-    best_index[r] = 0;
+                                                            int64_t TV, int64_t ntiles, float* lane_best,
+                                                            int32_t* lane_base) {
+  constexpr int L = sizeof(Vec) / sizeof(float);
+  for (int64_t i = 0; i < nrows * L; ++i) {
+    lane_best[i] = -std::numeric_limits<float>::infinity();
+    lane_base[i] = 0;
   }
   const int64_t tile_floats = (p.d + 2) * TV;
   for (int64_t t = 0; t < ntiles; ++t) {
@@ -172,16 +184,30 @@ __attribute__((always_inline)) inline void score_block_impl(const Problem& p, in
       const int n = static_cast<int>(std::min<int64_t>(NR, nrows - r0));
       const float* ys[NR];
       for (int r = 0; r < NR; ++r) ys[r] = y + (r0 + std::min(r, n - 1)) * ldy + h * p.d;  // tail: repeat a row
-      score_rows_tile<Vec, NR>(ys, n, p.d, ct, a, b, TV, t * TV, best + r0, best_index + r0);
+      score_rows_tile<Vec, NR>(ys, n, p.d, ct, a, b, TV, t * TV, lane_best + r0 * L, lane_base + r0 * L);
     }
   }
-  for (int64_t r = 0; r < nrows; ++r) p.out[rows[r] * p.H + h] = best_index[r];
+  for (int64_t r = 0; r < nrows; ++r) {
+    // A lane never updated holds (-inf, base 0): it loses to any real score and, when every
+    // score is -inf or NaN, lane 0 gives label 0.
+    float best = -std::numeric_limits<float>::infinity();
+    int64_t best_index = std::numeric_limits<int64_t>::max();
+    for (int l = 0; l < L; ++l) {
+      const float s = lane_best[r * L + l];
+      const int64_t idx = static_cast<int64_t>(lane_base[r * L + l]) + l;
+      if (better(s, idx, best, best_index)) {
+        best = s;
+        best_index = idx;
+      }
+    }
+    p.out[rows[r] * p.H + h] = best_index;
+  }
 }
 
 #define SSLFAST_RPQ_BLOCK_ARGS                                                                              \
   const Problem &p, int64_t h, const float *y, int64_t ldy, const int64_t *rows, int64_t nrows,            \
-      const float *tiles, int64_t TV, int64_t ntiles, float *best, int64_t *best_index
-#define SSLFAST_RPQ_BLOCK_CALL p, h, y, ldy, rows, nrows, tiles, TV, ntiles, best, best_index
+      const float *tiles, int64_t TV, int64_t ntiles, float *lane_best, int32_t *lane_base
+#define SSLFAST_RPQ_BLOCK_CALL p, h, y, ldy, rows, nrows, tiles, TV, ntiles, lane_best, lane_base
 
 // Rows per register block: AVX-512 has 32 vector registers (4 x 4 accumulators fit), the
 // others 16.
@@ -301,8 +327,12 @@ void run(const Problem& p) {
   const int isa = active_isa();
 #pragma omp parallel
   {
-    std::vector<float> xb(R * p.in_dim), best(R);
-    std::vector<int64_t> best_index(R);
+    std::vector<float> xb(R * p.in_dim);
+    // Per-lane running bests of a block (at most 16 lanes), vector-aligned.
+    std::vector<float> lane_best_store(R * 16 + kAlign);
+    std::vector<int32_t> lane_base_store(R * 16 + kAlign);
+    float* lane_best = align_up(lane_best_store.data());
+    int32_t* lane_base = reinterpret_cast<int32_t*>(align_up(reinterpret_cast<float*>(lane_base_store.data())));
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < p.H * ntiles; ++i) {
       float* ct = tiles + i * tile_floats;
@@ -318,7 +348,7 @@ void run(const Problem& p) {
       const int64_t blk = item / p.H, h = item % p.H;
       const int64_t r0 = blk * R, nr = std::min(R, nactive - r0);
       score_block(isa, p, h, y + r0 * hd, hd, active + r0, nr, tiles + h * ntiles * tile_floats, TV, ntiles,
-                  best.data(), best_index.data());
+                  lane_best, lane_base);
     }
   }
 }
