@@ -11,8 +11,11 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "rp_quantize.h"
@@ -30,7 +33,7 @@ namespace {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));
-constexpr int kUnroll = 4;  // vectors of codewords scored together: reuses each broadcast y_j
+constexpr int kUnroll = 4;  // vectors of codewords per group: each broadcast y_j feeds kUnroll FMAs
 constexpr int kTileQuantum = 16 * kUnroll;  // codewords per tile: a multiple of either group
 constexpr int kAlign = 64;
 // Rows per work item: each precomputed codebook tile is reused by this many rows while hot.
@@ -64,7 +67,7 @@ int64_t tile_size(int64_t d, int64_t V) {
 
 // Fills the (d, TV) transposed tile of codewords v0 .. v0+TV-1 of head h (zeros past V) and
 // their score coefficients (a = 0, b = -inf past V, so padding never wins). Templated on the
-// storage type so the conversion is inlined: the tile is rebuilt once per row block.
+// storage type so the conversion is inlined. Built once per call (run(), phase 1).
 template <int kDtype>
 void load_tile_t(const Problem& p, int64_t h, int64_t v0, int64_t TV, float* ct, float* a, float* b) {
   const int64_t n = std::min(TV, p.V - v0);
@@ -163,8 +166,8 @@ __attribute__((always_inline)) inline void score_rows_tile(const float* const* y
   }
 }
 
-// Labels of one head for a block of rows: every precomputed tile of the head's codebook is
-// scored against every row of the block while it is hot in cache.
+// Labels of one head for a block of rows (y: their projections on the head, ldy floats apart):
+// every precomputed tile of the head's codebook is scored against every row while it is hot.
 template <typename Vec, int NR>
 __attribute__((always_inline)) inline void score_block_impl(const Problem& p, int64_t h, const float* y, int64_t ldy,
                                                             const int64_t* rows, int64_t nrows, const float* tiles,
@@ -183,7 +186,7 @@ __attribute__((always_inline)) inline void score_block_impl(const Problem& p, in
     for (int64_t r0 = 0; r0 < nrows; r0 += NR) {
       const int n = static_cast<int>(std::min<int64_t>(NR, nrows - r0));
       const float* ys[NR];
-      for (int r = 0; r < NR; ++r) ys[r] = y + (r0 + std::min(r, n - 1)) * ldy + h * p.d;  // tail: repeat a row
+      for (int r = 0; r < NR; ++r) ys[r] = y + (r0 + std::min(r, n - 1)) * ldy;  // tail: repeat a row
       score_rows_tile<Vec, NR>(ys, n, p.d, ct, a, b, TV, t * TV, lane_best + r0 * L, lane_base + r0 * L);
     }
   }
@@ -244,11 +247,14 @@ void score_block(int isa, SSLFAST_RPQ_BLOCK_ARGS) {
   score_block_base(SSLFAST_RPQ_BLOCK_CALL);
 }
 
-// Loads, normalises and projects the active rows of one block into y (nrows, H * d).
-void prepare_rows(const Problem& p, const int64_t* rows, int64_t nrows, float* xb, float* y) {
+// Loads and normalises the rows of one block into xb (nrows, in_dim), then projects them on
+// head h's d columns into y (nrows, d) and unit-normalises them (cosine). Without a
+// projection y is the row itself (H = 1, d = in_dim).
+void prepare_rows(const Problem& p, int64_t h, const int64_t* rows, int64_t nrows, float* xb, float* y) {
   const int64_t hd = p.H * p.d;
+  float* dst = p.proj != nullptr ? xb : y;
   for (int64_t r = 0; r < nrows; ++r) {
-    float* xr = xb + r * p.in_dim;
+    float* xr = dst + r * p.in_dim;
     const int64_t off = stacked_row_offset(rows[r], p.rows_per_seq, p.T, p.F, p.k);
     for (int64_t i = 0; i < p.in_dim; ++i) xr[i] = load_float(p.x, off + i, p.x_dtype);
     if (p.layernorm) {
@@ -262,28 +268,24 @@ void prepare_rows(const Problem& p, const int64_t* rows, int64_t nrows, float* x
     }
   }
   if (p.proj != nullptr) {
-    // y = xb @ P with P's rows streamed once per block (i outer), each reused by every row.
-    std::fill(y, y + nrows * hd, 0.0f);
+    // i outer: each row of the head's slice of P is read once per block, reused by every row.
+    std::fill(y, y + nrows * p.d, 0.0f);
     for (int64_t i = 0; i < p.in_dim; ++i) {
-      const float* pi = p.proj + i * hd;
+      const float* pi = p.proj + i * hd + h * p.d;
       for (int64_t r = 0; r < nrows; ++r) {
         const float xi = xb[r * p.in_dim + i];
-        float* yr = y + r * hd;
-        for (int64_t c = 0; c < hd; ++c) yr[c] += xi * pi[c];
+        float* yr = y + r * p.d;
+        for (int64_t j = 0; j < p.d; ++j) yr[j] += xi * pi[j];
       }
     }
-  } else {
-    std::copy(xb, xb + nrows * p.in_dim, y);
   }
   if (p.metric == kCosine) {
     for (int64_t r = 0; r < nrows; ++r) {
-      for (int64_t h = 0; h < p.H; ++h) {
-        float* v = y + r * hd + h * p.d;
-        float ss = 0.0f;
-        for (int64_t j = 0; j < p.d; ++j) ss += v[j] * v[j];
-        const float scale = normalize_scale(ss);
-        for (int64_t j = 0; j < p.d; ++j) v[j] *= scale;
-      }
+      float* v = y + r * p.d;
+      float ss = 0.0f;
+      for (int64_t j = 0; j < p.d; ++j) ss += v[j] * v[j];
+      const float scale = normalize_scale(ss);
+      for (int64_t j = 0; j < p.d; ++j) v[j] *= scale;
     }
   }
 }
@@ -292,20 +294,62 @@ float* align_up(float* ptr) {
   return reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(ptr) + kAlign - 1) & ~std::uintptr_t(kAlign - 1));
 }
 
-// Three parallel phases in one region: (1) every codebook tile converted to fp32, transposed
-// and given its score coefficients, once per call (one pass over the codebooks); (2) the
-// active rows loaded, normalised and projected into y (rows, H*d); (3) (row block, head)
-// items scored against the tiles. Small dynamic items keep both threads busy when the
-// machine is shared and one of them is descheduled.
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();  // honours OMP_NUM_THREADS
+#else
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+#endif
+}
+
+// Runs fn(item, worker) for item in [0, n) on `workers` threads (the caller is worker 0),
+// items handed out one at a time. Plain threads joined at the end instead of an OpenMP
+// region: OpenMP's idle workers spin after a region, and torch brings its own OpenMP
+// runtime, so on a shared CPU those spinners take time from the threads doing work.
+template <typename Fn>
+void parallel_items(int64_t n, int workers, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  auto work = [&](int worker) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, worker);
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < workers; ++w) pool.emplace_back(work, w);
+  work(0);
+  for (auto& t : pool) t.join();
+}
+
+// Per-worker buffers: the block's loaded rows, their projection on one head, and the
+// per-lane running bests (at most 16 lanes), vector-aligned.
+struct Scratch {
+  std::vector<float> xb, y, lane_best_store;
+  std::vector<int32_t> lane_base_store;
+  float* lane_best;
+  int32_t* lane_base;
+  Scratch(const Problem& p, int64_t R)
+      : xb(p.proj != nullptr ? R * p.in_dim : 0), y(R * p.d), lane_best_store(R * 16 + kAlign),
+        lane_base_store(R * 16 + kAlign) {
+    lane_best = align_up(lane_best_store.data());
+    lane_base = reinterpret_cast<int32_t*>(align_up(reinterpret_cast<float*>(lane_base_store.data())));
+  }
+  Scratch(Scratch&& o) noexcept
+      : xb(std::move(o.xb)), y(std::move(o.y)), lane_best_store(std::move(o.lane_best_store)),
+        lane_base_store(std::move(o.lane_base_store)), lane_best(o.lane_best), lane_base(o.lane_base) {}
+};
+
+// One parallel loop over (head, block of rows) items, head-major, with no barrier inside: an
+// item loads, normalises and projects its rows on its head, then scores them against the
+// head's codebook tiles. The first item of a head to run converts the head's tiles (fp32,
+// transposed, with score coefficients: one pass over the codebook per call); items of that
+// head which start meanwhile wait for it. Small dynamic items and no phase barriers keep the
+// threads busy when the machine is shared and one of them is descheduled.
 void run(const Problem& p) {
   if (p.rows == 0) return;
-  const int64_t hd = p.H * p.d;
   const int64_t TV = tile_size(p.d, p.V);
   const int64_t ntiles = (p.V + TV - 1) / TV;
   const int64_t tile_floats = (p.d + 2) * TV;
   // Scratch kept per calling thread between calls: fresh multi-MB buffers would page-fault
   // on every call, which costs as much as the codebook pass itself.
-  thread_local std::vector<float> tile_store, y_store;
+  thread_local std::vector<float> tile_store;
   thread_local std::vector<int64_t> active_store;
   active_store.resize(p.rows);
   int64_t nactive = 0;
@@ -318,39 +362,34 @@ void run(const Problem& p) {
   }
   if (nactive == 0) return;
   tile_store.resize(p.H * ntiles * tile_floats + kAlign);
-  y_store.resize(nactive * hd);
   float* tiles = align_up(tile_store.data());
-  float* y = y_store.data();
   const int64_t* active = active_store.data();
+  std::unique_ptr<std::atomic<int>[]> head_state(new std::atomic<int>[p.H]);  // 0 todo, 1 building, 2 ready
+  for (int64_t h = 0; h < p.H; ++h) head_state[h].store(0);
   const int64_t R = kRowBlock;
   const int64_t nblocks = (nactive + R - 1) / R;
+  const int64_t nitems = p.H * nblocks;
   const int isa = active_isa();
-#pragma omp parallel
-  {
-    std::vector<float> xb(R * p.in_dim);
-    // Per-lane running bests of a block (at most 16 lanes), vector-aligned.
-    std::vector<float> lane_best_store(R * 16 + kAlign);
-    std::vector<int32_t> lane_base_store(R * 16 + kAlign);
-    float* lane_best = align_up(lane_best_store.data());
-    int32_t* lane_base = reinterpret_cast<int32_t*>(align_up(reinterpret_cast<float*>(lane_base_store.data())));
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < p.H * ntiles; ++i) {
-      float* ct = tiles + i * tile_floats;
-      load_tile(p, i / ntiles, (i % ntiles) * TV, TV, ct, ct + p.d * TV, ct + (p.d + 1) * TV);
+  const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), nitems)));
+  std::vector<Scratch> scratch;
+  for (int w = 0; w < workers; ++w) scratch.emplace_back(p, R);
+  parallel_items(nitems, workers, [&](int64_t item, int worker) {
+    Scratch& sc = scratch[worker];
+    const int64_t h = item / nblocks, blk = item % nblocks;
+    const int64_t r0 = blk * R, nr = std::min(R, nactive - r0);
+    float* head_tiles = tiles + h * ntiles * tile_floats;
+    int expected = 0;
+    if (head_state[h].compare_exchange_strong(expected, 1)) {
+      for (int64_t t = 0; t < ntiles; ++t) {
+        float* ct = head_tiles + t * tile_floats;
+        load_tile(p, h, t * TV, TV, ct, ct + p.d * TV, ct + (p.d + 1) * TV);
+      }
+      head_state[h].store(2, std::memory_order_release);
     }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t r0 = blk * R, nr = std::min(R, nactive - r0);
-      prepare_rows(p, active + r0, nr, xb.data(), y + r0 * hd);
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < nblocks * p.H; ++item) {
-      const int64_t blk = item / p.H, h = item % p.H;
-      const int64_t r0 = blk * R, nr = std::min(R, nactive - r0);
-      score_block(isa, p, h, y + r0 * hd, hd, active + r0, nr, tiles + h * ntiles * tile_floats, TV, ntiles,
-                  lane_best, lane_base);
-    }
-  }
+    prepare_rows(p, h, active + r0, nr, sc.xb.data(), sc.y.data());
+    while (head_state[h].load(std::memory_order_acquire) != 2) std::this_thread::yield();
+    score_block(isa, p, h, sc.y.data(), p.d, active + r0, nr, head_tiles, TV, ntiles, sc.lane_best, sc.lane_base);
+  });
 }
 
 // x: contiguous (B, T, F) of dtype x_dtype; rows = B * (T // k); proj: fp32 (F*k, H*d) or 0;

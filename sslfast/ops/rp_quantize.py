@@ -67,6 +67,8 @@ def _check_rpq(x, projection, codebooks, stack, input_norm, metric, mask):
     H, Vn, d = codebooks.shape
     if H < 1 or Vn < 1 or d < 1:
         raise ValueError(f"codebooks must have shape (H, V, d) with H, V, d >= 1, got {tuple(codebooks.shape)}")
+    if Vn >= 2**31:
+        raise ValueError(f"codebooks must hold fewer than 2**31 codewords per head, got V={Vn}")
     in_dim = x.shape[-1] * stack
     if tuple(projection.shape) != (in_dim, H * d):
         raise ValueError(
@@ -93,8 +95,8 @@ def _check_nc(x, centroids, metric):
     V.check_tensor("centroids", centroids, ndim=2, dtypes=V.FLOAT_DTYPES)
     V.check_choice("metric", metric, METRICS)
     V.check_same_device(x=x, centroids=centroids)
-    if centroids.shape[0] < 1:
-        raise ValueError(f"centroids must hold at least one centroid, got shape {tuple(centroids.shape)}")
+    if not 1 <= centroids.shape[0] < 2**31:
+        raise ValueError(f"centroids must hold between 1 and 2**31 - 1 centroids, got shape {tuple(centroids.shape)}")
     if centroids.shape[1] != x.shape[-1]:
         raise ValueError(
             f"centroids must have shape (V, D) with D = x.shape[-1] = {x.shape[-1]}, got {tuple(centroids.shape)}"
@@ -238,7 +240,29 @@ def random_projection_quantize(
     mask: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """BEST-RQ labels: (B, T // stack, H) or (N, H) int64 (module docstring: semantics)."""
+    """BEST-RQ labels: the index of the best codeword per (stacked) frame and head.
+
+    Args:
+        x: (B, T, F) frames or (N, F) rows (then ``stack`` must be 1); fp32/fp16/bf16.
+        projection: (F * stack, H * d); column h*d + j is coordinate j of head h (NeMo's
+            ``proj.weight.T``, lucidrains' ``rand_projs`` permuted to (F, H, d)).
+        codebooks: (H, V, d); need not be normalised (the cosine metric normalises them).
+        stack: frames concatenated frame-major into one vector (NeMo's
+            ``combine_time_steps``); the last T % stack frames of each sequence are dropped.
+        input_norm: None or "layernorm" (LayerNorm without affine, eps 1e-5, on the stacked
+            vector: newer NeMo, lucidrains ``norm=True``).
+        metric: "cosine": argmax_v normalize(y_h) . normalize(c_hv) (equal to SpeechBrain's
+            argmin |c - normalize(y)| for unit codebooks, NeMo's default, lucidrains); "l2":
+            argmin_v |y_h - c_hv|^2 on the raw vectors (NeMo's ``dist_fn="l2"``).
+        mask: optional bool (B, T // stack) or (N,): only True positions are computed, the
+            others are -1 (a frame-level mask converts with
+            ``RandomProjectionQuantizer.stacked_mask``, NeMo's > 0.8 rule).
+        backend: None (fastest available), "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        int64 (B, T // stack, H) or (N, H). Ties go to the lowest index; an all-zero row
+        under the cosine metric gets 0. No (N, V) tensor is materialised by the kernels.
+    """
     _check_rpq(x, projection, codebooks, stack, input_norm, metric, mask)
     name, _ = _dispatch.resolve(OP_RPQ, backend, x.device)
     if name == "reference":
@@ -253,7 +277,19 @@ def random_projection_quantize(
 def nearest_codeword(
     x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", backend: str | None = None
 ) -> torch.Tensor:
-    """k-means assignment: int64 labels of shape x.shape[:-1] (module docstring: semantics)."""
+    """k-means assignment (HuBERT labels): argmin_v |x|^2 - 2 x.c_v + |c_v|^2.
+
+    Args:
+        x: (..., D) features, fp32/fp16/bf16.
+        centroids: (V, D).
+        metric: "l2" (k-means; the kernels drop the constant |x|^2, which can only flip
+            fp32 near-ties) or "cosine" (argmax of normalised dot products).
+        backend: None (fastest available), "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        int64 labels of shape x.shape[:-1]; ties go to the lowest index. The (N, V) distance
+        matrix is never materialised by the kernels.
+    """
     _check_nc(x, centroids, metric)
     name, _ = _dispatch.resolve(OP_NC, backend, x.device)
     if name == "reference":
