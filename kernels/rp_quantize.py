@@ -84,7 +84,7 @@ def _rp_quantize_kernel(
             for v0 in range(0, V, BLOCK_V):
                 vv = v0 + offs_v
                 v_ok = vv < V
-                c = tl.load(cb_ptr + (h * V + vv.to(tl.int64))[:, None] * d + offs_d[None, :],
+                c = tl.load(cb_ptr + (h.to(tl.int64) * V + vv)[:, None] * d + offs_d[None, :],
                             mask=v_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                 cc = tl.sum(c * c, axis=1)
                 dot = tl.dot(y, tl.trans(c), input_precision="ieee")
