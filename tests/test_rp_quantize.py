@@ -230,6 +230,19 @@ def test_ties_go_to_lowest_index(backend):
     C = torch.randn(6, d, generator=torch.Generator().manual_seed(8))
     C[4] = C[2]
     assert ncw(C[2].view(1, d), C, backend=backend).item() == 2
+    # copies placed in the same vector lane of later vectors, groups and codebook tiles
+    # (lanes of 8 and 16, groups of 4 vectors, 128-codeword tiles at d = 128)
+    d, V = 128, 300
+    g = torch.Generator().manual_seed(9)
+    C = torch.randn(V, d, generator=g)
+    u = torch.randn(d, generator=g)
+    first = 37
+    for i in (first, first + 8, first + 16, first + 64, first + 128, first + 256):
+        C[i] = u
+    for metric in ("l2", "cosine"):
+        assert ncw(u.view(1, d), C, metric=metric, backend=backend).item() == first
+        cb = C.unsqueeze(0)
+        assert rpq(u.view(1, 1, d), torch.eye(d), cb, metric=metric, backend=backend).item() == first
 
 
 @pytest.mark.cpu
@@ -527,6 +540,16 @@ def test_triton_edge_cases(triton_device):
     same = CB[:, :1].expand(2, 21, 4).contiguous()
     assert rpq(x.to(dev), P.to(dev), same.to(dev), stack=2, backend="triton").cpu()[1:].eq(0).all()
     assert rpq(x[:0].to(dev), P.to(dev), CB.to(dev), stack=2, backend="triton").shape == (0, 4, 2)
+    # exact ties inside a tile and across 64-codeword tiles go to the first copy
+    g = torch.Generator().manual_seed(9)
+    C = torch.randn(300, 40, generator=g)
+    u = torch.randn(40, generator=g)
+    for i in (37, 45, 101, 229):
+        C[i] = u
+    for metric in ("l2", "cosine"):
+        assert ncw(u.view(1, 40).to(dev), C.to(dev), metric=metric, backend="triton").item() == 37
+        assert rpq(u.view(1, 1, 40).to(dev), torch.eye(40, device=dev), C.unsqueeze(0).to(dev), metric=metric,
+                   backend="triton").item() == 37
 
 
 @pytest.mark.interpreter
