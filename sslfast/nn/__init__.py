@@ -1,2 +1,3 @@
 """Drop-in ``nn.Module`` wrappers of sslfast ops, with the constructors, parameter names and
 state_dict keys of the implementations they replace."""
+from .rp_quantize import RandomProjectionQuantizer  # noqa: F401

@@ -1,0 +1,106 @@
+// Shared math of random-projection quantization (BEST-RQ labels) and nearest-codeword
+// (k-means) assignment, used by the CPU kernels (rp_quantize_cpu.cpp) and the CUDA kernels
+// (rp_quantize_cuda.cu).
+//
+// Every backend scores codeword v of head h against the row's (projected) vector y as
+//     score_v = dot(y, c_v) * a_v + b_v
+// with (a_v, b_v) from codeword_coeffs(|c_v|^2): cosine a = 1 / max(|c_v|, eps), b = 0 (y is
+// unit-normalised first), l2 a = 2, b = -|c_v|^2 (argmin |y - c|^2 without the constant |y|^2),
+// and keeps the running best with better(): the highest score, ties to the lowest index.
+// One formula for both metrics keeps a later soft path (softmax of score / tau over V) on the
+// same tiles.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "sslfast/common.h"
+
+namespace sslfast {
+namespace rpq {
+
+enum Metric : int { kCosine = 0, kL2 = 1 };
+
+// F.normalize's eps: a zero vector stays zero (so an all-zero row scores 0 everywhere and its
+// label is 0, the lowest index).
+constexpr float kNormEps = 1e-12f;
+// torch.nn.LayerNorm's default eps, the one NeMo and lucidrains use.
+constexpr float kLayerNormEps = 1e-5f;
+
+SSLFAST_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+SSLFAST_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+// IEEE half to float by bits, so host and device code convert identically without cuda_fp16.h.
+SSLFAST_HD float fp16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1fu) return bits_to_float(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
+    return sign ? -f : f;
+  }
+  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// Element i of a float buffer stored as fp32 / fp16 / bf16 (DType codes of common.h).
+SSLFAST_HD float load_float(const void* base, int64_t i, int dtype) {
+  switch (dtype) {
+    case static_cast<int>(DType::f16):
+      return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
+    case static_cast<int>(DType::bf16):
+      return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
+// Element offset of stacked row n in a contiguous (B, T, F) input: row n is frames
+// t*k .. t*k+k-1 of sequence b (n = b * rows_per_seq + t), which are contiguous, so stacking
+// needs no copy; the trailing T - rows_per_seq * k frames of each sequence are never read.
+SSLFAST_HD int64_t stacked_row_offset(int64_t n, int64_t rows_per_seq, int64_t T, int64_t F, int64_t k) {
+  const int64_t b = n / rows_per_seq;
+  const int64_t t = n - b * rows_per_seq;
+  return b * T * F + t * k * F;
+}
+
+// 1 / sqrt(var + eps) of LayerNorm from the centred sum of squares (biased variance).
+SSLFAST_HD float layernorm_rstd(float centred_sumsq, int64_t len, float eps) {
+  return 1.0f / sqrtf(centred_sumsq / static_cast<float>(len) + eps);
+}
+
+// The factor that unit-normalises a vector with squared norm sumsq, F.normalize style.
+SSLFAST_HD float normalize_scale(float sumsq) {
+  const float n = sqrtf(sumsq);
+  return 1.0f / (n > kNormEps ? n : kNormEps);
+}
+
+// (a, b) of score = dot * a + b for a codeword with squared norm cc.
+SSLFAST_HD void codeword_coeffs(float cc, int metric, float* a, float* b) {
+  if (metric == kCosine) {
+    *a = normalize_scale(cc);
+    *b = 0.0f;
+  } else {
+    *a = 2.0f;
+    *b = -cc;
+  }
+}
+
+// Does (score, index) beat the running best? Higher score wins; equal scores go to the lower
+// index (torch.argmax / numpy / jax). A NaN score never wins.
+SSLFAST_HD bool better(float score, int64_t index, float best, int64_t best_index) {
+  return score > best || (score == best && index < best_index);
+}
+
+}  // namespace rpq
+}  // namespace sslfast
