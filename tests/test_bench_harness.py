@@ -23,6 +23,19 @@ def test_cpu_peak_memory_sees_torch_allocations():
 
 
 @pytest.mark.cpu
+def test_cpu_peak_memory_sees_numpy_allocations():
+    import numpy as np
+
+    def fn():
+        a = np.ones(1 << 20)  # 8 MB of float64
+        b = a * 2  # 16 MB together
+        return float(b.sum())
+
+    peak = harness.peak_memory_mb(fn, torch.device("cpu"))
+    assert 16.0 <= peak <= 21.0, peak
+
+
+@pytest.mark.cpu
 def test_run_case_table_and_csv(tmp_path):
     x = torch.randn(256, 256)
 
