@@ -84,9 +84,9 @@ def _backward_cpu(grad_rows, x, y, negatives, positives, lse, temperature, neg_m
     n, d = x.shape
     m, k = y.shape[0], negatives.shape[1]
     grad_x = torch.empty_like(x)
-    grad_y = torch.zeros_like(y)
+    grad_y = torch.empty_like(y)
     if n == 0:
-        return grad_x, grad_y
+        return grad_x, grad_y.zero_()
     ysq = torch.empty(m, dtype=torch.float32)
     alpha = torch.empty(n, k + 1, dtype=torch.float32)
     beta = torch.empty(n, k + 1, dtype=torch.float32)
@@ -96,7 +96,10 @@ def _backward_cpu(grad_rows, x, y, negatives, positives, lse, temperature, neg_m
         _ext.ptr(grad_rows), _ext.ptr(x), _ext.ptr(y), _ext.ptr(negatives), _itype(negatives), _ext.ptr(positives),
         _itype(positives), _ext.ptr(lse), _ext.ptr(ysq), _ext.ptr(grad_x), _ext.ptr(alpha), _ext.ptr(beta), n, m, d,
         k, dt, temperature, neg_mode, precision)
-    order, offsets = candidate_csr(negatives, positives, n, m)
+    order = torch.empty(n * (k + 1), dtype=torch.int64)
+    offsets = torch.empty(m + 1, dtype=torch.int64)
+    C.contrastive_build_csr(_ext.ptr(negatives), _itype(negatives), _ext.ptr(positives), _itype(positives),
+                            _ext.ptr(order), _ext.ptr(offsets), n, m, k)
     C.contrastive_backward_segments(_ext.ptr(x), _ext.ptr(y), _ext.ptr(alpha), _ext.ptr(beta), _ext.ptr(order),
                                     _ext.ptr(offsets), _ext.ptr(grad_y), m, d, k, dt)
     return grad_x, grad_y
