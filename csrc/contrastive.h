@@ -15,6 +15,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "sslfast/common.h"
 
@@ -120,6 +122,43 @@ struct BF16 {
   static SSLFAST_HD T store(float v) { return float_to_bf16(v); }
   static SSLFAST_HD float round(float v) { return bf16_to_float(float_to_bf16(v)); }
 };
+
+// One call's problem: x (N, D), y (M, D) in storage S, negatives (N, K), positives (N,) or
+// null (row i's positive is y[i]).
+template <class S>
+struct Args {
+  const typename S::T* x;
+  const typename S::T* y;
+  const void* neg;
+  int neg_itype;
+  const void* pos;
+  int pos_itype;
+  int64_t N, M, D, K;
+  float temperature;
+  int neg_mode;
+  int precision;
+};
+
+template <class S>
+inline Args<S> make_args(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int neg_itype, std::uintptr_t pos,
+                         int pos_itype, int64_t N, int64_t M, int64_t D, int64_t K, double temperature, int neg_mode,
+                         int precision) {
+  using T = typename S::T;
+  return Args<S>{reinterpret_cast<const T*>(x), reinterpret_cast<const T*>(y), reinterpret_cast<const void*>(neg),
+                 neg_itype, pos ? reinterpret_cast<const void*>(pos) : nullptr, pos_itype, N, M, D, K,
+                 static_cast<float>(temperature), neg_mode, precision};
+}
+
+// Calls f(F32{}), f(F16{}) or f(BF16{}) for a DType code.
+template <class F>
+inline void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case static_cast<int>(DType::f32): f(F32{}); break;
+    case static_cast<int>(DType::f16): f(F16{}); break;
+    case static_cast<int>(DType::bf16): f(BF16{}); break;
+    default: throw std::invalid_argument("sslfast contrastive: unknown dtype code " + std::to_string(dtype));
+  }
+}
 
 SSLFAST_HD int64_t load_index(const void* p, int64_t i, int itype) {
   return itype == static_cast<int>(IType::i64) ? static_cast<const int64_t*>(p)[i]

@@ -29,20 +29,6 @@ namespace {
 #define SSLFAST_INLINE inline __attribute__((always_inline))
 #define SSLFAST_AVX2 __attribute__((target("avx2,fma")))
 
-template <class S>
-struct Args {
-  const typename S::T* x;
-  const typename S::T* y;
-  const void* neg;
-  int neg_itype;
-  const void* pos;
-  int pos_itype;
-  int64_t N, M, D, K;
-  float temperature;
-  int neg_mode;
-  int precision;
-};
-
 // Independent partial sums (four AVX2 registers) so the FMA latency chain does not bound the
 // loop; the fixed tree keeps the result identical for identical inputs, which
 // candidate_masked relies on.
@@ -240,15 +226,6 @@ void y_sq_norms(const Args<S>& a, float* ysq) {
 }
 
 template <class S>
-Args<S> make_args(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int neg_itype, std::uintptr_t pos,
-                  int pos_itype, int64_t N, int64_t M, int64_t D, int64_t K, double temperature, int neg_mode,
-                  int precision) {
-  return Args<S>{as_ptr<const typename S::T>(x), as_ptr<const typename S::T>(y), as_ptr<const void>(neg), neg_itype,
-                 pos ? as_ptr<const void>(pos) : nullptr, pos_itype, N, M, D, K, static_cast<float>(temperature),
-                 neg_mode, precision};
-}
-
-template <class S>
 void forward_impl(const Args<S>& a, float* ysq, float* loss, float* lse, bool* correct) {
   y_sq_norms<S>(a, ysq);
   const bool v = use_avx2();
@@ -299,16 +276,6 @@ void segments_impl(const typename S::T* x, const typename S::T* y, const float* 
       else
         segment_row_base<S>(x, y, alpha, beta, order, offsets, j, D, K1, acc.data(), grad_y);
     }
-  }
-}
-
-template <class F>
-void by_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case static_cast<int>(DType::f32): f(F32{}); break;
-    case static_cast<int>(DType::f16): f(F16{}); break;
-    case static_cast<int>(DType::bf16): f(BF16{}); break;
-    default: throw std::invalid_argument("sslfast contrastive: unknown dtype code " + std::to_string(dtype));
   }
 }
 
