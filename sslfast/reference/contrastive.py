@@ -103,7 +103,7 @@ def contrastive_logits(
     else:
         raise ValueError(f"neg_is_pos must be one of {NEG_IS_POS}, got {neg_is_pos!r}")
     if masked is not None:
-        full = torch.cat([torch.zeros_like(masked[:, :1]), masked], dim=1)
+        full = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=x.device), masked], dim=1)
         logits = logits.masked_fill(full, float("-inf"))
     return logits
 
