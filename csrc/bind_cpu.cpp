@@ -5,6 +5,8 @@ namespace py = pybind11;
 
 namespace sslfast {
 void bind_random(py::module_& m);
+void bind_negatives(py::module_& m);
+void bind_masking(py::module_& m);
 void bind_contrastive(py::module_& m);
 }  // namespace sslfast
 
@@ -16,5 +18,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
   sslfast::bind_random(m);
+  sslfast::bind_negatives(m);
+  sslfast::bind_masking(m);
   sslfast::bind_contrastive(m);
 }

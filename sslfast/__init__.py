@@ -10,4 +10,6 @@ from . import random  # noqa: F401
 from ._dispatch import BACKENDS, BackendUnavailableError  # noqa: F401
 from .env import env_info, env_report  # noqa: F401
 from .random import derive_seed  # noqa: F401
+from .ops.negatives import sample_negatives  # noqa: F401,E402
+from .ops.masking import apply_mask, compute_mask_indices  # noqa: F401,E402
 from .ops.contrastive import ContrastiveStats, contrastive_loss, wav2vec2_contrastive_loss  # noqa: F401,E402

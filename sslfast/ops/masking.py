@@ -1,0 +1,233 @@
+"""Public ``compute_mask_indices`` and ``apply_mask``: validation, backends, custom ops."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import _dispatch, _ext, _validation as V
+from .. import random as sr
+from ..reference import masking as ref
+
+__all__ = ["compute_mask_indices", "apply_mask"]
+
+_OP = "compute_mask_indices"
+_MASK_TYPES = ("static", "uniform", "normal", "poisson")
+_BOOLISH = (torch.bool, torch.uint8, torch.int32, torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _table(mask_type: str, mask_length: int, mask_other: float) -> tuple[int, tuple[int, ...]]:
+    vmin, thr = ref.length_table(mask_type, mask_length, mask_other)
+    return vmin, tuple(thr)
+
+
+def _max_spans(T: int, mask_prob: float, mask_length: int, min_masks: int) -> int:
+    """An upper bound of any row's span count, known on the host (no device sync)."""
+    return max(min_masks, int(mask_prob * T / mask_length + 1.0))
+
+
+@_dispatch.register(_OP, "reference")
+def _reference(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other, min_masks,
+               require_same_masks, mask_dropout, style, seed):
+    return ref.compute_mask_indices(B, T, lengths, mask_prob, mask_length, mask_type, mask_other, min_masks,
+                                    require_same_masks, mask_dropout, style, seed, padding_mask)
+
+
+@_dispatch.register(_OP, "cpu")
+def _cpu(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other, min_masks,
+         require_same_masks, mask_dropout, style, seed):
+    out = torch.empty(B, T, dtype=torch.bool)
+    vmin, thr = _table(mask_type, mask_length, mask_other)
+    thr_t = torch.tensor(thr, dtype=torch.int64) if thr else None
+    _ext.cpu_module().compute_mask_indices(
+        _ext.ptr(lengths), _ext.ptr(padding_mask), B, T, float(mask_prob), mask_length, vmin, _ext.ptr(thr_t),
+        len(thr), min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), seed, _ext.ptr(out),
+    )
+    return out
+
+
+@torch.library.custom_op("sslfast::compute_mask_indices", mutates_args=())
+def _mask_op(
+    lengths: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    B: int,
+    T: int,
+    mask_prob: float,
+    mask_length: int,
+    mask_type: str,
+    mask_other: float,
+    min_masks: int,
+    require_same_masks: bool,
+    mask_dropout: float,
+    style: str,
+    seed: int,
+    backend: str,
+) -> torch.Tensor:
+    return _dispatch.get(_OP, backend)(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other,
+                                       min_masks, require_same_masks, mask_dropout, style, seed)
+
+
+@_mask_op.register_fake
+def _(lengths, padding_mask, B, T, *args):
+    return lengths.new_empty(B, T, dtype=torch.bool)
+
+
+def _bool_mask(name, t, shape):
+    V.check_tensor(name, t, dtypes=_BOOLISH)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    return (t if t.dtype == torch.bool else t != 0).contiguous()
+
+
+def compute_mask_indices(
+    shape,
+    padding_mask: torch.Tensor | None = None,
+    mask_prob: float = 0.65,
+    mask_length: int = 10,
+    *,
+    mask_type: str = "static",
+    mask_other: float = 0.0,
+    min_masks: int = 0,
+    no_overlap: bool = False,
+    min_space: int = 0,
+    require_same_masks: bool = True,
+    mask_dropout: float = 0.0,
+    style: str = "fairseq",
+    seed: int | None = None,
+    device=None,
+    backend: str | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A (B, T) bool mask of random time spans, drawn on ``device`` in one pass per row.
+
+    ``style="fairseq"`` follows fairseq's ``compute_mask_indices``: per-row span count
+    ``floor(mask_prob * sz / mask_length + u)`` (u uniform, per row), at least ``min_masks``
+    (wav2vec 2.0 passes 2); span lengths by ``mask_type`` (static, uniform over
+    [mask_other, 2L], normal max(1, round(N(L, mask_other))), poisson); starts in
+    [0, sz - min_len) so static spans never cover a row's last frame; overlapping spans merge;
+    ``require_same_masks`` cuts every row to the smallest masked count by random choice;
+    ``mask_dropout`` unmasks ``rint(count * mask_dropout)`` random masked frames per row.
+    Expected masked fraction at p=0.65, L=10, T=781: about 0.49 before equalisation.
+    ``style="hf"`` follows Hugging Face's ``_compute_mask_indices``: one rounding noise per
+    batch, spans of ``mask_length`` starting in [0, len - L] (a span may end on the last
+    valid frame), counts capped at ``T // L`` and ``len - L + 1``; static spans only, no
+    equalisation (``require_same_masks`` is ignored), no dropout.
+
+    Args:
+        shape: (B, T).
+        padding_mask: (B, T) bool, True at padding (fairseq's convention). Or pass
+            ``attention_mask`` (B, T), 1 at valid frames (Hugging Face's), not both. Rows are
+            assumed right-padded (as both do); padded frames are never masked.
+        mask_prob: in [0, 1]. mask_length: int >= 1. min_masks: int >= 0.
+        mask_other: std of the normal lengths, low end of the uniform ones.
+        no_overlap, min_space: fairseq's non-overlapping placement: not implemented yet
+            (NotImplementedError when no_overlap=True).
+        seed: Philox seed (``sslfast.derive_seed`` gives per-rank, per-step ones); None draws
+            one from torch's default CPU generator, on the host, without a device sync.
+        device: where the mask is made (default: padding_mask's device, else CPU).
+        backend: None, "reference", "cpu", "triton" or "cuda".
+
+    Differences on purpose: the random streams are Philox keyed by (seed, row, position), not
+    numpy's, so the masks match fairseq and HF in distribution, not bit for bit (the
+    algorithm and its integer decisions are theirs; see sslfast/reference/masking.py for
+    how each random choice is drawn). Every backend returns the same bits for one seed.
+    Hugging Face raises when mask_length > T; here such rows simply get no span. Hugging
+    Face masks frame T - 1 of a row that gets no span (its dummy index), even when that frame
+    is padding; we never mask padding.
+    Edge cases: a row shorter than a span is masked only within its valid frames (fairseq)
+    or not at all (hf); an all-padded row is never masked (and, with require_same_masks,
+    takes every row's count to 0, as in fairseq); mask_prob 0 masks nothing unless
+    min_masks > 0; B = 0 or T = 0 gives an empty mask.
+    """
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+        raise ValueError(f"shape must be a (B, T) tuple, got {shape!r}")
+    B = V.check_int("shape[0]", shape[0], min_value=0)
+    T = V.check_int("shape[1]", shape[1], min_value=0)
+    if padding_mask is not None and attention_mask is not None:
+        raise ValueError("pass padding_mask (True at padding) or attention_mask (1 at valid frames), not both")
+    if attention_mask is not None:
+        padding_mask = ~_bool_mask("attention_mask", attention_mask, (B, T))
+    elif padding_mask is not None:
+        padding_mask = _bool_mask("padding_mask", padding_mask, (B, T))
+    if device is None:
+        device = padding_mask.device if padding_mask is not None else torch.device("cpu")
+    device = torch.device(device)
+    if padding_mask is not None and padding_mask.device != device:
+        raise ValueError(f"padding_mask is on {padding_mask.device} but device={device}")
+    mask_prob = V.check_prob("mask_prob", mask_prob)
+    L = V.check_int("mask_length", mask_length, min_value=1)
+    min_masks = V.check_int("min_masks", min_masks, min_value=0)
+    V.check_choice("mask_type", mask_type, _MASK_TYPES)
+    V.check_choice("style", style, ("fairseq", "hf"))
+    mask_dropout = V.check_prob("mask_dropout", mask_dropout)
+    min_space = V.check_int("min_space", min_space, min_value=0)
+    mask_other = float(mask_other)
+    if not mask_other >= 0.0 or mask_other == float("inf"):
+        raise ValueError(f"mask_other must be a finite number >= 0, got {mask_other}")
+    if mask_type == "uniform" and (mask_other != int(mask_other) or mask_other > 2 * L):
+        raise ValueError(f"mask_other must be an integer in [0, 2 * mask_length] for mask_type='uniform', got {mask_other}")
+    for flag, value in (("no_overlap", no_overlap), ("require_same_masks", require_same_masks)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
+    if style == "hf":
+        if mask_type != "static":
+            raise ValueError(f"style='hf' supports mask_type='static' only, got mask_type={mask_type!r}")
+        if mask_dropout:
+            raise ValueError(f"style='hf' has no mask_dropout, got mask_dropout={mask_dropout}")
+        if no_overlap:
+            raise ValueError("style='hf' has no no_overlap placement; use style='fairseq'")
+    if no_overlap:
+        raise NotImplementedError(
+            "compute_mask_indices(no_overlap=True) (fairseq's interval placement with min_space) is not "
+            "implemented yet; use no_overlap=False"
+        )
+    if T >= 2**31 or _max_spans(T, mask_prob, L, min_masks) >= 2**31:
+        raise ValueError(f"shape[1] and the span count must be < 2**31, got T={T}, min_masks={min_masks}")
+    seed = sr.resolve_seed(seed)
+    if padding_mask is not None:
+        lengths = T - padding_mask.sum(1)
+    else:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=device)
+    args = (lengths, padding_mask, B, T, mask_prob, L, mask_type, mask_other, min_masks, require_same_masks,
+            mask_dropout, style, seed)
+    name, _ = _dispatch.resolve(_OP, backend, device)
+    if name == "reference":
+        return _reference(*args)
+    if torch.compiler.is_compiling():
+        return torch.ops.sslfast.compute_mask_indices(*args, name)
+    # Eager calls skip the custom-op dispatch: on a CPU it costs about as much as the kernel
+    # (~0.1 ms) and this op has no autograd to route; traced calls go through the op above.
+    return _dispatch.get(_OP, name)(*args)
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = False, seed: int | None = None):
+    """Fill the masked frames of ``x`` (B, T, D) and return it.
+
+    ``fill`` is either a (D,) tensor, the learned mask embedding of wav2vec 2.0 / HuBERT
+    (``x[mask] = fill``), or a float ``std``: Gaussian noise N(0, std^2) per masked frame and
+    channel, as BEST-RQ fills masked frames (std 0.1). The noise is Philox-keyed by (seed,
+    row, frame), so it does not depend on which other frames are masked. Differentiable in
+    ``x`` and in a tensor ``fill``. ``inplace=True`` writes into ``x`` (no autograd through
+    a leaf that requires grad). Math in fp32; x may be fp32, fp16 or bf16.
+
+    One implementation (PyTorch, any device): a fill is a single memory-bound pass that
+    torch.where already runs at bandwidth, so there is no separate kernel backend.
+    """
+    floats = V.FLOAT_DTYPES + (torch.float64,)
+    V.check_tensor("x", x, ndim=3, dtypes=floats)
+    B, T, D = x.shape
+    mask = _bool_mask("mask", mask, (B, T))
+    if isinstance(fill, torch.Tensor):
+        V.check_tensor("fill", fill, shape=(D,), dtypes=floats)
+        V.check_same_device(x=x, mask=mask, fill=fill)
+    elif isinstance(fill, (int, float)) and not isinstance(fill, bool):
+        if not (0.0 <= float(fill) < float("inf")):
+            raise ValueError(f"fill as a noise std must be finite and >= 0, got {fill}")
+        V.check_same_device(x=x, mask=mask)
+    else:
+        raise TypeError(f"fill must be a (D,) tensor or a float std, got {type(fill).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    seed = sr.resolve_seed(seed) if not isinstance(fill, torch.Tensor) else 0
+    return ref.apply_mask(x, mask, fill, inplace, seed)

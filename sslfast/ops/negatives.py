@@ -1,0 +1,146 @@
+"""Public ``sample_negatives``: validation, backends, the ``sslfast::sample_negatives`` custom op."""
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch, _ext, _validation as V
+from .. import random as sr
+from ..reference import negatives as ref
+
+__all__ = ["sample_negatives"]
+
+_OP = "sample_negatives"
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64)
+
+
+def _as_bool(name: str, t, B: int | None = None, T: int | None = None) -> torch.Tensor:
+    V.check_tensor(name, t, ndim=2, dtypes=_MASK_DTYPES)
+    if B is not None and tuple(t.shape) != (B, T):
+        raise ValueError(f"{name} must have the shape of mask ({B}, {T}), got {tuple(t.shape)}")
+    return (t if t.dtype == torch.bool else t != 0).contiguous()
+
+
+def _num_masked(mask: torch.Tensor, num_masked: int) -> int:
+    # The only host sync of the packed layout on a GPU: the output's row count. Callers that
+    # know it (fairseq's require_same_masks gives B * masked-per-row) pass num_masked.
+    return int(mask.sum()) if num_masked < 0 else num_masked
+
+
+@_dispatch.register(_OP, "reference")
+def _reference(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-1):
+    return ref.sample_negatives(mask, K, Kc, padding_mask, from_masked_only, layout, seed)
+
+
+@_dispatch.register(_OP, "cpu")
+def _cpu(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-1):
+    B, T = mask.shape
+    width = K + Kc
+    if layout == "hf":
+        out = torch.empty(B, T, width, dtype=torch.int64)
+    else:
+        out = torch.empty(int(mask.sum()), width, dtype=torch.int64)  # num_masked: a GPU-only hint
+    _ext.cpu_module().sample_negatives(
+        _ext.ptr(mask), _ext.ptr(padding_mask), B, T, K, Kc, int(from_masked_only), int(layout == "hf"), seed,
+        _ext.ptr(out),
+    )
+    return out
+
+
+@torch.library.custom_op("sslfast::sample_negatives", mutates_args=())
+def _sample_negatives_op(
+    mask: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    num_negatives: int,
+    cross_sample_negatives: int,
+    from_masked_only: bool,
+    layout: str,
+    seed: int,
+    num_masked: int,
+    backend: str,
+) -> torch.Tensor:
+    return _dispatch.get(_OP, backend)(
+        mask, padding_mask, num_negatives, cross_sample_negatives, from_masked_only, layout, seed, num_masked
+    )
+
+
+@_sample_negatives_op.register_fake
+def _(mask, padding_mask, num_negatives, cross_sample_negatives, from_masked_only, layout, seed, num_masked, backend):
+    width = num_negatives + cross_sample_negatives
+    if layout == "hf":
+        return mask.new_empty(mask.shape[0], mask.shape[1], width, dtype=torch.int64)
+    n = num_masked if num_masked >= 0 else torch.library.get_ctx().new_dynamic_size()
+    return mask.new_empty(n, width, dtype=torch.int64)
+
+
+def sample_negatives(
+    mask: torch.Tensor,
+    num_negatives: int = 100,
+    *,
+    cross_sample_negatives: int = 0,
+    padding_mask: torch.Tensor | None = None,
+    from_masked_only: bool = True,
+    layout: str = "packed",
+    seed: int | None = None,
+    num_masked: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Indices of negative frames for every masked frame of ``mask`` (B, T), drawn on the device.
+
+    Within-utterance negatives (``num_negatives`` = K) are uniform over the row's other
+    candidate frames, with replacement, never the positive; cross-sample negatives
+    (``cross_sample_negatives`` = Kc) are uniform over all candidates of the batch except the
+    positive. Candidates are the masked frames (``from_masked_only=True``, as fairseq and Hugging
+    Face do) or all frames that are not padding (``padding_mask`` (B, T), True at padding).
+
+    Args:
+        mask: (B, T) bool (or 0/1 integers), True at masked frames (the positives).
+        num_negatives, cross_sample_negatives: K and Kc, ints >= 0. K may exceed the number of
+            candidates (duplicates, as in fairseq).
+        layout: ``"packed"``: (N, K + Kc) int64 with N = mask.sum(), rows in row-major order of
+            the mask, values indexing the packed candidate frames ``y[cand]`` (``y[mask]`` when
+            from_masked_only). ``"hf"``: (B, T, K + Kc) int64 indexing the flattened (B*T)
+            frames, Hugging Face's ``sampled_negative_indices`` format, -1 at unmasked frames.
+        seed: Philox seed (``sslfast.derive_seed`` gives per-rank, per-step seeds); None draws
+            one from torch's default CPU generator without touching the device.
+        num_masked: optional ``mask.sum()`` for the packed layout. On a GPU the output's row
+            count must be known on the host: pass it to avoid the one host sync (and to
+            capture the call in a CUDA graph); it is trusted, not checked.
+        backend: None, "reference", "cpu", "triton" or "cuda".
+
+    Differences on purpose: fairseq's cross-sample negatives do not exclude the positive for
+    rows b > 0; ours always do. A row (or batch) with a single candidate returns the
+    positive's own index for those negatives (HF raises; wav2vec 2.0's loss masks negatives
+    equal to the positive). Unmasked positions of the hf layout hold -1, not a dummy 0.
+    All backends return the same bits for one seed (see sslfast/reference/negatives.py).
+    """
+    mask = _as_bool("mask", mask)
+    B, T = mask.shape
+    if padding_mask is not None:
+        padding_mask = _as_bool("padding_mask", padding_mask, B, T)
+    device = V.check_same_device(mask=mask, padding_mask=padding_mask)
+    K = V.check_int("num_negatives", num_negatives, min_value=0)
+    Kc = V.check_int("cross_sample_negatives", cross_sample_negatives, min_value=0)
+    V.check_choice("layout", layout, ("packed", "hf"))
+    if not isinstance(from_masked_only, bool):
+        raise TypeError(f"from_masked_only must be a bool, got {type(from_masked_only).__name__}")
+    if B * T >= 2**31:
+        raise ValueError(f"mask must have fewer than 2**31 frames (ranks are 32-bit), got shape {(B, T)}")
+    if T * ((max(K, Kc) + 3) // 4) >= 2**32:
+        raise ValueError(
+            f"T * ceil(max(num_negatives, cross_sample_negatives) / 4) must be < 2**32 (Philox counter), "
+            f"got T={T}, num_negatives={K}, cross_sample_negatives={Kc}"
+        )
+    if num_masked is None or layout == "hf":
+        n = -1
+    else:
+        n = V.check_int("num_masked", num_masked, min_value=0)
+    seed = sr.resolve_seed(seed)
+    name, _ = _dispatch.resolve(_OP, backend, device)
+    if name == "reference":
+        return _reference(mask, padding_mask, K, Kc, from_masked_only, layout, seed)
+    args = (mask, padding_mask, K, Kc, from_masked_only, layout, seed, n)
+    if torch.compiler.is_compiling():
+        return torch.ops.sslfast.sample_negatives(*args, name)
+    # Eager calls skip the custom-op dispatch (~0.1 ms on a CPU, no autograd to route);
+    # traced calls go through the op above.
+    return _dispatch.get(_OP, name)(*args)

@@ -1,0 +1,248 @@
+"""Reference span masking (wav2vec 2.0 / HuBERT / BEST-RQ) and mask filling.
+
+The specification every backend of ``sslfast.compute_mask_indices`` reproduces bit for bit.
+Each row is independent except for the equalisation step, and every random choice is a
+Philox draw keyed by (seed, row, position, stream), so a GPU program per row can run it.
+
+Per row ``b`` (``sz`` = non-padded frames; like fairseq and HF we assume right padding, and
+padded frames are never masked whatever the padding pattern):
+
+1. Span count. ``u`` = word 0 of ``philox(0, b, MASK_COUNT)`` / 2^32 (``style="hf"`` draws one
+   ``u`` for the batch: row 0's). ``n = floor(mask_prob * sz / L + u)`` in fp64 (the
+   probabilistic rounding of both), then ``max(n, min_masks)``. ``style="hf"`` then caps:
+   ``n = T // L`` when ``n * L > T``, and ``n <= max(sz - L + 1, 0)``.
+2. Span lengths (fairseq ``mask_type``): static ``L``; uniform over ``[mask_other, 2L]``;
+   normal ``max(1, round(N(L, mask_other)))``; poisson ``Poisson(L)``. Span ``i`` draws by
+   inversion of the exact discrete CDF, tabulated once on the host as 32-bit thresholds
+   (``length_table``): the word ``i % 4`` of ``philox(i // 4, b, MASK_LENGTH)`` is compared
+   with integers, so every backend gets the same lengths without transcendental functions.
+   The CDF is truncated where its tail is below 2^-33. If every length is 0 (poisson), span
+   0 gets ``min(L, sz - 1)`` (fairseq).
+3. Start range. fairseq: ``min_len = min(lengths)``; ``min_len = sz - n - 1`` when
+   ``sz - min_len <= n``; starts lie in ``[0, sz - min_len)``, so static spans never cover
+   the last frame (fairseq's behaviour). HF: ``[0, sz - L]``.
+4. Starts without replacement: the ``n`` positions of the range with the smallest keys
+   ``(word, position)``, word ``s % 4`` of ``philox(s // 4, b, MASK_START)``: an exactly
+   uniform n-subset (ties, probability ~2^-32, broken by position). fairseq's
+   ``rng.choice(..., replace=False)`` draws the same distribution from another stream. The
+   span with the ``i``-th smallest key gets length ``i``; lengths are i.i.d., so this is
+   fairseq's random pairing of lengths with starts.
+5. Spans are painted and clipped to ``[0, sz)``; overlapping spans merge (fairseq's unique).
+
+fairseq style only, across rows:
+
+6. ``require_same_masks``: every row keeps the ``m = min_b count_b`` masked frames with the
+   smallest keys of stream ``MASK_EQUALIZE`` (fairseq: ``rng.choice`` of ``m`` masked
+   frames: the same distribution). The minimum includes padded rows, as in fairseq.
+7. ``mask_dropout``: each row unmasks ``rint(count * mask_dropout)`` frames (half to even,
+   numpy's rint) chosen as the largest keys of stream ``MASK_DROPOUT``.
+
+``no_overlap=True`` (fairseq's interval algorithm) is not implemented yet: it raises
+NotImplementedError rather than pretending.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import random as sr
+
+__all__ = ["compute_mask_indices", "length_table", "apply_mask", "gaussian_noise"]
+
+_TAIL = 2.0**-33
+_TWO32 = 2**32
+_FAR = 2**63 - 1  # above every real key (word << 31 | position) < 2**63
+
+
+def length_table(mask_type: str, mask_length: int, mask_other: float) -> tuple[int, list[int]]:
+    """(vmin, thresholds): span length = vmin + #{k : thresholds[k] <= word} for a uint32 word.
+
+    thresholds[k] = round(F(vmin + k) * 2^32), F the CDF of the span-length distribution.
+    """
+    L = mask_length
+    if mask_type == "static":
+        return L, []
+    if mask_type == "uniform":
+        lo, hi = int(mask_other), 2 * L  # fairseq: randint(mask_other, 2L + 1)
+        m = hi - lo + 1
+        return lo, [(k * _TWO32) // m for k in range(1, m)]
+    if mask_type == "normal":
+        sigma = float(mask_other)
+        if sigma == 0.0:
+            return max(1, int(round(L))), []
+        cdf = lambda x: 0.5 * (1.0 + math.erf((x - L) / (sigma * math.sqrt(2.0))))  # noqa: E731
+        values, k = [], 1
+        while True:  # P(max(1, round(X)) <= k) = P(X < k + 1/2)
+            F = cdf(k + 0.5)
+            if 1.0 - F < _TAIL:
+                break
+            values.append(F)
+            k += 1
+        return 1, [min(_TWO32, round(F * _TWO32)) for F in values]
+    if mask_type == "poisson":
+        lam = float(L)
+        p = math.exp(-lam)
+        F, values, k = p, [], 0
+        while 1.0 - F >= _TAIL and k < 10 * lam + 100:
+            values.append(F)
+            k += 1
+            p *= lam / k
+            F += p
+        return 0, [min(_TWO32, round(F * _TWO32)) for F in values]
+    raise ValueError(f"mask_type must be static, uniform, normal or poisson, got {mask_type!r}")
+
+
+def _words(c: torch.Tensor, row: torch.Tensor, stream: int, seed: int) -> torch.Tensor:
+    """Word c % 4 of philox(c // 4, row, stream) for every element of c (row broadcasts)."""
+    blocks = int(c.max()) // 4 + 1 if c.numel() else 1
+    c0 = torch.arange(blocks, device=c.device)
+    w = torch.stack(sr.philox4x32(c0, row, int(stream), 0, seed), dim=-1)  # (.., blocks, 4)
+    w = w.reshape(*w.shape[:-2], blocks * 4)
+    return torch.gather(w.expand(*c.shape[:-1], -1), -1, c)
+
+
+def _ranks(keys: torch.Tensor) -> torch.Tensor:
+    """Rank of each key in its row (0 = smallest); keys are distinct within a row."""
+    order = keys.argsort(dim=1)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(keys.shape[1], device=keys.device).expand_as(order))
+    return ranks
+
+
+def _keep_smallest(mask: torch.Tensor, keep: torch.Tensor, stream: int, seed: int) -> torch.Tensor:
+    """Per row, the ``keep[b]`` masked frames with the smallest (word, position) keys."""
+    B, T = mask.shape
+    pos = torch.arange(T, device=mask.device).expand(B, T)
+    rows = torch.arange(B, device=mask.device).unsqueeze(1)
+    keys = (_words(pos, rows, stream, seed) << 31) | pos
+    keys = torch.where(mask, keys, torch.full_like(keys, _FAR))
+    return mask & (_ranks(keys) < keep.unsqueeze(1))
+
+
+def compute_mask_indices(
+    B: int,
+    T: int,
+    lengths: torch.Tensor,
+    mask_prob: float,
+    mask_length: int,
+    mask_type: str,
+    mask_other: float,
+    min_masks: int,
+    require_same_masks: bool,
+    mask_dropout: float,
+    style: str,
+    seed: int,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T) bool mask; ``lengths`` (B,) int64 holds each row's non-padded frame count."""
+    device = lengths.device
+    L = mask_length
+    if B == 0 or T == 0:
+        return torch.zeros(B, T, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)
+    sz = lengths.to(torch.int64)
+
+    # 1. span count, probabilistic rounding in fp64
+    count_rows = torch.zeros_like(rows) if style == "hf" else rows
+    u = sr.philox4x32(0, count_rows, int(sr.Stream.MASK_COUNT), 0, seed)[0].to(torch.float64) * 2.0**-32
+    n = torch.floor(mask_prob * sz.to(torch.float64) / float(L) + u).to(torch.int64).clamp_min(min_masks)
+    if style == "hf":
+        n = torch.where(n * L > T, torch.full_like(n, T // L), n)
+        n = torch.minimum(n, (sz - (L - 1)).clamp_min(0))
+    n_max = int(n.max())
+    if n_max == 0:
+        return torch.zeros(B, T, dtype=torch.bool, device=device)
+
+    # 2. span lengths by inversion of the tabulated CDF
+    span = torch.arange(n_max, device=device).expand(B, n_max)
+    vmin, thresholds = length_table(mask_type, L, mask_other)
+    if thresholds:
+        w = _words(span, rows.unsqueeze(1), sr.Stream.MASK_LENGTH, seed)
+        thr = torch.tensor(thresholds, dtype=torch.int64, device=device)
+        span_len = vmin + (w.unsqueeze(-1) >= thr).sum(-1)
+    else:
+        span_len = torch.full((B, n_max), vmin, dtype=torch.int64, device=device)
+    live = span < n.unsqueeze(1)
+    if mask_type != "static":
+        all_zero = ((span_len == 0) | ~live).all(1) & (n > 0)
+        first = torch.where(all_zero, torch.minimum(torch.full_like(sz, L), sz - 1), span_len[:, 0])
+        span_len = torch.cat([first.unsqueeze(1), span_len[:, 1:]], dim=1)
+
+    # 3. start range
+    if style == "hf":
+        R = sz - L + 1
+    else:
+        min_len = torch.where(live, span_len, torch.full_like(span_len, _FAR)).amin(1)
+        min_len = torch.where(sz - min_len <= n, sz - n - 1, min_len)
+        R = sz - min_len
+    R = torch.where(n > 0, R, torch.zeros_like(R))
+    R_max = max(int(R.max()), 1)
+
+    # 4. the n positions with the smallest keys
+    pos = torch.arange(R_max, device=device).expand(B, R_max)
+    keys = (_words(pos, rows.unsqueeze(1), sr.Stream.MASK_START, seed) << 31) | pos
+    keys = torch.where(pos < R.unsqueeze(1), keys, torch.full_like(keys, _FAR))
+    rank = _ranks(keys)
+    chosen = rank < n.unsqueeze(1)
+
+    # 5. paint [start, start + length) clipped to the row: +1 / -1 at span ends, cumsum
+    length = torch.gather(span_len, 1, rank.clamp_max(n_max - 1))
+    length = torch.where(chosen, length, torch.zeros_like(length)).clamp_min(0)  # min(L, sz - 1) < 0 if sz = 0
+    end = (pos + length).clamp_max(T)
+    diff = torch.zeros(B, T + 1, dtype=torch.int64, device=device)
+    diff.scatter_add_(1, pos.clamp_max(T), chosen.to(torch.int64) * (length > 0))
+    diff.scatter_add_(1, end, -(chosen.to(torch.int64) * (length > 0)))
+    mask = diff[:, :T].cumsum(1) > 0
+    mask &= torch.arange(T, device=device).unsqueeze(0) < sz.unsqueeze(1)
+    if padding_mask is not None:
+        mask &= ~padding_mask
+
+    if style == "fairseq":
+        # 6. equalise every row to the smallest count
+        if require_same_masks:
+            counts = mask.sum(1)
+            mask = _keep_smallest(mask, counts.min().expand(B), sr.Stream.MASK_EQUALIZE, seed)
+        # 7. mask dropout
+        if mask_dropout > 0:
+            counts = mask.sum(1)
+            holes = torch.round(counts.to(torch.float64) * mask_dropout).to(torch.int64)
+            mask = _keep_smallest(mask, counts - holes, sr.Stream.MASK_DROPOUT, seed)
+    return mask
+
+
+def gaussian_noise(bs: torch.Tensor, ts: torch.Tensor, D: int, std: float, seed: int) -> torch.Tensor:
+    """(N, D) fp32 N(0, std^2) noise for frames (bs, ts): Box-Muller on Philox words.
+
+    Frame (b, t) owns blocks ``t * ceil(D/4) + q`` of ``philox(., b, MASK_NOISE)``; words
+    (w0, w1) give channels 4q and 4q+1 (radius from w0, angle from w1, cos and sin), words
+    (w2, w3) channels 4q+2 and 4q+3. Transcendentals differ in the last bits between
+    libraries, so kernels match this within fp32 rounding, not bit for bit.
+    """
+    qb = (D + 3) // 4
+    c0 = ts.unsqueeze(-1) * qb + torch.arange(qb, device=ts.device)
+    w0, w1, w2, w3 = sr.philox4x32(c0, bs.unsqueeze(-1), int(sr.Stream.MASK_NOISE), 0, seed)
+    u0, u2 = (sr.uint_to_open_uniform(w, 2.0**-32) for w in (w0, w2))
+    a1, a3 = (sr.uint_to_uniform(w) * (2 * math.pi) for w in (w1, w3))
+    r0, r2 = torch.sqrt(-2.0 * torch.log(u0)), torch.sqrt(-2.0 * torch.log(u2))
+    z = torch.stack([r0 * torch.cos(a1), r0 * torch.sin(a1), r2 * torch.cos(a3), r2 * torch.sin(a3)], dim=-1)
+    return z.reshape(bs.numel(), qb * 4)[:, :D] * std
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, inplace: bool, seed: int) -> torch.Tensor:
+    """x with masked frames replaced by ``fill`` (a (D,) embedding) or N(0, fill^2) noise.
+
+    Differentiable in x and in a tensor ``fill`` (the embedding's gradient sums over the
+    masked frames); ``inplace`` writes into x.
+    """
+    if isinstance(fill, torch.Tensor):
+        value = fill.to(x.dtype).expand_as(x)
+        if inplace:
+            x[mask] = fill.to(x.dtype)
+            return x
+        return torch.where(mask.unsqueeze(-1), value, x)
+    bs, ts = mask.nonzero(as_tuple=True)
+    noise = gaussian_noise(bs, ts, x.shape[-1], float(fill), seed).to(x.dtype)
+    out = x if inplace else x.clone()
+    out[bs, ts] = noise
+    return out

@@ -1,0 +1,365 @@
+"""compute_mask_indices and apply_mask: bit-identity across backends, fairseq's algorithm
+(an independent numpy port written from semantics.md) and Hugging Face's sampler as peers
+by distribution, closed-form span-length tables, edge cases and validation."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import sslfast
+from sslfast import _dispatch
+from sslfast.reference import masking as ref_masking
+
+cmi = sslfast.compute_mask_indices
+
+
+def _fairseq_numpy(sizes, T, p, L, min_masks, rng):
+    """fairseq's static, overlapping compute_mask_indices (per-row rounding), without
+    equalisation: an independent implementation from the description in semantics.md."""
+    out = np.zeros((len(sizes), T), dtype=bool)
+    for i, sz in enumerate(sizes):
+        n = max(min_masks, int(p * sz / L + rng.random()))
+        min_len = L
+        if sz - min_len <= n:
+            min_len = sz - n - 1
+        starts = rng.choice(sz - min_len, n, replace=False)
+        idx = (starts[:, None] + np.arange(L)[None, :]).ravel()
+        out[i, np.unique(idx[idx < sz])] = True
+    return out
+
+
+# ---------------------------------------------------------------- bit identity (cpu tier)
+
+GRID = list(itertools.product(
+    [("static", 0.0), ("uniform", 2.0), ("normal", 2.5), ("poisson", 0.0)],
+    ["fairseq", "hf"], [True, False], [0.0, 0.3], [0, 2], [(0.65, 10), (1.0, 1), (0.3, 3)]))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (5, 53), (4, 131)])
+def test_cpu_bit_identical_to_reference(B, T):
+    g = torch.Generator().manual_seed(B * T)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    lengths[0] = T
+    pad = torch.arange(T)[None] >= lengths[:, None]
+    checked = 0
+    for (mt, mo), style, rs, dr, mm, (p, L) in GRID:
+        if style == "hf" and (mt != "static" or dr):
+            continue
+        for pm in (None, pad):
+            kw = dict(mask_type=mt, mask_other=mo, style=style, require_same_masks=rs, mask_dropout=dr,
+                      min_masks=mm, seed=B * 1000 + T + checked)
+            a = cmi((B, T), pm, p, L, backend="reference", **kw)
+            b = cmi((B, T), pm, p, L, backend="cpu", **kw)
+            assert torch.equal(a, b), kw
+            checked += 1
+    assert checked > 80
+
+
+@pytest.mark.cpu
+def test_reproducible_per_seed_and_seed_none():
+    a = cmi((4, 200), None, 0.65, 10, seed=5)
+    assert torch.equal(a, cmi((4, 200), None, 0.65, 10, seed=5))
+    assert not torch.equal(a, cmi((4, 200), None, 0.65, 10, seed=6))
+    torch.manual_seed(1)
+    b = cmi((4, 200), None, 0.65, 10)
+    torch.manual_seed(1)
+    assert torch.equal(b, cmi((4, 200), None, 0.65, 10))
+
+
+# ---------------------------------------------------------------- distributions
+
+@pytest.mark.cpu
+def test_fairseq_masked_fraction_matches_numpy_port():
+    # semantics.md: about 0.491 at p=0.65, L=10, T=781 before equalisation (min_masks=2).
+    B, T = 96, 781
+    ours = cmi((B, T), None, 0.65, 10, min_masks=2, require_same_masks=False, seed=2024).double().mean(1).numpy()
+    theirs = _fairseq_numpy([T] * B, T, 0.65, 10, 2, np.random.default_rng(0)).mean(1)
+    assert abs(ours.mean() - 0.491) < 0.01
+    assert abs(theirs.mean() - 0.491) < 0.01
+    assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+
+
+@pytest.mark.cpu
+def test_fairseq_start_range_and_padding():
+    # static spans start in [0, sz - L - 1]: the last valid frame is never masked; padding never.
+    B, T = 64, 97
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(30, T + 1, (B,), generator=g)
+    pad = torch.arange(T)[None] >= lengths[:, None]
+    m = cmi((B, T), pad, 0.65, 10, min_masks=2, require_same_masks=False, seed=11)
+    assert not bool((m & pad).any())
+    assert not bool(m[torch.arange(B), lengths - 1].any())
+    assert bool(m[:, 0].any())
+    # the same through Hugging Face's attention_mask convention
+    assert torch.equal(m, cmi((B, T), None, 0.65, 10, min_masks=2, require_same_masks=False, seed=11,
+                              attention_mask=(~pad).long()))
+
+
+@pytest.mark.cpu
+def test_require_same_masks_and_dropout():
+    B, T = 8, 781
+    m = cmi((B, T), None, 0.65, 10, min_masks=2, seed=7)
+    counts = m.sum(1)
+    assert bool((counts == counts[0]).all())
+    assert abs(m.double().mean().item() - 0.46) < 0.03  # semantics.md: about 0.46 with B=8
+    before = cmi((B, T), None, 0.65, 10, min_masks=2, require_same_masks=False, seed=7)
+    assert bool((m <= before).all()) and int(counts[0]) == int(before.sum(1).min())
+    d = cmi((B, T), None, 0.65, 10, min_masks=2, mask_dropout=0.3, seed=7)
+    keep = int(counts[0]) - round(int(counts[0]) * 0.3)
+    assert bool((d.sum(1) == keep).all()) and bool((d <= m).all())
+
+
+@pytest.mark.cpu
+def test_hf_style_matches_hugging_face_by_distribution():
+    hf = pytest.importorskip("transformers.models.wav2vec2.modeling_wav2vec2")
+    B, T, p, L = 400, 60, 0.65, 10
+    np.random.seed(0)
+    theirs = torch.from_numpy(np.concatenate(
+        [hf._compute_mask_indices((8, T), p, L, min_masks=2) for _ in range(B // 8)]))
+    ours = cmi((B, T), None, p, L, min_masks=2, style="hf", seed=99)
+    # per-frame masking probability profile (spans may end on the last frame in both)
+    prof_t, prof_o = theirs.double().mean(0), ours.double().mean(0)
+    se = (0.25 / B) ** 0.5
+    assert float((prof_t - prof_o).abs().max()) < 5 * se * 2**0.5
+    assert prof_o[-1] > 0 and prof_t[-1] > 0
+    # distribution of masked counts per row
+    a, b = theirs.sum(1).numpy(), ours.sum(1).numpy()
+    m = max(a.max(), b.max()) + 1
+    table = np.stack([np.bincount(a, minlength=m), np.bincount(b, minlength=m)])
+    table = table[:, table.sum(0) > 0]
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+@pytest.mark.cpu
+def test_hf_style_with_attention_mask_never_masks_padding():
+    hf = pytest.importorskip("transformers.models.wav2vec2.modeling_wav2vec2")
+    B, T = 32, 50
+    lengths = torch.tensor([50, 40, 9, 10, 11, 25, 0, 33] * 4)
+    att = (torch.arange(T)[None] < lengths[:, None]).long()
+    ours = cmi((B, T), None, 0.5, 10, style="hf", seed=4, attention_mask=att)
+    np.random.seed(0)
+    theirs = torch.from_numpy(hf._compute_mask_indices((B, T), 0.5, 10, attention_mask=att))
+    assert not bool(ours[att == 0].any())
+    assert not bool(ours[lengths < 10].any())  # rows shorter than a span get none
+    # HF marks a span-less row's dummy index T - 1, a padded frame: a difference on purpose
+    long_rows = lengths >= 10
+    assert not bool(theirs[long_rows][att[long_rows] == 0].any())
+    assert bool(theirs[lengths == 0][:, T - 1].all())
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("mask_type,mask_other", [("uniform", 3.0), ("normal", 2.0), ("poisson", 0.0)])
+def test_length_tables_match_closed_forms(mask_type, mask_other):
+    L = 10
+    vmin, thr = ref_masking.length_table(mask_type, L, mask_other)
+    cdf = np.array(thr, dtype=np.float64) / 2**32
+    probs = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
+    values = vmin + np.arange(len(probs))
+    if mask_type == "uniform":
+        expected = np.where((values >= 3) & (values <= 2 * L), 1.0 / (2 * L - 3 + 1), 0.0)
+    elif mask_type == "normal":
+        lo, hi = stats.norm.cdf(values - 0.5, L, mask_other), stats.norm.cdf(values + 0.5, L, mask_other)
+        expected = np.where(values == 1, hi, hi - lo)
+    else:
+        expected = stats.poisson.pmf(values, L)
+    expected[-1] += 1.0 - expected.sum()  # the truncated tail lands on the last value
+    assert np.abs(probs - expected).max() < 1e-8
+
+
+@pytest.mark.cpu
+def test_span_lengths_poisson_end_to_end():
+    # One span per row (p tiny, min_masks=1) on long rows: the masked count is the span's
+    # length (clipped by the row only when it runs past the end, which the range prevents).
+    B, T = 2000, 400
+    m = cmi((B, T), None, 0.0, 10, mask_type="poisson", min_masks=1, require_same_masks=False, seed=5)
+    n = m.sum(1).numpy()
+    counts = np.bincount(n, minlength=40)[:40]
+    expected = stats.poisson.pmf(np.arange(40), 10) * B
+    expected[0] += 0  # a zero-length sole span becomes min(L, sz - 1) = 10 (fairseq)
+    expected[10] += expected[0]
+    expected[0] = 0.0
+    sel = expected > 5
+    obs = counts[sel]
+    exp = expected[sel] * obs.sum() / expected[sel].sum()
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+
+
+# ---------------------------------------------------------------- edges and validation
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_edge_cases(backend):
+    kw = dict(backend=backend, seed=3)
+    assert not bool(cmi((4, 50), None, 0.0, 10, **kw).any())  # p = 0, min_masks 0
+    full = cmi((4, 50), None, 1.0, 1, require_same_masks=False, **kw)  # p = 1, L = 1
+    assert int(full.sum(1).min()) >= 30
+    assert cmi((0, 50), None, **kw).shape == (0, 50)
+    assert cmi((3, 0), None, **kw).shape == (3, 0)
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[1] = True  # an all-padded row
+    pad[2, 4:] = True  # a row shorter than a span
+    m = cmi((3, 20), pad, 0.65, 10, min_masks=2, require_same_masks=False, **kw)
+    assert not bool(m[1].any()) and not bool(m[2, 4:].any()) and bool(m[2, :4].any())
+    eq = cmi((3, 20), pad, 0.65, 10, min_masks=2, **kw)  # the padded row takes every count to 0
+    assert not bool(eq.any())
+    # mask_length > T: fairseq masks within the row, HF-style gives no span (HF raises)
+    assert bool(cmi((2, 5), None, 0.65, 10, min_masks=2, require_same_masks=False, **kw).any())
+    assert not bool(cmi((2, 5), None, 0.65, 10, style="hf", **kw).any())
+
+
+@pytest.mark.cpu
+def test_validation_errors():
+    with pytest.raises(ValueError, match="shape"):
+        cmi((4,), None)
+    with pytest.raises(ValueError, match="shape"):
+        cmi((-1, 5), None)
+    with pytest.raises(ValueError, match="mask_prob"):
+        cmi((2, 5), None, 1.5)
+    with pytest.raises(ValueError, match="mask_length"):
+        cmi((2, 5), None, 0.5, 0)
+    with pytest.raises(ValueError, match="min_masks"):
+        cmi((2, 5), None, min_masks=-1)
+    with pytest.raises(ValueError, match="mask_type"):
+        cmi((2, 5), None, mask_type="gauss")
+    with pytest.raises(ValueError, match="mask_other"):
+        cmi((2, 5), None, mask_type="uniform", mask_other=25.0)
+    with pytest.raises(ValueError, match="mask_dropout"):
+        cmi((2, 5), None, mask_dropout=2.0)
+    with pytest.raises(ValueError, match="style"):
+        cmi((2, 5), None, style="torchaudio")
+    with pytest.raises(ValueError, match="mask_type"):
+        cmi((2, 5), None, style="hf", mask_type="poisson")
+    with pytest.raises(ValueError, match="padding_mask"):
+        cmi((2, 5), torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="padding_mask"):
+        cmi((2, 5), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="attention_mask"):
+        cmi((2, 5), torch.zeros(2, 5, dtype=torch.bool), attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="seed"):
+        cmi((2, 5), None, seed=-3)
+    with pytest.raises(NotImplementedError, match="no_overlap"):
+        cmi((2, 5), None, no_overlap=True, min_space=1)
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    def f(pad):
+        return cmi((3, 40), pad, 0.65, 10, min_masks=2, seed=8, backend="cpu")
+
+    pad = torch.zeros(3, 40, dtype=torch.bool)
+    pad[1, 30:] = True
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(pad), f(pad))
+
+
+# ---------------------------------------------------------------- apply_mask
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_apply_mask_embedding(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 11, 7, generator=g).to(dtype)
+    mask = torch.rand(3, 11, generator=g) < 0.4
+    emb = torch.randn(7, generator=g).to(dtype)
+    out = sslfast.apply_mask(x, mask, emb)
+    assert out.dtype == dtype
+    assert torch.equal(out[mask], emb.expand(int(mask.sum()), 7))
+    assert torch.equal(out[~mask], x[~mask])
+    y = x.clone()
+    assert sslfast.apply_mask(y, mask, emb, inplace=True) is y and torch.equal(y, out)
+
+
+@pytest.mark.cpu
+def test_apply_mask_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 5, generator=g) < 0.5
+    assert torch.autograd.gradcheck(lambda a, e: sslfast.apply_mask(a, mask, e), (x, emb))
+    out = sslfast.apply_mask(x, mask, emb)
+    out.sum().backward()
+    assert torch.equal(emb.grad, torch.full((3,), float(mask.sum()), dtype=torch.float64))
+    assert torch.equal(x.grad, (~mask).double().unsqueeze(-1).expand(2, 5, 3))
+
+
+@pytest.mark.cpu
+def test_apply_mask_noise_distribution():
+    x = torch.zeros(4, 300, 37)
+    mask = torch.zeros(4, 300, dtype=torch.bool)
+    mask[:, ::3] = True
+    out = sslfast.apply_mask(x, mask, 0.1, seed=17)
+    noise = out[mask].double().flatten().numpy()
+    assert stats.kstest(noise / 0.1, "norm").pvalue > 1e-3
+    assert bool((out[~mask] == 0).all())
+    # the noise of a frame depends on (seed, row, frame) only, not on the rest of the mask
+    mask2 = mask.clone()
+    mask2[:, 1] = True
+    out2 = sslfast.apply_mask(x, mask2, 0.1, seed=17)
+    assert torch.equal(out2[mask], out[mask])
+    assert torch.equal(sslfast.apply_mask(x, mask, 0.1, seed=17), out)
+    assert not torch.equal(sslfast.apply_mask(x, mask, 0.1, seed=18), out)
+
+
+@pytest.mark.cpu
+def test_apply_mask_validation():
+    x = torch.zeros(2, 5, 4)
+    m = torch.zeros(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="x"):
+        sslfast.apply_mask(x[0], m, 0.1)
+    with pytest.raises(ValueError, match="mask"):
+        sslfast.apply_mask(x, m[:, :4], 0.1)
+    with pytest.raises(ValueError, match="fill"):
+        sslfast.apply_mask(x, m, torch.zeros(5))
+    with pytest.raises(ValueError, match="fill"):
+        sslfast.apply_mask(x, m, -0.1)
+    with pytest.raises(TypeError, match="fill"):
+        sslfast.apply_mask(x, m, "noise")
+
+
+# ---------------------------------------------------------------- kernels
+
+def _kernel_cases():
+    return [
+        dict(shape=(3, 37), pad_lengths=[37, 20, 0], mask_prob=0.65, mask_length=10, min_masks=2),
+        dict(shape=(4, 29), pad_lengths=None, mask_prob=0.5, mask_length=3, mask_type="poisson",
+             require_same_masks=False, mask_dropout=0.25),
+        dict(shape=(2, 23), pad_lengths=[23, 11], mask_prob=0.65, mask_length=4, style="hf"),
+    ]
+
+
+def _run(case, backend, device):
+    case = dict(case)
+    B, T = case.pop("shape")
+    lengths = case.pop("pad_lengths")
+    pad = None if lengths is None else (torch.arange(T)[None] >= torch.tensor(lengths)[:, None]).to(device)
+    return cmi((B, T), pad, device=device, backend=backend, seed=123456789, **case)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", range(3))
+def test_triton_bit_identical_to_reference(case, triton_device):
+    if "triton" not in _dispatch.implemented_backends("compute_mask_indices"):
+        pytest.skip("compute_mask_indices has no triton backend in this build")
+    c = _kernel_cases()[case]
+    assert torch.equal(_run(c, "triton", triton_device).cpu(), _run(c, "reference", torch.device("cpu")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_bit_identical_to_cpu(backend):
+    if backend not in _dispatch.implemented_backends("compute_mask_indices"):
+        pytest.skip(f"compute_mask_indices has no {backend} backend in this build")
+    for c in _kernel_cases():
+        assert torch.equal(_run(c, backend, torch.device("cuda")).cpu(), _run(c, "cpu", torch.device("cpu")))
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(200, 782, (64,), generator=g)
+    pad = torch.arange(781)[None] >= lengths[:, None]
+    for kw in (dict(min_masks=2), dict(mask_type="normal", mask_other=2.0, mask_dropout=0.1), dict(style="hf")):
+        a = cmi((64, 781), pad.cuda(), 0.65, 10, seed=77, backend=backend, **kw)
+        b = cmi((64, 781), pad, 0.65, 10, seed=77, backend="cpu", **kw)
+        assert torch.equal(a.cpu(), b)

@@ -1,0 +1,282 @@
+"""sample_negatives: bit-identity across backends, the sampling distribution (chi-square),
+Hugging Face's sampler as a peer by distribution, layouts, edge cases and validation."""
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import sslfast
+from sslfast import _dispatch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _batch(B, T, p=0.5, pad_frac=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=g) < p
+    pad = None
+    if pad_frac > 0:
+        lengths = (T * (1 - pad_frac * torch.rand(B, generator=g))).long().clamp(1, T)
+        pad = torch.arange(T)[None, :] >= lengths[:, None]
+        mask &= ~pad
+    return mask, pad
+
+
+def _candidates(mask, pad, from_masked_only):
+    if from_masked_only:
+        return mask
+    return mask | (~pad if pad is not None else torch.ones_like(mask))
+
+
+def _check_valid(mask, pad, out, K, Kc, from_masked_only, layout):
+    """Independent check of the contract: in range, right rows, never the positive."""
+    B, T = mask.shape
+    cand = _candidates(mask, pad, from_masked_only)
+    flat_cand = cand.flatten().nonzero().squeeze(1)  # frame of each packed candidate
+    row_of_cand = flat_cand // T
+    bs, ts = mask.nonzero(as_tuple=True)
+    if layout == "packed":
+        assert out.shape == (bs.numel(), K + Kc) and out.dtype == torch.int64
+        assert bool((out >= 0).all()) and bool((out < flat_cand.numel()).all())
+        frames = flat_cand[out]  # flat (b*T+t) frame of each negative
+    else:
+        assert out.shape == (B, T, K + Kc) and out.dtype == torch.int64
+        assert bool((out[~mask] == -1).all())
+        frames = out[bs, ts]
+        assert bool((frames >= 0).all()) and bool((frames < B * T).all())
+        assert bool(cand.flatten()[frames].all()), "a negative is not a candidate frame"
+    pos_flat = (bs * T + ts).unsqueeze(1)
+    n_row = cand.sum(1)[bs].unsqueeze(1)
+    if K:
+        within = frames[:, :K]
+        assert bool((within // T == bs.unsqueeze(1)).all()), "within-utterance negative from another row"
+        ok = (within != pos_flat) | (n_row <= 1)
+        assert bool(ok.all()), "a negative equals its positive"
+    if Kc:
+        cross = frames[:, K:]
+        ok = (cross != pos_flat) | (flat_cand.numel() <= 1)
+        assert bool(ok.all()), "a cross-sample negative equals its positive"
+    del row_of_cand
+
+
+CONFIGS = [
+    # B, T, K, Kc, pad_frac, from_masked_only, layout
+    (3, 17, 7, 0, 0.0, True, "packed"),
+    (5, 41, 13, 5, 0.3, True, "packed"),
+    (5, 41, 13, 5, 0.3, False, "packed"),
+    (4, 23, 6, 3, 0.3, True, "hf"),
+    (4, 23, 1, 9, 0.2, False, "hf"),
+    (2, 31, 0, 4, 0.0, True, "hf"),
+    (7, 13, 100, 0, 0.4, True, "packed"),  # more negatives than candidates
+]
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("B,T,K,Kc,pad_frac,fmo,layout", CONFIGS)
+def test_cpu_bit_identical_to_reference(B, T, K, Kc, pad_frac, fmo, layout):
+    mask, pad = _batch(B, T, pad_frac=pad_frac, seed=B * T)
+    kw = dict(cross_sample_negatives=Kc, padding_mask=pad, from_masked_only=fmo, layout=layout, seed=987654321)
+    ref = sslfast.sample_negatives(mask, K, backend="reference", **kw)
+    out = sslfast.sample_negatives(mask, K, backend="cpu", **kw)
+    assert torch.equal(ref, out)
+    _check_valid(mask, pad, ref, K, Kc, fmo, layout)
+
+
+@pytest.mark.cpu
+def test_input_formats_and_strides():
+    mask, pad = _batch(6, 29, pad_frac=0.3, seed=3)
+    ref = sslfast.sample_negatives(mask, 5, padding_mask=pad, seed=11, backend="reference")
+    wide = torch.zeros(29, 6, dtype=torch.int32)
+    wide.copy_(mask.T)
+    for m in (mask.to(torch.uint8), wide.T, mask.to(torch.int64)):
+        for backend in ("reference", "cpu"):
+            out = sslfast.sample_negatives(m, 5, padding_mask=pad.to(torch.uint8), seed=11, backend=backend)
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.cpu
+def test_reproducible_per_seed_and_seed_none():
+    mask, _ = _batch(4, 50, seed=5)
+    a = sslfast.sample_negatives(mask, 10, seed=1)
+    assert torch.equal(a, sslfast.sample_negatives(mask, 10, seed=1))
+    assert not torch.equal(a, sslfast.sample_negatives(mask, 10, seed=2))
+    torch.manual_seed(0)
+    c = sslfast.sample_negatives(mask, 10)
+    torch.manual_seed(0)
+    assert torch.equal(c, sslfast.sample_negatives(mask, 10))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_within_uniform_chi_square(backend):
+    # One row with n = 13 candidates; each positive's negatives must be uniform over the
+    # other 12 (expected counts equal), pooled over positives by relative rank.
+    n, K = 13, 1200
+    mask = torch.zeros(1, 40, dtype=torch.bool)
+    frames = torch.tensor([0, 2, 3, 7, 8, 9, 15, 20, 21, 22, 30, 38, 39])
+    mask[0, frames] = True
+    out = sslfast.sample_negatives(mask, K, seed=2024, backend=backend)  # packed ranks
+    for i in range(n):
+        counts = torch.bincount(out[i], minlength=n).numpy()
+        assert counts[i] == 0
+        others = np.delete(counts, i)
+        assert stats.chisquare(others).pvalue > 1e-3
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_cross_sample_uniform_and_excludes_positive(backend):
+    # fairseq's cross-sample draw fails to exclude the positive for rows b > 0; ours must
+    # exclude it everywhere and be uniform over all other candidates of the batch.
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, [1, 4]] = True
+    mask[1, [0, 5, 7]] = True
+    mask[2, [2, 3, 6]] = True
+    N, Kc = 8, 2000
+    out = sslfast.sample_negatives(mask, 0, cross_sample_negatives=Kc, seed=77, backend=backend)
+    for i in range(N):
+        counts = torch.bincount(out[i], minlength=N).numpy()
+        assert counts[i] == 0
+        assert stats.chisquare(np.delete(counts, i)).pvalue > 1e-3
+
+
+@pytest.mark.cpu
+def test_from_all_frames_uniform_over_unpadded():
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 3] = True
+    pad = torch.zeros(1, 12, dtype=torch.bool)
+    pad[0, 9:] = True
+    out = sslfast.sample_negatives(mask, 3000, padding_mask=pad, from_masked_only=False, layout="hf", seed=8)
+    counts = torch.bincount(out[0, 3], minlength=12).numpy()
+    assert counts[3] == 0 and counts[9:].sum() == 0
+    assert stats.chisquare(np.delete(counts[:9], 3)).pvalue > 1e-3
+
+
+@pytest.mark.cpu
+def test_matches_hugging_face_by_distribution():
+    """HF's _sample_negative_indices as a peer: same format, same distribution of the
+    negative's rank offset from its positive among the row's masked frames."""
+    hf = pytest.importorskip("transformers.models.wav2vec2.modeling_wav2vec2")
+    B, T, K = 4, 60, 50
+    mask, _ = _batch(B, T, p=0.4, seed=12)
+    np.random.seed(0)
+    theirs = torch.from_numpy(hf._sample_negative_indices((B, T), K, mask.numpy())).long()
+    ours = sslfast.sample_negatives(mask, K, layout="hf", seed=12)
+    assert ours.shape == theirs.shape
+
+    def offsets(neg):
+        bs, ts = mask.nonzero(as_tuple=True)
+        frames = neg[bs, ts]
+        rank = mask.long().cumsum(1) - 1
+        n = mask.sum(1)[bs].unsqueeze(1)
+        own = rank[bs, ts].unsqueeze(1)
+        r = rank.flatten()[frames]
+        assert bool((frames // T == bs.unsqueeze(1)).all())
+        return ((r - own) % n).flatten()  # 1..n-1, uniform for both
+
+    a, b = offsets(theirs), offsets(ours)
+    assert int(a.min()) >= 1 and int(b.min()) >= 1
+    m = int(max(a.max(), b.max())) + 1
+    table = np.stack([np.bincount(a.numpy(), minlength=m)[1:], np.bincount(b.numpy(), minlength=m)[1:]])
+    table = table[:, table.sum(0) > 0]
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_edge_cases(backend):
+    # one masked frame in a row: its negatives are the positive itself (documented)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 4] = True
+    mask[1, [1, 2, 6]] = True
+    out = sslfast.sample_negatives(mask, 5, seed=3, backend=backend)
+    assert torch.equal(out[0], torch.zeros(5, dtype=torch.int64))
+    hf_out = sslfast.sample_negatives(mask, 5, layout="hf", seed=3, backend=backend)
+    assert torch.equal(hf_out[0, 4], torch.full((5,), 4))
+    _check_valid(mask, None, out, 5, 0, True, "packed")
+    # a single candidate in the whole batch, cross-sample
+    one = torch.zeros(2, 5, dtype=torch.bool)
+    one[1, 2] = True
+    assert torch.equal(sslfast.sample_negatives(one, 2, cross_sample_negatives=3, seed=1, backend=backend),
+                       torch.zeros(1, 5, dtype=torch.int64))
+    # no masked frame, B = 0, T = 0, K = Kc = 0
+    none = torch.zeros(3, 7, dtype=torch.bool)
+    assert sslfast.sample_negatives(none, 4, seed=1, backend=backend).shape == (0, 4)
+    assert bool((sslfast.sample_negatives(none, 4, layout="hf", seed=1, backend=backend) == -1).all())
+    for shape in ((0, 7), (3, 0)):
+        e = torch.zeros(shape, dtype=torch.bool)
+        assert sslfast.sample_negatives(e, 4, seed=1, backend=backend).shape == (0, 4)
+        assert sslfast.sample_negatives(e, 4, layout="hf", seed=1, backend=backend).shape == (*shape, 4)
+    full = torch.ones(2, 6, dtype=torch.bool)
+    assert sslfast.sample_negatives(full, 0, seed=1, backend=backend).shape == (12, 0)
+
+
+@pytest.mark.cpu
+def test_validation_errors():
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(TypeError, match="mask"):
+        sslfast.sample_negatives(mask.float(), 3)
+    with pytest.raises(ValueError, match="mask"):
+        sslfast.sample_negatives(mask[0], 3)
+    with pytest.raises(ValueError, match="padding_mask"):
+        sslfast.sample_negatives(mask, 3, padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_negatives"):
+        sslfast.sample_negatives(mask, -1)
+    with pytest.raises(TypeError, match="num_negatives"):
+        sslfast.sample_negatives(mask, 2.0)
+    with pytest.raises(ValueError, match="cross_sample_negatives"):
+        sslfast.sample_negatives(mask, 3, cross_sample_negatives=-2)
+    with pytest.raises(ValueError, match="layout"):
+        sslfast.sample_negatives(mask, 3, layout="fairseq")
+    with pytest.raises(TypeError, match="from_masked_only"):
+        sslfast.sample_negatives(mask, 3, from_masked_only=1)
+    with pytest.raises(ValueError, match="seed"):
+        sslfast.sample_negatives(mask, 3, seed=-5)
+    with pytest.raises(ValueError, match="num_masked"):
+        sslfast.sample_negatives(mask, 3, num_masked=-1)
+    with pytest.raises(ValueError, match="backend"):
+        sslfast.sample_negatives(mask, 3, backend="numpy")
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    mask, _ = _batch(3, 19, seed=9)
+    backend = "cpu" if "cpu" in _dispatch.implemented_backends("sample_negatives") else "reference"
+
+    def f(m):
+        return sslfast.sample_negatives(m, 6, layout="hf", seed=5, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(mask), f(mask))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B,T,K,Kc,pad_frac,fmo,layout", [CONFIGS[1], CONFIGS[2], CONFIGS[4], CONFIGS[6]])
+def test_triton_bit_identical_to_reference(B, T, K, Kc, pad_frac, fmo, layout, triton_device):
+    if "triton" not in _dispatch.implemented_backends("sample_negatives"):
+        pytest.skip("sample_negatives has no triton backend in this build")
+    mask, pad = _batch(B, T, pad_frac=pad_frac, seed=B * T)
+    kw = dict(cross_sample_negatives=Kc, from_masked_only=fmo, layout=layout, seed=424242)
+    ref = sslfast.sample_negatives(mask, K, padding_mask=pad, backend="reference", **kw)
+    pad_d = None if pad is None else pad.to(triton_device)
+    out = sslfast.sample_negatives(mask.to(triton_device), K, padding_mask=pad_d, backend="triton", **kw)
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", ["packed", "hf"])
+@pytest.mark.parametrize("fmo", [True, False])
+def test_gpu_bit_identical_to_reference(backend, layout, fmo):
+    if backend not in _dispatch.implemented_backends("sample_negatives"):
+        pytest.skip(f"sample_negatives has no {backend} backend in this build")
+    mask, pad = _batch(16, 781, p=0.49, pad_frac=0.3, seed=1)
+    kw = dict(cross_sample_negatives=10, padding_mask=pad, from_masked_only=fmo, layout=layout, seed=31337)
+    ref = sslfast.sample_negatives(mask, 100, backend="cpu", **kw)
+    kw["padding_mask"] = pad.cuda()
+    out = sslfast.sample_negatives(mask.cuda(), 100, backend=backend, **kw)
+    assert torch.equal(out.cpu(), ref)
+    if layout == "packed":
+        hint = sslfast.sample_negatives(mask.cuda(), 100, backend=backend, num_masked=int(mask.sum()), **kw)
+        assert torch.equal(hint.cpu(), ref)
