@@ -523,3 +523,89 @@ def test_gpu_memory_is_far_below_materialising():
     peak = torch.cuda.max_memory_allocated() - base
     materialised = n * (k + 1) * d * 4
     assert peak < materialised / 10, (peak, materialised)
+
+
+# ----------------------------------------------------------------------------- wav2vec2_contrastive_loss
+
+
+@pytest.mark.cpu
+@needs_hf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_wav2vec2_loss_reproduces_hugging_face(dtype, backend):
+    x, y, mask, sampled = hf_inputs(b=3, t=41, d=24, k=9, dtype=dtype, seed=7)
+    y[1, 3] = y[1, 0]  # a stored-equal negative, which HF masks
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    want = hf_contrastive_loss(xr, yr, mask, sampled, 0.1)
+    gx_want, gy_want = torch.autograd.grad(want, [xr, yr])
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    got = sslfast.wav2vec2_contrastive_loss(xs, ys, mask, convention="hf", negatives=sampled, backend=backend)
+    gx, gy = torch.autograd.grad(got, [xs, ys])
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
+    assert torch.allclose(got, want, rtol=tol, atol=tol)
+    gtol = {torch.float32: 1e-5, torch.float16: 4e-3}[dtype]
+    assert torch.allclose(gx.float(), gx_want.float(), atol=gtol) and torch.allclose(gy.float(), gy_want.float(),
+                                                                                      atol=gtol)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wav2vec2_loss_fairseq_convention(dtype):
+    g = torch.Generator().manual_seed(8)
+    b, t, d, k, kc = 3, 37, 16, 10, 3
+    x = torch.randn(b, t, d, generator=g).to(dtype)
+    y = torch.randn(b, t, d, generator=g).to(dtype)
+    mask = torch.rand(b, t, generator=g) < 0.4
+    neg = sslfast.sample_negatives(mask, k, cross_sample_negatives=kc, layout="packed", seed=123)
+    # fairseq's computation on its own inputs: packed masked frames and packed indices
+    want, want_correct = fairseq_order_loss(x[mask], y[mask], neg, torch.arange(int(mask.sum())), 0.1)
+    got = sslfast.wav2vec2_contrastive_loss(x, y, mask, k, cross_sample_negatives=kc, seed=123, backend="cpu",
+                                            return_stats=True)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
+    assert torch.allclose(got.loss, want, rtol=tol, atol=tol)
+    assert int(got.correct) == want_correct and got.count == int(mask.sum())
+    # the seed fixes the negatives: same seed, same loss, on every backend
+    again = sslfast.wav2vec2_contrastive_loss(x, y, mask, k, cross_sample_negatives=kc, seed=123,
+                                              backend="reference")
+    assert torch.allclose(again, got.loss, rtol=1e-5)
+    other = sslfast.wav2vec2_contrastive_loss(x, y, mask, k, cross_sample_negatives=kc, seed=124, backend="cpu")
+    assert not torch.equal(other, got.loss)
+
+
+@pytest.mark.cpu
+def test_wav2vec2_loss_gradients_and_num_masked():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 29, 12, generator=g, requires_grad=True)
+    y = torch.randn(2, 29, 12, generator=g, requires_grad=True)
+    mask = torch.rand(2, 29, generator=g) < 0.5
+    a = sslfast.wav2vec2_contrastive_loss(x, y, mask, 7, seed=5, backend="cpu", num_masked=int(mask.sum()))
+    ga = torch.autograd.grad(a, [x, y])
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    b = sslfast.wav2vec2_contrastive_loss(x64, y64, mask, 7, seed=5, backend="reference")
+    gb = torch.autograd.grad(b, [x64, y64])
+    assert torch.allclose(a.double(), b, rtol=1e-5)
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u.double(), v, atol=1e-5)
+    # unmasked frames of x get no gradient
+    assert torch.equal(ga[0][~mask], torch.zeros_like(ga[0][~mask]))
+
+
+@pytest.mark.cpu
+def test_wav2vec2_loss_validation_and_empty_mask():
+    x = torch.randn(2, 9, 4)
+    y = torch.randn(2, 9, 4)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    assert sslfast.wav2vec2_contrastive_loss(x, y, mask, 5, seed=1, backend="cpu").item() == 0.0
+    with pytest.raises(ValueError, match="y must have the shape"):
+        sslfast.wav2vec2_contrastive_loss(x, y[:, :8], mask)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        sslfast.wav2vec2_contrastive_loss(x, y, mask[:, :8])
+    with pytest.raises(ValueError, match="convention"):
+        sslfast.wav2vec2_contrastive_loss(x, y, mask, convention="speechbrain")
+    with pytest.raises(TypeError, match="mask must be bool"):
+        sslfast.wav2vec2_contrastive_loss(x, y, mask.float())
+    mask[0, :3] = True
+    with pytest.raises(ValueError, match="negatives must have shape"):
+        sslfast.wav2vec2_contrastive_loss(x, y, mask, negatives=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="negatives must index"):
+        sslfast.wav2vec2_contrastive_loss(x, y, mask, negatives=torch.full((3, 5), 3))

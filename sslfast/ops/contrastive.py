@@ -347,6 +347,97 @@ def contrastive_loss(
     return ContrastiveStats(loss=loss, correct=correct.sum(), count=n)
 
 
-def wav2vec2_contrastive_loss(*args, **kwargs):
-    raise NotImplementedError(
-        "sslfast.wav2vec2_contrastive_loss needs sslfast.sample_negatives (issue 3), not merged yet")
+def wav2vec2_contrastive_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    num_negatives: int = 100,
+    *,
+    cross_sample_negatives: int = 0,
+    temperature: float = 0.1,
+    seed: Optional[int] = None,
+    convention: str = "fairseq",
+    negatives: Optional[torch.Tensor] = None,
+    padding_mask: Optional[torch.Tensor] = None,
+    num_masked: Optional[int] = None,
+    reduction: str = "sum",
+    neg_is_pos: str = "vector",
+    precision: Optional[str] = None,
+    return_stats: bool = False,
+    deterministic: bool = False,
+    backend: Optional[str] = None,
+):
+    """The wav2vec 2.0 contrastive loss of a batch: sample negatives on the device, fused loss.
+
+    Args:
+        x: (B, T, D) predictions (the projected context network output).
+        y: (B, T, D) targets (the projected quantized features), same dtype as x.
+        mask: (B, T) bool, True at masked frames: the rows of the loss and their positives.
+        num_negatives, cross_sample_negatives: K within-utterance and Kc cross-sample negatives
+            per masked frame, drawn by ``sslfast.sample_negatives`` (uniform, never the positive).
+        temperature: logit temperature (0.1 in wav2vec 2.0).
+        seed: Philox seed of the negatives (``sslfast.derive_seed`` gives per-rank, per-step
+            seeds); None draws one from torch's default CPU generator, without a host sync.
+        convention: ``"fairseq"``: negatives in the packed layout (indices into ``y[mask]``),
+            logits in fairseq's precision order; ``"hf"``: negatives in Hugging Face's layout
+            ((B, T, K) flat indices into the B*T frames, its ``sampled_negative_indices``) and its
+            precision order. Both give the loss summed over masked frames: Hugging Face evaluates
+            every frame and ignores the unmasked ones (target -100), which has the same value and
+            gradients as evaluating the masked frames alone, which is what this does.
+        negatives: indices in the convention's layout to use instead of sampling (for example
+            Hugging Face's ``_sample_negative_indices`` output, or fairseq's packed indices):
+            then the loss equals that library's loss on the same negatives.
+        padding_mask: (B, T) bool, True at padding, passed to the sampler.
+        num_masked: ``mask.sum()`` if known on the host: skips the one host sync (on GPU) that
+            sizing the masked rows needs. Trusted, not checked.
+        reduction, neg_is_pos, return_stats, deterministic, backend: as ``contrastive_loss``
+            (``backend`` is used for both the sampler and the loss).
+        precision: ``"fairseq"`` or ``"hf"``; default: the convention's own.
+
+    Returns the loss (fp32) or ``ContrastiveStats``. Gradients flow to x and y; the masked
+    rows of x are gathered ((N, D), small), y is never gathered (the kernels index it).
+    """
+    from .negatives import sample_negatives
+
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("y", y, ndim=3)
+    if y.shape != x.shape:
+        raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+    b, t, d = x.shape
+    check_tensor("mask", mask, shape=(b, t))
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"mask must be bool (or 0/1 integers), got {mask.dtype}")
+        mask = mask.bool()
+    check_choice("convention", convention, ("fairseq", "hf"))
+    precision = convention if precision is None else precision
+    check_same_device(x=x, y=y, mask=mask, padding_mask=padding_mask, negatives=negatives)
+    layout = "packed" if convention == "fairseq" else "hf"
+    flat_mask = mask.reshape(-1)
+    if num_masked is not None:
+        rows = torch.nonzero_static(flat_mask, size=num_masked).squeeze(1)  # no host sync
+    else:
+        rows = flat_mask.nonzero().squeeze(1)
+    n = rows.shape[0]
+    if negatives is None:
+        # the sampler may lack the loss's backend (e.g. triton): then it picks its own
+        sampler_backend = backend if backend in _dispatch.implemented_backends("sample_negatives") else None
+        negatives = sample_negatives(mask, num_negatives, cross_sample_negatives=cross_sample_negatives,
+                                     padding_mask=padding_mask, layout=layout, seed=seed,
+                                     num_masked=num_masked, backend=sampler_backend)
+    if convention == "fairseq":
+        check_tensor("negatives", negatives, ndim=2, dtypes=INDEX_DTYPES)
+        if negatives.shape[0] != n:
+            raise ValueError(f"negatives must have shape ({n}, K) (packed, one row per masked frame), "
+                             f"got {tuple(negatives.shape)}")
+        if not _is_compiling() and negatives.numel():
+            _check_index_range("negatives", negatives, n)
+        # packed index -> flat frame index, so y is indexed in place instead of copied
+        neg_flat = rows[negatives.long()]
+    else:
+        check_tensor("negatives", negatives, shape=(b, t, None), dtypes=INDEX_DTYPES)
+        neg_flat = negatives.reshape(b * t, -1)[rows]
+    return contrastive_loss(x.reshape(b * t, d)[rows], y.reshape(b * t, d), neg_flat, rows,
+                            temperature=temperature, reduction=reduction, neg_is_pos=neg_is_pos,
+                            precision=precision, return_stats=return_stats, deterministic=deterministic,
+                            backend=backend)
