@@ -64,6 +64,15 @@ SSLFAST_INLINE float sq_row(const typename S::T* t, int64_t D) {
   return tree_sum(acc);
 }
 
+// The candidates are random rows of y (L2/L3 at production sizes): ask for the next one
+// while the current one is being reduced.
+template <class S>
+SSLFAST_INLINE void prefetch_row(const typename S::T* p, int64_t D) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(typename S::T));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
+
 template <class S>
 SSLFAST_INLINE float load_row(float* out, const typename S::T* src, int64_t D) {
 #pragma omp simd
@@ -100,6 +109,7 @@ SSLFAST_INLINE void forward_row(const Args<S>& a, const float* ysq, int64_t i, f
   float dot0 = 0.0f;
   for (int64_t k = 0; k <= a.K; ++k) {
     const int64_t j = k == 0 ? jp : candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, k, a.K, a.M);
+    if (k < a.K) prefetch_row<S>(a.y + candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, k + 1, a.K, a.M) * D, D);
     const float dot = dot_row<S>(xf, a.y + j * D, D);
     if (k == 0) dot0 = dot;
     float logit = neg_inf();
@@ -124,6 +134,7 @@ SSLFAST_INLINE void backward_row(const Args<S>& a, const float* ysq, int64_t i, 
   float sum_gc = 0.0f, dot0 = 0.0f;
   for (int64_t k = 0; k < K1; ++k) {
     const int64_t j = k == 0 ? jp : candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, k, a.K, a.M);
+    if (k + 1 < K1) prefetch_row<S>(a.y + candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, k + 1, a.K, a.M) * D, D);
     const typename S::T* t = a.y + j * D;
     const float dot = dot_row<S>(xf, t, D);
     if (k == 0) dot0 = dot;
@@ -155,6 +166,7 @@ SSLFAST_INLINE void segment_row(const typename S::T* x, const typename S::T* y, 
   float bsum = 0.0f;
   for (int64_t e = offsets[j]; e < offsets[j + 1]; ++e) {
     const int64_t ent = order[e];
+    if (e + 1 < offsets[j + 1]) prefetch_row<S>(x + (order[e + 1] / K1) * D, D);
     const float al = alpha[ent];
     bsum += beta[ent];
     if (al == 0.0f) continue;  // masked candidates and rows with zero incoming gradient
