@@ -48,7 +48,8 @@ def loss_and_grads(x, y, neg, pos, **kw):
     y = y.detach().clone().requires_grad_()
     out = sslfast.contrastive_loss(x, y, neg, pos, return_stats=True, **kw)
     loss = out.loss
-    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape) if loss.dim() else 1.0
+    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape) \
+        if loss.dim() else 1.0
     gx, gy = torch.autograd.grad((loss * w).sum(), [x, y])
     return loss.detach().double(), gx.double(), gy.double(), out.correct
 
@@ -211,12 +212,12 @@ def _check_backend(backend, shape, dtype, precision, neg_is_pos, reduction, ityp
     n, m, d, k = shape
     x, y, neg, pos = make_problem(n, m, d, k, dtype=dtype, seed=n + d, positives=positives, itype=itype)
     kw = dict(precision=precision, neg_is_pos=neg_is_pos, reduction=reduction, temperature=0.1)
-    truth = loss_and_grads(x.double(), y.double(), neg, pos, backend="reference", **kw)
-    low = loss_and_grads(x, y, neg, pos, backend="reference", **kw)
     dev = torch.device(device)
-    got = loss_and_grads(x.to(dev), y.to(dev), neg.to(dev), None if pos is None else pos.to(dev), backend=backend,
-                         deterministic=deterministic, **kw)
-    got = tuple(t.cpu() for t in got)
+    x, y, neg = x.to(dev), y.to(dev), neg.to(dev)
+    pos = None if pos is None else pos.to(dev)
+    truth = tuple(t.cpu() for t in loss_and_grads(x.double(), y.double(), neg, pos, backend="reference", **kw))
+    low = tuple(t.cpu() for t in loss_and_grads(x, y, neg, pos, backend="reference", **kw))
+    got = tuple(t.cpu() for t in loss_and_grads(x, y, neg, pos, backend=backend, deterministic=deterministic, **kw))
     # truth: fp64 math on the same stored inputs; low: the reference in the op's dtype
     for i, what in enumerate(("loss", "grad x", "grad y")):
         check_error_rule(got[i], low[i], truth[i], dtype, f"{backend} {what}",
@@ -465,6 +466,12 @@ def test_triton_edge_rows(triton_device):
     assert got[0][0].item() == 0.0
     for a, b in zip(got[:3], want[:3]):
         assert torch.isfinite(a).all() and torch.allclose(a.cpu(), b, rtol=1e-5, atol=1e-5)
+    # K = 0 and N = 0
+    no_neg = torch.zeros(4, 0, dtype=torch.long, device=dev)
+    out = loss_and_grads(x.to(dev), y.to(dev), no_neg, pos.to(dev), backend="triton", deterministic=True)
+    assert out[0].item() == 0.0 and int(out[3]) == 0 and not out[1].any() and not out[2].any()
+    empty = sslfast.contrastive_loss(x[:0].to(dev), y.to(dev), no_neg[:0], backend="triton")
+    assert empty.item() == 0.0
 
 
 # ----------------------------------------------------------------------------- gpu tier
@@ -609,3 +616,23 @@ def test_wav2vec2_loss_validation_and_empty_mask():
         sslfast.wav2vec2_contrastive_loss(x, y, mask, negatives=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="negatives must index"):
         sslfast.wav2vec2_contrastive_loss(x, y, mask, negatives=torch.full((3, 5), 3))
+
+
+@pytest.mark.gpu
+@needs_hf
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_wav2vec2_loss_reproduces_hugging_face(backend, dtype):
+    x, y, mask, sampled = hf_inputs(b=4, t=781, d=256, k=100, dtype=dtype, seed=13)
+    x, y, mask, sampled = x.cuda(), y.cuda(), mask.cuda(), sampled.cuda()
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    want = hf_contrastive_loss(xr, yr, mask, sampled, 0.1)
+    gx_want, gy_want = torch.autograd.grad(want, [xr, yr])
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    got = sslfast.wav2vec2_contrastive_loss(xs, ys, mask, convention="hf", negatives=sampled, backend=backend)
+    gx, gy = torch.autograd.grad(got, [xs, ys])
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}[dtype]
+    assert torch.allclose(got, want, rtol=tol, atol=tol)
+    gtol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    assert torch.allclose(gx.float(), gx_want.float(), atol=gtol, rtol=gtol)
+    assert torch.allclose(gy.float(), gy_want.float(), atol=gtol, rtol=gtol)
