@@ -244,7 +244,9 @@ void forward_impl(const Args<S>& a, float* ysq, float* loss, float* lse, bool* c
 #pragma omp parallel
   {
     std::vector<float> xf(static_cast<size_t>(a.D));
-#pragma omp for schedule(static)
+    // Dynamic chunks: on a shared machine a descheduled thread's rows get taken by the others
+    // instead of stalling the barrier.
+#pragma omp for schedule(dynamic, 16)
     for (int64_t i = 0; i < a.N; ++i) {
       if (v)
         forward_row_avx2<S>(a, ysq, i, xf.data(), loss, lse, correct);
@@ -262,7 +264,7 @@ void backward_rows_impl(const Args<S>& a, float* ysq, const float* grad_rows, co
 #pragma omp parallel
   {
     std::vector<float> xf(static_cast<size_t>(a.D)), gx(static_cast<size_t>(a.D));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
     for (int64_t i = 0; i < a.N; ++i) {
       if (v)
         backward_row_avx2<S>(a, ysq, i, grad_rows, lse, xf.data(), gx.data(), grad_x, alpha, beta);
