@@ -9,6 +9,7 @@ void bind_negatives(py::module_& m);
 void bind_masking(py::module_& m);
 void bind_info_nce(py::module_& m);
 void bind_rp_quantize(py::module_& m);
+void bind_contrastive(py::module_& m);
 }  // namespace sslfast
 
 PYBIND11_MODULE(_C, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_C, m) {
   sslfast::bind_masking(m);
   sslfast::bind_info_nce(m);
   sslfast::bind_rp_quantize(m);
+  sslfast::bind_contrastive(m);
 }
