@@ -5,6 +5,7 @@ namespace py = pybind11;
 
 namespace sslfast {
 void bind_random(py::module_& m);
+void bind_dtype(py::module_& m);
 void bind_negatives(py::module_& m);
 void bind_masking(py::module_& m);
 void bind_info_nce(py::module_& m);
@@ -20,6 +21,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
   sslfast::bind_random(m);
+  sslfast::bind_dtype(m);
   sslfast::bind_negatives(m);
   sslfast::bind_masking(m);
   sslfast::bind_info_nce(m);

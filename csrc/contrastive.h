@@ -19,11 +19,8 @@
 #include <string>
 
 #include "sslfast/common.h"
+#include "sslfast/dtype.h"
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
 
 namespace sslfast {
 namespace contrastive {
@@ -36,92 +33,6 @@ enum Precision : int { kFairseq = 0, kHF = 1 };
 
 SSLFAST_HD float neg_inf() { return -INFINITY; }
 
-SSLFAST_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-
-SSLFAST_HD uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
-// IEEE half -> float, exact (written with selects so CPU loops over a row vectorise).
-SSLFAST_HD float half_to_float(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(h));
-#else
-  const uint32_t shifted_exp = 0x7c00u << 13;
-  uint32_t u = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
-  const uint32_t exp = u & shifted_exp;
-  u += (127u - 15u) << 23;
-  if (exp == shifted_exp) u += (128u - 16u) << 23;  // inf / nan keep an all-ones exponent
-  float f = bits_to_float(u);
-  if (exp == 0) f = bits_to_float(u + (1u << 23)) - bits_to_float(113u << 23);  // subnormals
-  return bits_to_float(float_to_bits(f) | ((static_cast<uint32_t>(h) & 0x8000u) << 16));
-#endif
-}
-
-// float -> IEEE half bits, round to nearest even (what torch's .half() does).
-SSLFAST_HD uint16_t float_to_half(float v) {
-#if defined(__CUDA_ARCH__)
-  return __half_as_ushort(__float2half_rn(v));
-#else
-  uint32_t u = float_to_bits(v);
-  const uint32_t sign = u & 0x80000000u;
-  u ^= sign;
-  uint16_t out;
-  if (u >= (127u + 16u) << 23) {  // overflows half, or inf / nan
-    out = u > (255u << 23) ? 0x7e00u : 0x7c00u;
-  } else if (u < (113u << 23)) {  // half subnormal: let the fp32 adder round for us
-    const float magic = bits_to_float(((127u - 15u) + (23u - 10u) + 1u) << 23);
-    out = static_cast<uint16_t>(float_to_bits(bits_to_float(u) + magic) - float_to_bits(magic));
-  } else {
-    const uint32_t odd = (u >> 13) & 1u;
-    u += ((15u - 127u) << 23) + 0xfffu + odd;
-    out = static_cast<uint16_t>(u >> 13);
-  }
-  return static_cast<uint16_t>(out | (sign >> 16));
-#endif
-}
-
-SSLFAST_HD float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
-
-SSLFAST_HD uint16_t float_to_bf16(float v) {
-  const uint32_t u = float_to_bits(v);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet nan
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// Storage formats as types, so loops over a row are specialised per dtype.
-struct F32 {
-  using T = float;
-  static SSLFAST_HD float load(T v) { return v; }
-  static SSLFAST_HD T store(float v) { return v; }
-  static SSLFAST_HD float round(float v) { return v; }
-};
-struct F16 {
-  using T = uint16_t;
-  static SSLFAST_HD float load(T v) { return half_to_float(v); }
-  static SSLFAST_HD T store(float v) { return float_to_half(v); }
-  static SSLFAST_HD float round(float v) { return half_to_float(float_to_half(v)); }
-};
-struct BF16 {
-  using T = uint16_t;
-  static SSLFAST_HD float load(T v) { return bf16_to_float(v); }
-  static SSLFAST_HD T store(float v) { return float_to_bf16(v); }
-  static SSLFAST_HD float round(float v) { return bf16_to_float(float_to_bf16(v)); }
-};
 
 // One call's problem: x (N, D), y (M, D) in storage S, negatives (N, K), positives (N,) or
 // null (row i's positive is y[i]).

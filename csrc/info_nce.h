@@ -14,42 +14,11 @@
 #include <cstring>
 
 #include "sslfast/common.h"
+#include "sslfast/dtype.h"
 
 namespace sslfast {
 namespace infonce {
 
-SSLFAST_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-
-// IEEE binary16 -> fp32, exact for every input (subnormals, inf, NaN), no intrinsics so the
-// host and the device decode the same bits the same way.
-SSLFAST_HD float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  if (exp == 0) {
-    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24
-    return sign ? -v : v;
-  }
-  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
-  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
-}
-
-SSLFAST_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
-
-// Element idx of a tensor stored as DType code `dtype` (0 f32, 1 f16, 2 bf16), as fp32.
-SSLFAST_HD float load_float(const void* base, int64_t idx, int dtype) {
-  if (dtype == static_cast<int>(DType::f32)) return static_cast<const float*>(base)[idx];
-  const uint16_t bits = static_cast<const uint16_t*>(base)[idx];
-  return dtype == static_cast<int>(DType::f16) ? half_to_float(bits) : bf16_to_float(bits);
-}
 
 SSLFAST_HD int64_t pos_col(int64_t row, int64_t pos_shift, int64_t pos_mod) { return (row + pos_shift) % pos_mod; }
 

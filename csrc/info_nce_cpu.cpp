@@ -219,7 +219,7 @@ void pack(const void* x, int dtype, int64_t n, int64_t D, float* rows, float* t,
   for (int64_t r0 = 0; r0 < n_pad; r0 += NR) {
     for (int64_t r = r0; r < r0 + NR; ++r) {
       for (int64_t k = 0; k < Dp; ++k) {
-        const float v = (r < n && k < D) ? infonce::load_float(x, r * D + k, dtype) : 0.0f;
+        const float v = (r < n && k < D) ? load_float(x, r * D + k, dtype) : 0.0f;
         if (rows) rows[r * Dp + k] = v;
         if (t) t[(r / NR) * Dp * NR + k * NR + r % NR] = v;
         if (f) f[(k / NR) * n_pad * NR + r * NR + k % NR] = v;

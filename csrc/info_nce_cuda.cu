@@ -50,8 +50,8 @@ __device__ void tile_scores(const void* X, const void* Y, int dtype, int64_t x0,
     for (int e = tid; e < BM * BK; e += THREADS) {
       const int r = e / BK, kk = e % BK;
       const int64_t k = k0 + kk;
-      sm.x[kk][r] = (r < nx && k < D) ? infonce::load_float(X, (x0 + r) * D + k, dtype) : 0.0f;
-      sm.y[kk][r] = (r < ny && k < D) ? infonce::load_float(Y, (y0 + r) * D + k, dtype) : 0.0f;
+      sm.x[kk][r] = (r < nx && k < D) ? load_float(X, (x0 + r) * D + k, dtype) : 0.0f;
+      sm.y[kk][r] = (r < ny && k < D) ? load_float(Y, (y0 + r) * D + k, dtype) : 0.0f;
     }
     __syncthreads();
 #pragma unroll
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(THREADS) info_nce_backward_kernel(
     __syncthreads();
     if (k_ok) {
       for (int y = 0; y < ny; ++y) {
-        const float yv = infonce::load_float(Y, (y0 + y) * D + d0 + k, dtype);
+        const float yv = load_float(Y, (y0 + y) * D + d0 + k, dtype);
 #pragma unroll
         for (int i = 0; i < ROWS_PER_THREAD; ++i) acc[i] = fmaf(sm.s[r_first + ROWS_PER_PASS * i][y], yv, acc[i]);
       }

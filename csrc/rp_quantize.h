@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "sslfast/common.h"
+#include "sslfast/dtype.h"
 
 namespace sslfast {
 namespace rpq {
@@ -28,42 +29,6 @@ constexpr float kNormEps = 1e-12f;
 // torch.nn.LayerNorm's default eps, the one NeMo and lucidrains use.
 constexpr float kLayerNormEps = 1e-5f;
 
-SSLFAST_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
-
-SSLFAST_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
-
-// IEEE half to float by bits, so host and device code convert identically without cuda_fp16.h.
-SSLFAST_HD float fp16_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t man = h & 0x3ffu;
-  if (exp == 0x1fu) return bits_to_float(sign | 0x7f800000u | (man << 13));
-  if (exp == 0) {
-    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
-    return sign ? -f : f;
-  }
-  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
-}
-
-// Element i of a float buffer stored as fp32 / fp16 / bf16 (DType codes of common.h).
-SSLFAST_HD float load_float(const void* base, int64_t i, int dtype) {
-  switch (dtype) {
-    case static_cast<int>(DType::f16):
-      return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
-    case static_cast<int>(DType::bf16):
-      return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-    default:
-      return static_cast<const float*>(base)[i];
-  }
-}
 
 // Element offset of stacked row n in a contiguous (B, T, F) input: row n is frames
 // t*k .. t*k+k-1 of sequence b (n = b * rows_per_seq + t), which are contiguous, so stacking
