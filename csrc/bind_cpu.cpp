@@ -5,6 +5,7 @@ namespace py = pybind11;
 
 namespace sslfast {
 void bind_random(py::module_& m);
+void bind_gumbel_quantize(py::module_& m);
 }  // namespace sslfast
 
 PYBIND11_MODULE(_C, m) {
@@ -15,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
   sslfast::bind_random(m);
+  sslfast::bind_gumbel_quantize(m);
 }

@@ -10,3 +10,4 @@ from . import random  # noqa: F401
 from ._dispatch import BACKENDS, BackendUnavailableError  # noqa: F401
 from .env import env_info, env_report  # noqa: F401
 from .random import derive_seed  # noqa: F401
+from .ops.gumbel_quantize import GumbelQuantizeOutput, gumbel_vector_quantize  # noqa: F401,E402
