@@ -1,2 +1,3 @@
 """Drop-in ``nn.Module`` wrappers of sslfast ops, with the constructors, parameter names and
 state_dict keys of the implementations they replace."""
+from .gumbel_quantize import GumbelVectorQuantizer, Wav2Vec2GumbelVectorQuantizer  # noqa: F401,E402
