@@ -13,6 +13,7 @@ namespace py = pybind11;
 
 namespace sslfast {
 void bind_random(py::module_& m);
+void bind_gumbel_quantize(py::module_& m);
 }  // namespace sslfast
 
 static int device_count() {
@@ -39,4 +40,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("device_count", &device_count);
   m.def("runtime_error", &runtime_error_string);
   sslfast::bind_random(m);
+  sslfast::bind_gumbel_quantize(m);
 }

@@ -146,12 +146,12 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
             gumbel_row(seed, n, g * V, V, y.data());
             float ym = -INFINITY;
             for (int64_t v = 0; v < V; ++v) {
-              y[v] = (l[v] + y[v]) / tau_f;
+              y[v] = l[v] + y[v];
               ym = std::max(ym, y[v]);
             }
             float z = 0.0f;
             for (int64_t v = 0; v < V; ++v) {
-              y[v] = std::exp(y[v] - ym);
+              y[v] = std::exp((y[v] - ym) / tau_f);  // max first: finite for tiny tau
               z += y[v];
             }
             const float inv_z = 1.0f / z;

@@ -100,9 +100,10 @@ def _backward_logits_kernel(grad_q_ptr, logits_ptr, cbt_ptr, mask_ptr, w_ptr, gr
     l = tl.load(logits_ptr + lptrs, mask=tile_ok, other=float("-inf")).to(tl.float32)
     grad = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     if TRAINING:
-        y = tl.where(tile_ok, (l + _gumbel_tile(seed, offs_n, pos, U_LO_C)) / tau, float("-inf"))
+        y = tl.where(tile_ok, l + _gumbel_tile(seed, offs_n, pos, U_LO_C), float("-inf"))
         ym = tl.where(row_ok, tl.max(y, axis=1), 0.0)
-        e = tl.where(tile_ok, tl.exp(y - ym[:, None]), 0.0)
+        # max first, then the division: finite for tiny tau
+        e = tl.where(tile_ok, tl.exp((y - ym[:, None]) / tau), 0.0)
         s = e / tl.where(row_ok, tl.sum(e, axis=1), 1.0)[:, None]
         # a[n, v] = <grad_q[n, g], codebook[g, v]>: d output / d soft (straight-through)
         a = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)

@@ -9,9 +9,10 @@ Semantics (fairseq ``GumbelVectorQuantizer`` and Hugging Face
 
 * training: Gumbel noise ``g = -log(-log(u))`` with ``u`` uniform from the Philox stream
   ``Stream.GUMBEL`` (counter c0 = position // 4 inside the logits row, word = position % 4,
-  c1 = n), clamped to ``[2**-24, 1 - 2**-24]`` so ``g`` is finite (in [-2.82, 16.64]) for
+  c1 = n), clamped to ``[2**-24, 1 - 2**-24]``, logs in fp64 rounded once to fp32, so ``g`` is finite (in [-2.82, 16.64]) for
   any finite logits, also +-255 and the fp16 range (math in fp32). ``soft =
-  softmax((l + g) / tau)``; ``codes = argmax(soft)`` (lowest index on ties).
+  softmax((l + g) / tau)``; ``codes = argmax(l + g)`` in fp32 (lowest index on ties; the
+  argmax of soft up to the rounding of the division).
   ``hard=True`` (straight-through): the forward value is exactly ``codebook[g*V + code]``
   and the gradient is that of ``soft @ codebook``. ``hard=False``: ``soft @ codebook``.
 * eval (``training=False``): ``codes = argmax(l)``, no noise; ``quantized`` is the exact
@@ -48,8 +49,10 @@ def gumbel_noise(n_rows: int, width: int, seed: int, device=None) -> torch.Tenso
     c1 = torch.arange(n_rows, dtype=torch.int64, device=device)[:, None]
     words = torch.stack(sr.philox4x32(c0, c1, int(sr.Stream.GUMBEL), 0, seed), dim=-1)
     words = words.reshape(n_rows, 4 * n4)[:, :width]
-    u = sr.uint_to_open_uniform(words, GUMBEL_U_LO)
-    return -torch.log(-torch.log(u))
+    # logs in fp64, rounded once: float logs differ by an ulp between libraries, and the
+    # kernels must draw the same noise bits
+    u = sr.uint_to_open_uniform(words, GUMBEL_U_LO).double()
+    return (-torch.log(-torch.log(u))).float()
 
 
 def perplexity(marginal: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -61,19 +64,24 @@ def perplexity(marginal: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return torch.exp(-torch.sum(ent, dim=-1)).sum()
 
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 math for fp32/fp16/bf16 storage; fp64 stays fp64 (gradcheck)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def marginals(logits: torch.Tensor, groups: int, mask: torch.Tensor | None):
     """(prob_marginal, code_marginal), each (G, V) fp32, over the frames selected by mask."""
     n = logits.shape[0]
-    l3 = logits.float().reshape(n, groups, -1)
+    l3 = logits.to(_work_dtype(logits)).reshape(n, groups, logits.shape[1] // groups)
     p = torch.softmax(l3, dim=-1)
     hard = torch.zeros_like(p).scatter_(-1, l3.argmax(dim=-1, keepdim=True), 1.0)
     if mask is None:
-        count = torch.tensor(float(n), device=logits.device)
+        count = torch.tensor(float(n), dtype=p.dtype, device=logits.device)
     else:
         sel = mask.reshape(n, 1, 1)
         p = torch.where(sel, p, torch.zeros((), device=p.device))
         hard = torch.where(sel, hard, torch.zeros((), device=p.device))
-        count = mask.sum().to(torch.float32)
+        count = mask.sum().to(p.dtype)
     denom = count.clamp_min(1.0)
     return p.sum(dim=0) / denom, hard.sum(dim=0) / denom
 
@@ -98,23 +106,28 @@ def gumbel_vector_quantize(
     v = gv // groups
     d = codebook.shape[-1]
     cb = codebook.reshape(groups, v, d)
-    l32 = logits.float()
+    work = _work_dtype(logits)
+    lw = logits.to(work)
     prob_m, code_m = marginals(logits, groups, mask)
     if training:
-        y = (l32 + gumbel_noise(n, gv, seed, logits.device)) / tau
-        soft = torch.softmax(y.reshape(n, groups, v), dim=-1)
-        codes = soft.argmax(dim=-1)
+        z = (lw + gumbel_noise(n, gv, seed, logits.device).to(work)).reshape(n, groups, v)
+        # the code is the argmax of l + g (before the division by tau, which could merge
+        # near-equal values): the same rule in every kernel
+        codes = z.argmax(dim=-1)
+        # subtracting the max before dividing keeps (z - max) / tau finite for tiny tau and
+        # logits near the fp32 limit (the kernels do the same)
+        soft = torch.softmax((z - z.max(dim=-1, keepdim=True).values) / tau, dim=-1)
         if hard:
             gathered = cb.unsqueeze(0).expand(n, -1, -1, -1).gather(
                 2, codes[:, :, None, None].expand(-1, -1, 1, d)).squeeze(2)
             # Straight-through: value exactly the gathered row (s - s.detach() is exactly 0),
             # gradient to the logits that of soft @ codebook, to the codebook the scatter.
-            s = torch.einsum("ngv,gvd->ngd", soft, cb.detach().float())
+            s = torch.einsum("ngv,gvd->ngd", soft, cb.detach().to(work))
             quantized = gathered + (s - s.detach()).to(gathered.dtype)
         else:
-            quantized = torch.einsum("ngv,gvd->ngd", soft, cb.float()).to(codebook.dtype)
+            quantized = torch.einsum("ngv,gvd->ngd", soft, cb.to(work)).to(codebook.dtype)
     else:
-        codes = l32.reshape(n, groups, v).argmax(dim=-1)
+        codes = lw.reshape(n, groups, v).argmax(dim=-1)
         quantized = cb.unsqueeze(0).expand(n, -1, -1, -1).gather(
             2, codes[:, :, None, None].expand(-1, -1, 1, d)).squeeze(2)
     return quantized.reshape(n, groups * d), codes, prob_m, code_m
