@@ -23,6 +23,7 @@ namespace sslfast {
 namespace {
 
 constexpr int64_t kFrameBlock = 64;
+constexpr int64_t kGradTile = 8;  // frames sharing one pass over the codebook in the backward
 
 // Natural log of a positive normal float, branch-free so the row loops below vectorize
 // (glibc's logf is a call per element). Relative error below 1e-7 (Cephes' logf polynomial).
@@ -50,6 +51,29 @@ inline float fast_log(float x) {
   const float fe = static_cast<float>(e);
   y += -2.12194440e-4f * fe - 0.5f * z;
   return f + y + 0.693359375f * fe;
+}
+
+// exp of a float, branch-free so the row loops vectorize (Cephes' expf polynomial, relative
+// error below 2e-7); 0 below -87.3 (where expf goes subnormal), as the softmaxes need.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.7f);
+  const float t = xc * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const float fn = static_cast<float>(n);
+  float r = xc - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500E-4f;
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * z + r + 1.0f;
+  const uint32_t sbits = static_cast<uint32_t>(n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &sbits, 4);
+  return x < -87.3f ? 0.0f : y * scale;
 }
 
 // Noise of positions [begin, begin + count) of logits row n with fast_log: within 1e-6 of
@@ -126,7 +150,7 @@ void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p,
           if (sel) {
             float z = 0.0f;
             for (int64_t v = 0; v < V; ++v) {
-              l[v] = std::exp(l[v] - ml.m);
+              l[v] = fast_exp(l[v] - ml.m);
               z += l[v];
             }
             const float inv_z = 1.0f / z;
@@ -178,64 +202,77 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
 
 #pragma omp parallel
   {
-    std::vector<float> l(V), y(V), a(V), gq_row(D), grad(V), acc(D);
+    std::vector<float> l(V), y(V), p(V), grad(V), acc(D), a_tile(kGradTile * V), gq_tile(kGradTile * D);
     if (need_logit_grad) {
+      const int64_t n_tiles = (N + kGradTile - 1) / kGradTile;
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
-        const bool sel = mask == nullptr || mask[n] != 0;
+      for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        const int64_t n0 = tile * kGradTile;
+        const int64_t nt = std::min<int64_t>(kGradTile, N - n0);
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t base = n * GV + g * V;
-          std::fill(grad.begin(), grad.end(), 0.0f);
           if (training) {
-            for (int64_t v = 0; v < V; ++v) l[v] = gq::load_as_float(logits, base + v, ldtype);
-            gumbel_row_fast(seed, n, g * V, V, y.data());
-            float ym = -INFINITY;
-            for (int64_t v = 0; v < V; ++v) {
-              y[v] = l[v] + y[v];
-              ym = std::max(ym, y[v]);
-            }
-            float z = 0.0f;
-            for (int64_t v = 0; v < V; ++v) {
-              y[v] = std::exp((y[v] - ym) / tau_f);  // max first: finite for tiny tau
-              z += y[v];
-            }
-            const float inv_z = 1.0f / z;
-            for (int64_t k = 0; k < D; ++k) gq_row[k] = gq::load_as_float(grad_q, (n * G + g) * D + k, gdtype);
-            // a = C_g grad_q: d/d soft of the output (straight-through)
-            std::fill(a.begin(), a.end(), 0.0f);
+            // a[f] = C_g grad_q[f] (d output / d soft, straight-through) for the tile's
+            // frames at once, so each codebook row is read once per tile, not per frame
+            for (int64_t f = 0; f < nt; ++f)
+              for (int64_t k = 0; k < D; ++k)
+                gq_tile[f * D + k] = gq::load_as_float(grad_q, ((n0 + f) * G + g) * D + k, gdtype);
+            std::fill(a_tile.begin(), a_tile.end(), 0.0f);
             const float* ct = cbt + g * D * V;
             for (int64_t k = 0; k < D; ++k) {
-              const float gk = gq_row[k];
               const float* row = ct + k * V;
-              for (int64_t v = 0; v < V; ++v) a[v] += gk * row[v];
+              for (int64_t f = 0; f < nt; ++f) {
+                const float gk = gq_tile[f * D + k];
+                float* a = a_tile.data() + f * V;
+                for (int64_t v = 0; v < V; ++v) a[v] += gk * row[v];
+              }
             }
-            float sa = 0.0f;
-            for (int64_t v = 0; v < V; ++v) {
-              y[v] *= inv_z;  // y now holds soft
-              sa += y[v] * a[v];
-            }
-            for (int64_t v = 0; v < V; ++v) grad[v] = gq::softmax_grad(y[v], a[v], sa, tau_f);
           }
-          if (sel && w != nullptr) {
-            if (!training)
-              for (int64_t v = 0; v < V; ++v) l[v] = gq::load_as_float(logits, base + v, ldtype);
-            float m = -INFINITY;
-            for (int64_t v = 0; v < V; ++v) m = std::max(m, l[v]);
-            float z = 0.0f;
-            for (int64_t v = 0; v < V; ++v) {
-              a[v] = std::exp(l[v] - m);
-              z += a[v];
+          for (int64_t f = 0; f < nt; ++f) {
+            const int64_t n = n0 + f;
+            const bool sel = mask == nullptr || mask[n] != 0;
+            const int64_t base = n * GV + g * V;
+            for (int64_t v = 0; v < V; ++v) l[v] = gq::load_as_float(logits, base + v, ldtype);
+            std::fill(grad.begin(), grad.end(), 0.0f);
+            if (training) {
+              const float* a = a_tile.data() + f * V;
+              gumbel_row_fast(seed, n, g * V, V, y.data());
+              float ym = -INFINITY;
+              for (int64_t v = 0; v < V; ++v) {
+                y[v] = l[v] + y[v];
+                ym = std::max(ym, y[v]);
+              }
+              float z = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                y[v] = fast_exp((y[v] - ym) / tau_f);  // max first: finite for tiny tau
+                z += y[v];
+              }
+              const float inv_z = 1.0f / z;
+              float sa = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                y[v] *= inv_z;  // y now holds soft
+                sa += y[v] * a[v];
+              }
+              for (int64_t v = 0; v < V; ++v) grad[v] = gq::softmax_grad(y[v], a[v], sa, tau_f);
             }
-            const float inv_z = 1.0f / z;
-            const float* wg = w + g * V;
-            float pw = 0.0f;
-            for (int64_t v = 0; v < V; ++v) {
-              a[v] *= inv_z;
-              pw += a[v] * wg[v];
+            if (sel && w != nullptr) {
+              float m = -INFINITY;
+              for (int64_t v = 0; v < V; ++v) m = std::max(m, l[v]);
+              float z = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                p[v] = fast_exp(l[v] - m);
+                z += p[v];
+              }
+              const float inv_z = 1.0f / z;
+              const float* wg = w + g * V;
+              float pw = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                p[v] *= inv_z;
+                pw += p[v] * wg[v];
+              }
+              for (int64_t v = 0; v < V; ++v) grad[v] += gq::softmax_grad(p[v], wg[v], pw, 1.0f);
             }
-            for (int64_t v = 0; v < V; ++v) grad[v] += gq::softmax_grad(a[v], wg[v], pw, 1.0f);
+            for (int64_t v = 0; v < V; ++v) gq::store_from_float(grad_logits, base + v, ldtype, grad[v]);
           }
-          for (int64_t v = 0; v < V; ++v) gq::store_from_float(grad_logits, base + v, ldtype, grad[v]);
         }
       }
     }
