@@ -2,6 +2,15 @@
 quantizer in one fused pass (noise, softmax, argmax, codebook gather, perplexities) with a
 fused backward that never builds the (N, G*V, d) one-hot product.
 
+Backends: ``cpu`` (C++/OpenMP), ``cuda``, ``triton`` (GPU, or CPU tensors under
+TRITON_INTERPRET=1) and ``reference``. Codes come from one exact noise definition on every
+backend (fp64 logs rounded once), so one seed gives the same codes and quantized outputs
+everywhere (perplexities agree to float rounding). The cpu backend's backward uses a
+vectorised float-log noise (within 1e-6 of the exact one) for the soft probabilities:
+gradients agree with the other backends to float tolerance, not bit for bit. Forward memory is the outputs plus (G, V) marginals; the backward
+keeps only the codes and redraws the noise from the seed. Limits: the cuda backward keeps
+2V + d floats per row in shared memory (2V + d <= 12288); Triton holds a row of V in one tile.
+
 Layers: validation and the public function here; the spec in
 ``sslfast/reference/gumbel_quantize.py``; kernels in ``kernels/gumbel_quantize.py`` (Triton)
 and ``csrc/gumbel_quantize*`` (C++ CPU and CUDA, sharing ``csrc/gumbel_quantize.h``).
@@ -308,6 +317,9 @@ def gumbel_vector_quantize(
                 "use backend='reference' or backend=None")
         name = "reference"
 
+    if name == "cuda" and 2 * (gv // groups) + codebook.shape[1] > 12288:
+        raise ValueError(f"the cuda backend needs 2*V + d <= 12288 (shared memory of its backward), got "
+                         f"V={gv // groups}, d={codebook.shape[1]}; use backend='triton'")
     if name == "reference":
         quantized, codes, prob_m, code_m = ref.gumbel_vector_quantize(
             logits, codebook, groups=groups, tau=tau, hard=hard, training=training, seed=seed, mask=mask)
