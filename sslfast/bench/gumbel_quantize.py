@@ -50,9 +50,9 @@ def _make(kind: str, device, b: int, t: int, backward: bool, backend: str | None
     if kind == "hf":
         from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2GumbelVectorQuantizer as HF
 
-        # HF multiplies a (N, G*V, 1) one-hot by the (1, G*V, d) codebook: about three such
-        # fp32 tensors live at once in forward + backward
-        need = 3 * n * G * V * (CODE_DIM // G) * 4
+        # HF multiplies a (N, G*V, 1) one-hot by the (1, G*V, d) codebook; measured peak: about
+        # one such fp32 tensor (4.2 GB at B=16), with headroom for temporaries
+        need = int(1.5 * n * G * V * (CODE_DIM // G) * 4)
         avail = _mem_available_bytes() if device.type == "cpu" else torch.cuda.mem_get_info(device)[0]
         if avail is not None and need > 0.6 * avail:
             raise Unavailable(f"HF's one-hot product needs about {need / 1e9:.1f} GB, {avail / 1e9:.1f} GB available")
