@@ -18,6 +18,7 @@ void bind_masking(py::module_& m);
 void bind_info_nce(py::module_& m);
 void bind_rp_quantize(py::module_& m);
 void bind_contrastive(py::module_& m);
+void bind_gumbel_quantize(py::module_& m);
 }  // namespace sslfast
 
 static int device_count() {
@@ -49,4 +50,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   sslfast::bind_info_nce(m);
   sslfast::bind_rp_quantize(m);
   sslfast::bind_contrastive(m);
+  sslfast::bind_gumbel_quantize(m);
 }

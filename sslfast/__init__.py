@@ -15,3 +15,4 @@ from .ops.masking import apply_mask, compute_mask_indices  # noqa: F401,E402
 from .ops.info_nce import info_nce, nt_xent  # noqa: F401,E402
 from .ops.rp_quantize import nearest_codeword, random_projection_quantize  # noqa: F401
 from .ops.contrastive import ContrastiveStats, contrastive_loss, wav2vec2_contrastive_loss  # noqa: F401,E402
+from .ops.gumbel_quantize import GumbelQuantizeOutput, gumbel_vector_quantize  # noqa: F401,E402

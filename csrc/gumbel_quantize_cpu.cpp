@@ -1,0 +1,307 @@
+// C++ CPU kernels of the Gumbel-softmax vector quantizer (sslfast.gumbel_vector_quantize).
+//
+// Forward: OpenMP over fixed blocks of frames; per row (n, g) one pass loads the logits,
+// draws the Gumbel noise, takes both argmaxes and gathers the codebook row; the soft and
+// hard marginals are summed per frame block and the blocks are added in block order, so
+// the result does not depend on the thread count. Backward: per row the straight-through
+// gradient through softmax((l + g) / tau) (noise redrawn from the seed, nothing stored) plus
+// the prob-perplexity term; the codebook gradient is a per-codeword sum over the frames that
+// chose it, in frame order (a counting sort of the codes), never the (N, G*V, d) product.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "gumbel_quantize.h"
+#include "sslfast/bind.h"
+
+namespace py = pybind11;
+
+namespace sslfast {
+namespace {
+
+constexpr int64_t kFrameBlock = 64;
+constexpr int64_t kGradTile = 8;  // frames sharing one pass over the codebook in the backward
+
+// Natural log of a positive normal float, branch-free so the row loops below vectorize
+// (glibc's logf is a call per element). Relative error below 1e-7 (Cephes' logf polynomial).
+inline float fast_log(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  int32_t e = static_cast<int32_t>(bits >> 23) - 126;
+  const uint32_t mbits = (bits & 0x7fffffu) | 0x3f000000u;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mbits, 4);
+  const bool small = m < 0.70710678f;
+  e = small ? e - 1 : e;
+  const float f = small ? m + m - 1.0f : m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292E-2f;
+  y = y * f - 1.1514610310E-1f;
+  y = y * f + 1.1676998740E-1f;
+  y = y * f - 1.2420140846E-1f;
+  y = y * f + 1.4249322787E-1f;
+  y = y * f - 1.6668057665E-1f;
+  y = y * f + 2.0000714765E-1f;
+  y = y * f - 2.4999993993E-1f;
+  y = y * f + 3.3333331174E-1f;
+  y = y * f * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe - 0.5f * z;
+  return f + y + 0.693359375f * fe;
+}
+
+// exp of a float, branch-free so the row loops vectorize (Cephes' expf polynomial, relative
+// error below 2e-7); 0 below -87.3 (where expf goes subnormal), as the softmaxes need.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.7f);
+  const float t = xc * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const float fn = static_cast<float>(n);
+  float r = xc - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500E-4f;
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * z + r + 1.0f;
+  const uint32_t sbits = static_cast<uint32_t>(n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &sbits, 4);
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+// Noise of positions [begin, begin + count) of logits row n with fast_log: within 1e-6 of
+// the exact noise (gq::gumbel_from_word, fp64 logs) and several times cheaper on a CPU. The
+// forward takes codes from the exact noise of the few candidates this bound leaves; the
+// backward's softmax uses these values directly (a 1e-6 change of a softmax input).
+void gumbel_row_fast(uint64_t seed, int64_t n, int64_t begin, int64_t count, float* out) {
+  int64_t quad = -1;
+  Philox4 r{};
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t pos = begin + i;
+    if ((pos >> 2) != quad) {
+      quad = pos >> 2;
+      r = philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(n), gq::kStreamGumbel, 0u, seed);
+    }
+    out[i] = uint_to_open_uniform(r.w[pos & 3], gq::kULo);
+  }
+  for (int64_t i = 0; i < count; ++i) out[i] = -fast_log(out[i]);
+  for (int64_t i = 0; i < count; ++i) out[i] = -fast_log(out[i]);
+}
+
+void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, int64_t N, int64_t G,
+                 int64_t V, int64_t D, bool training, uint64_t seed, std::uintptr_t mask_p,
+                 std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t prob_sum_p, std::uintptr_t code_sum_p) {
+  const void* logits = as_ptr<const void>(logits_p);
+  const char* codebook = as_ptr<const char>(codebook_p);
+  const uint8_t* mask = as_ptr<const uint8_t>(mask_p);
+  char* quant = as_ptr<char>(quant_p);
+  int64_t* codes = as_ptr<int64_t>(codes_p);
+  float* prob_sum = as_ptr<float>(prob_sum_p);
+  float* code_sum = as_ptr<float>(code_sum_p);
+  const int64_t GV = G * V;
+  const int64_t esize = cdtype == 0 ? 4 : 2;
+  const int64_t n_blocks = (N + kFrameBlock - 1) / kFrameBlock;
+  std::vector<float> partial(static_cast<size_t>(n_blocks) * 2 * GV, 0.0f);
+
+#pragma omp parallel
+  {
+    std::vector<float> l(V), noise(V);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      float* pp = partial.data() + b * 2 * GV;
+      float* cp = pp + GV;
+      const int64_t n_end = std::min(N, (b + 1) * kFrameBlock);
+      for (int64_t n = b * kFrameBlock; n < n_end; ++n) {
+        const bool sel = mask == nullptr || mask[n] != 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t base = n * GV + g * V;
+          gq::MaxArg ml{-INFINITY, V};
+          for (int64_t v = 0; v < V; ++v) {
+            l[v] = gq::load_as_float(logits, base + v, ldtype);
+            gq::maxarg_update(ml, l[v], v);
+          }
+          if (ml.i == V) ml.i = 0;  // all -inf or NaN: code 0, like an all-equal row
+          int64_t code = ml.i;
+          if (training) {
+            gumbel_row_fast(seed, n, g * V, V, noise.data());
+            float zmax = -INFINITY;
+            for (int64_t v = 0; v < V; ++v) {
+              noise[v] += l[v];
+              zmax = std::max(zmax, noise[v]);
+            }
+            // candidates: every v whose approximate l + g can be the exact maximum (noise
+            // error < 1e-6, plus the rounding of the sums); their exact values decide
+            const float slack = 3e-5f + std::fabs(zmax) * 1e-6f;
+            gq::MaxArg mz{-INFINITY, V};
+            for (int64_t v = 0; v < V; ++v)
+              if (noise[v] >= zmax - slack) gq::maxarg_update(mz, l[v] + gq::gumbel_at(seed, n, g * V + v), v);
+            code = mz.i == V ? 0 : mz.i;
+          }
+          codes[n * G + g] = code;
+          std::memcpy(quant + (n * G + g) * D * esize, codebook + (g * V + code) * D * esize,
+                      static_cast<size_t>(D * esize));
+          if (sel) {
+            float z = 0.0f;
+            for (int64_t v = 0; v < V; ++v) {
+              l[v] = fast_exp(l[v] - ml.m);
+              z += l[v];
+            }
+            const float inv_z = 1.0f / z;
+            for (int64_t v = 0; v < V; ++v) pp[g * V + v] += l[v] * inv_z;
+            cp[g * V + ml.i] += 1.0f;
+          }
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < 2 * GV; ++j) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < n_blocks; ++b) acc += partial[b * 2 * GV + j];
+      (j < GV ? prob_sum[j] : code_sum[j - GV]) = acc;
+    }
+  }
+}
+
+void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, int ldtype, std::uintptr_t cbt_p,
+                  std::uintptr_t codes_p, std::uintptr_t mask_p, std::uintptr_t w_p, int64_t N, int64_t G, int64_t V,
+                  int64_t D, bool training, double tau, uint64_t seed, std::uintptr_t grad_logits_p, int cdtype,
+                  std::uintptr_t grad_cb_p) {
+  const void* grad_q = as_ptr<const void>(grad_q_p);
+  const void* logits = as_ptr<const void>(logits_p);
+  const float* cbt = as_ptr<const float>(cbt_p);  // (G, D, V) fp32: the inner loop runs over v
+  const int64_t* codes = as_ptr<const int64_t>(codes_p);
+  const uint8_t* mask = as_ptr<const uint8_t>(mask_p);
+  const float* w = as_ptr<const float>(w_p);
+  void* grad_logits = as_ptr<void>(grad_logits_p);
+  void* grad_cb = as_ptr<void>(grad_cb_p);
+  const int64_t GV = G * V;
+  const float tau_f = static_cast<float>(tau);
+  const bool need_logit_grad = grad_logits != nullptr;
+  const bool need_cb_grad = grad_cb != nullptr;
+
+  // Frames of each codeword in frame order (counting sort), so the codebook gradient is a
+  // deterministic per-codeword sum that threads never share.
+  std::vector<int64_t> start, order;
+  if (need_cb_grad) {
+    start.assign(static_cast<size_t>(GV + 1), 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < G; ++g) ++start[g * V + codes[n * G + g] + 1];
+    for (int64_t j = 0; j < GV; ++j) start[j + 1] += start[j];
+    order.resize(static_cast<size_t>(N * G));
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < G; ++g) order[fill[g * V + codes[n * G + g]]++] = n;
+  }
+
+#pragma omp parallel
+  {
+    std::vector<float> l(V), y(V), p(V), grad(V), acc(D), a_tile(kGradTile * V), gq_tile(kGradTile * D);
+    if (need_logit_grad) {
+      const int64_t n_tiles = (N + kGradTile - 1) / kGradTile;
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        const int64_t n0 = tile * kGradTile;
+        const int64_t nt = std::min<int64_t>(kGradTile, N - n0);
+        for (int64_t g = 0; g < G; ++g) {
+          if (training) {
+            // a[f] = C_g grad_q[f] (d output / d soft, straight-through) for the tile's
+            // frames at once, so each codebook row is read once per tile, not per frame
+            for (int64_t f = 0; f < nt; ++f)
+              for (int64_t k = 0; k < D; ++k)
+                gq_tile[f * D + k] = gq::load_as_float(grad_q, ((n0 + f) * G + g) * D + k, gdtype);
+            std::fill(a_tile.begin(), a_tile.end(), 0.0f);
+            const float* ct = cbt + g * D * V;
+            for (int64_t k = 0; k < D; ++k) {
+              const float* row = ct + k * V;
+              for (int64_t f = 0; f < nt; ++f) {
+                const float gk = gq_tile[f * D + k];
+                float* a = a_tile.data() + f * V;
+                for (int64_t v = 0; v < V; ++v) a[v] += gk * row[v];
+              }
+            }
+          }
+          for (int64_t f = 0; f < nt; ++f) {
+            const int64_t n = n0 + f;
+            const bool sel = mask == nullptr || mask[n] != 0;
+            const int64_t base = n * GV + g * V;
+            for (int64_t v = 0; v < V; ++v) l[v] = gq::load_as_float(logits, base + v, ldtype);
+            std::fill(grad.begin(), grad.end(), 0.0f);
+            if (training) {
+              const float* a = a_tile.data() + f * V;
+              gumbel_row_fast(seed, n, g * V, V, y.data());
+              float ym = -INFINITY;
+              for (int64_t v = 0; v < V; ++v) {
+                y[v] = l[v] + y[v];
+                ym = std::max(ym, y[v]);
+              }
+              float z = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                y[v] = fast_exp((y[v] - ym) / tau_f);  // max first: finite for tiny tau
+                z += y[v];
+              }
+              const float inv_z = 1.0f / z;
+              float sa = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                y[v] *= inv_z;  // y now holds soft
+                sa += y[v] * a[v];
+              }
+              for (int64_t v = 0; v < V; ++v) grad[v] = gq::softmax_grad(y[v], a[v], sa, tau_f);
+            }
+            if (sel && w != nullptr) {
+              float m = -INFINITY;
+              for (int64_t v = 0; v < V; ++v) m = std::max(m, l[v]);
+              float z = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                p[v] = fast_exp(l[v] - m);
+                z += p[v];
+              }
+              const float inv_z = 1.0f / z;
+              const float* wg = w + g * V;
+              float pw = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                p[v] *= inv_z;
+                pw += p[v] * wg[v];
+              }
+              for (int64_t v = 0; v < V; ++v) grad[v] += gq::softmax_grad(p[v], wg[v], pw, 1.0f);
+            }
+            for (int64_t v = 0; v < V; ++v) gq::store_from_float(grad_logits, base + v, ldtype, grad[v]);
+          }
+        }
+      }
+    }
+    if (need_cb_grad) {
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < GV; ++j) {
+        const int64_t g = j / V;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t i = start[j]; i < start[j + 1]; ++i) {
+          const int64_t off = (order[i] * G + g) * D;
+          for (int64_t k = 0; k < D; ++k) acc[k] += gq::load_as_float(grad_q, off + k, gdtype);
+        }
+        for (int64_t k = 0; k < D; ++k) gq::store_from_float(grad_cb, j * D + k, cdtype, acc[k]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void bind_gumbel_quantize(py::module_& m) {
+  m.def("gumbel_quantize_forward", &forward_cpu, py::arg("logits"), py::arg("ldtype"), py::arg("codebook"),
+        py::arg("cdtype"), py::arg("n"), py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"),
+        py::arg("seed"), py::arg("mask"), py::arg("quantized"), py::arg("codes"),
+        py::arg("prob_sum"), py::arg("code_sum"), py::call_guard<py::gil_scoped_release>());
+  m.def("gumbel_quantize_backward", &backward_cpu, py::arg("grad_q"), py::arg("gdtype"), py::arg("logits"),
+        py::arg("ldtype"), py::arg("codebook_t"), py::arg("codes"), py::arg("mask"), py::arg("w"), py::arg("n"),
+        py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("tau"), py::arg("seed"),
+        py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"), py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace sslfast

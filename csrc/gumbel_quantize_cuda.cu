@@ -1,0 +1,295 @@
+// CUDA kernels of the Gumbel-softmax vector quantizer (sslfast.gumbel_vector_quantize).
+// The per-element math (noise, dtype conversion, argmax rule, softmax gradient) is
+// csrc/gumbel_quantize.h, shared with the CPU kernels.
+//
+// forward: block = (chunk of kChunk frames, group g), one warp per frame row: running
+//   (max, first argmax) of the logits and of logits + noise, softmax normaliser, code,
+//   codebook row copy; then the block's threads sum the soft and hard marginals over the
+//   chunk's frames column by column (fixed order) into a per-chunk partial, and a second
+//   kernel adds the partials in chunk order: deterministic, no atomics.
+// backward (logits): one warp per row (n, g); soft probabilities and a = C_g grad_q are kept
+//   in shared memory (2V + d floats per warp); the noise is redrawn from the seed.
+// backward (codebook): block = (codeword, 128 dims); it scans the codes 128 at a time and
+//   adds the output gradients of the frames that chose it in frame order (deterministic).
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "gumbel_quantize.h"
+#include "sslfast/bind.h"
+#include "sslfast/cuda_check.h"
+
+namespace py = pybind11;
+
+namespace sslfast {
+namespace {
+
+constexpr int kChunk = 32;
+constexpr int kForwardWarps = 8;
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+__device__ __forceinline__ gq::MaxArg warp_maxarg(gq::MaxArg a) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m = __shfl_xor_sync(kFull, a.m, o);
+    const long long i = __shfl_xor_sync(kFull, static_cast<long long>(a.i), o);
+    gq::maxarg_update(a, m, i);
+  }
+  return a;
+}
+
+__global__ void forward_kernel(const void* logits, int ldtype, const char* codebook, int esize, int64_t N, int64_t G,
+                               int64_t V, int64_t D, bool training, uint64_t seed, const uint8_t* mask, char* quant,
+                               int64_t* codes, float* partial) {
+  __shared__ float s_m[kChunk];
+  __shared__ float s_inv_z[kChunk];
+  __shared__ int64_t s_am[kChunk];
+  __shared__ int s_sel[kChunk];
+  const int64_t chunk = blockIdx.x;
+  const int64_t g = blockIdx.y;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t GV = G * V;
+
+  for (int i = warp; i < kChunk; i += kForwardWarps) {
+    const int64_t n = chunk * kChunk + i;
+    if (n >= N) {
+      if (lane == 0) s_sel[i] = 0;
+      continue;
+    }
+    const int64_t base = n * GV + g * V;
+    gq::MaxArg ml{-INFINITY, V};
+    gq::MaxArg mz{-INFINITY, V};
+    for (int64_t v = lane; v < V; v += 32) {
+      const float l = gq::load_as_float(logits, base + v, ldtype);
+      gq::maxarg_update(ml, l, v);
+      if (training) gq::maxarg_update(mz, l + gq::gumbel_at(seed, n, g * V + v), v);
+    }
+    ml = warp_maxarg(ml);
+    if (ml.i == V) ml.i = 0;  // all -inf or NaN: code 0, like the CPU kernel
+    int64_t code = ml.i;
+    if (training) {
+      mz = warp_maxarg(mz);
+      code = mz.i == V ? 0 : mz.i;
+    }
+    float z = 0.0f;
+    for (int64_t v = lane; v < V; v += 32) z += expf(gq::load_as_float(logits, base + v, ldtype) - ml.m);
+    z = warp_sum(z);
+    if (lane == 0) {
+      codes[n * G + g] = code;
+      s_m[i] = ml.m;
+      s_inv_z[i] = 1.0f / z;
+      s_am[i] = ml.i;
+      s_sel[i] = mask == nullptr ? 1 : (mask[n] != 0);
+    }
+    const int64_t src = (g * V + code) * D;
+    const int64_t dst = (n * G + g) * D;
+    if (esize == 4) {
+      const float* s = reinterpret_cast<const float*>(codebook);
+      float* q = reinterpret_cast<float*>(quant);
+      for (int64_t k = lane; k < D; k += 32) q[dst + k] = s[src + k];
+    } else {
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(codebook);
+      uint16_t* q = reinterpret_cast<uint16_t*>(quant);
+      for (int64_t k = lane; k < D; k += 32) q[dst + k] = s[src + k];
+    }
+  }
+  __syncthreads();
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    float acc_p = 0.0f;
+    float acc_c = 0.0f;
+    for (int i = 0; i < kChunk; ++i) {
+      if (!s_sel[i]) continue;
+      const int64_t n = chunk * kChunk + i;
+      acc_p += expf(gq::load_as_float(logits, n * GV + g * V + v, ldtype) - s_m[i]) * s_inv_z[i];
+      acc_c += s_am[i] == v ? 1.0f : 0.0f;
+    }
+    partial[(chunk * 2 + 0) * GV + g * V + v] = acc_p;
+    partial[(chunk * 2 + 1) * GV + g * V + v] = acc_c;
+  }
+}
+
+__global__ void reduce_partials_kernel(const float* partial, int64_t n_chunks, int64_t width, float* out) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= width) return;
+  float acc = 0.0f;
+  for (int64_t c = 0; c < n_chunks; ++c) acc += partial[c * width + j];
+  out[j] = acc;
+}
+
+__global__ void backward_logits_kernel(const void* grad_q, int gdtype, const void* logits, int ldtype,
+                                       const float* cbt, const uint8_t* mask, const float* w, int64_t N, int64_t G,
+                                       int64_t V, int64_t D, bool training, float tau, uint64_t seed,
+                                       void* grad_logits) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int warps = blockDim.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;
+  if (row >= N * G) return;  // whole warps exit together: only __syncwarp below
+  const int64_t n = row / G;
+  const int64_t g = row % G;
+  const int64_t base = n * G * V + g * V;
+  float* s_buf = smem + static_cast<int64_t>(warp) * (2 * V + D);
+  float* acc = s_buf + V;  // a, then the gradient
+  float* gq_row = acc + V;
+
+  if (training) {
+    float ym = -INFINITY;
+    for (int64_t v = lane; v < V; v += 32) {
+      const float y = gq::load_as_float(logits, base + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
+      s_buf[v] = y;
+      ym = fmaxf(ym, y);
+    }
+    ym = warp_max(ym);
+    float z = 0.0f;
+    for (int64_t v = lane; v < V; v += 32) {
+      const float e = expf((s_buf[v] - ym) / tau);  // max first: finite for tiny tau
+      s_buf[v] = e;
+      z += e;
+    }
+    const float inv_z = 1.0f / warp_sum(z);
+    for (int64_t k = lane; k < D; k += 32) gq_row[k] = gq::load_as_float(grad_q, row * D + k, gdtype);
+    __syncwarp();
+    const float* ct = cbt + g * D * V;
+    float sa = 0.0f;
+    for (int64_t v = lane; v < V; v += 32) {
+      float a = 0.0f;
+      for (int64_t k = 0; k < D; ++k) a += gq_row[k] * ct[k * V + v];
+      const float s = s_buf[v] * inv_z;
+      s_buf[v] = s;
+      acc[v] = a;
+      sa += s * a;
+    }
+    sa = warp_sum(sa);
+    for (int64_t v = lane; v < V; v += 32) acc[v] = gq::softmax_grad(s_buf[v], acc[v], sa, tau);
+  } else {
+    for (int64_t v = lane; v < V; v += 32) acc[v] = 0.0f;
+  }
+  const bool sel = mask == nullptr || mask[n] != 0;
+  if (sel && w != nullptr) {
+    float m = -INFINITY;
+    for (int64_t v = lane; v < V; v += 32) m = fmaxf(m, gq::load_as_float(logits, base + v, ldtype));
+    m = warp_max(m);
+    float z = 0.0f;
+    for (int64_t v = lane; v < V; v += 32) z += expf(gq::load_as_float(logits, base + v, ldtype) - m);
+    const float inv_z = 1.0f / warp_sum(z);
+    const float* wg = w + g * V;
+    float pw = 0.0f;
+    for (int64_t v = lane; v < V; v += 32) {
+      const float p = expf(gq::load_as_float(logits, base + v, ldtype) - m) * inv_z;
+      s_buf[v] = p;
+      pw += p * wg[v];
+    }
+    pw = warp_sum(pw);
+    for (int64_t v = lane; v < V; v += 32) acc[v] += gq::softmax_grad(s_buf[v], wg[v], pw, 1.0f);
+  }
+  for (int64_t v = lane; v < V; v += 32) gq::store_from_float(grad_logits, base + v, ldtype, acc[v]);
+}
+
+constexpr int kCodebookThreads = 128;
+
+__global__ void backward_codebook_kernel(const void* grad_q, int gdtype, const int64_t* codes, int64_t N, int64_t G,
+                                         int64_t V, int64_t D, void* grad_cb, int cdtype) {
+  __shared__ int64_t s_list[kCodebookThreads];
+  __shared__ int s_count[kCodebookThreads / 32];
+  const int64_t j = blockIdx.x;
+  const int64_t g = j / V;
+  const int64_t v = j % V;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kCodebookThreads + threadIdx.x;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float acc = 0.0f;
+  for (int64_t n0 = 0; n0 < N; n0 += kCodebookThreads) {
+    const int64_t n = n0 + threadIdx.x;
+    const bool hit = n < N && codes[n * G + g] == v;
+    const unsigned bits = __ballot_sync(kFull, hit);
+    if (lane == 0) s_count[warp] = __popc(bits);
+    __syncthreads();
+    int offset = 0;
+    int total = 0;
+    for (int q = 0; q < kCodebookThreads / 32; ++q) {
+      if (q < warp) offset += s_count[q];
+      total += s_count[q];
+    }
+    // frames land in s_list in frame order, so the sum order is fixed
+    if (hit) s_list[offset + __popc(bits & ((1u << lane) - 1u))] = n;
+    __syncthreads();
+    if (k < D)
+      for (int i = 0; i < total; ++i) acc += gq::load_as_float(grad_q, (s_list[i] * G + g) * D + k, gdtype);
+    __syncthreads();
+  }
+  if (k < D) gq::store_from_float(grad_cb, j * D + k, cdtype, acc);
+}
+
+int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+void forward_cuda(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, int64_t N, int64_t G,
+                  int64_t V, int64_t D, bool training, uint64_t seed, std::uintptr_t mask_p, std::uintptr_t quant_p,
+                  std::uintptr_t codes_p, std::uintptr_t partial_p, std::uintptr_t sums_p, std::uintptr_t stream_h) {
+  if (N == 0) return;
+  if (G > 65535) throw std::invalid_argument("sslfast gumbel_quantize (cuda): groups must be <= 65535");
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_h);
+  const int64_t chunks = num_chunks(N);
+  forward_kernel<<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(G)), kForwardWarps * 32, 0, stream>>>(
+      as_ptr<const void>(logits_p), ldtype, as_ptr<const char>(codebook_p), cdtype == 0 ? 4 : 2, N, G, V, D,
+      training, seed, as_ptr<const uint8_t>(mask_p), as_ptr<char>(quant_p), as_ptr<int64_t>(codes_p),
+      as_ptr<float>(partial_p));
+  SSLFAST_CUDA_CHECK(cudaGetLastError());
+  const int64_t width = 2 * G * V;
+  reduce_partials_kernel<<<static_cast<unsigned>((width + 255) / 256), 256, 0, stream>>>(
+      as_ptr<const float>(partial_p), chunks, width, as_ptr<float>(sums_p));
+  SSLFAST_CUDA_CHECK(cudaGetLastError());
+}
+
+void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, int ldtype, std::uintptr_t cbt_p,
+                   std::uintptr_t codes_p, std::uintptr_t mask_p, std::uintptr_t w_p, int64_t N, int64_t G, int64_t V,
+                   int64_t D, bool training, double tau, uint64_t seed, std::uintptr_t grad_logits_p, int cdtype,
+                   std::uintptr_t grad_cb_p, std::uintptr_t stream_h) {
+  if (N == 0) return;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_h);
+  const size_t per_warp = static_cast<size_t>(2 * V + D) * sizeof(float);
+  const size_t limit = 48 * 1024;  // no opt-in to larger dynamic shared memory
+  if (per_warp > limit)
+    throw std::invalid_argument("sslfast gumbel_quantize (cuda): 2*num_vars + dim must be <= 12288 (shared memory), got " +
+                                std::to_string(2 * V + D));
+  const int warps = per_warp * 4 <= limit ? 4 : 1;
+  const int64_t rows = N * G;
+  backward_logits_kernel<<<static_cast<unsigned>((rows + warps - 1) / warps), warps * 32, per_warp * warps, stream>>>(
+      as_ptr<const void>(grad_q_p), gdtype, as_ptr<const void>(logits_p), ldtype, as_ptr<const float>(cbt_p),
+      as_ptr<const uint8_t>(mask_p), as_ptr<const float>(w_p), N, G, V, D, training, static_cast<float>(tau), seed,
+      as_ptr<void>(grad_logits_p));
+  SSLFAST_CUDA_CHECK(cudaGetLastError());
+  const unsigned d_blocks = static_cast<unsigned>((D + kCodebookThreads - 1) / kCodebookThreads);
+  backward_codebook_kernel<<<dim3(static_cast<unsigned>(G * V), d_blocks), kCodebookThreads, 0, stream>>>(
+      as_ptr<const void>(grad_q_p), gdtype, as_ptr<const int64_t>(codes_p), N, G, V, D, as_ptr<void>(grad_cb_p),
+      cdtype);
+  SSLFAST_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void bind_gumbel_quantize(py::module_& m) {
+  m.def("gumbel_quantize_num_chunks", &num_chunks, py::arg("n"));
+  m.def("gumbel_quantize_forward", &forward_cuda, py::arg("logits"), py::arg("ldtype"), py::arg("codebook"),
+        py::arg("cdtype"), py::arg("n"), py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"),
+        py::arg("seed"), py::arg("mask"), py::arg("quantized"), py::arg("codes"), py::arg("partial"),
+        py::arg("sums"), py::arg("cuda_stream"));
+  m.def("gumbel_quantize_backward", &backward_cuda, py::arg("grad_q"), py::arg("gdtype"), py::arg("logits"),
+        py::arg("ldtype"), py::arg("codebook_t"), py::arg("codes"), py::arg("mask"), py::arg("w"), py::arg("n"),
+        py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("tau"), py::arg("seed"),
+        py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"), py::arg("cuda_stream"));
+}
+
+}  // namespace sslfast

@@ -1,0 +1,558 @@
+"""Gumbel-softmax vector quantizer: every backend against an independent fp64 formulation
+(the one-hot product fairseq and HF compute), Hugging Face's module with the same weights,
+fairseq's documented facts (semantics.md section 4), the sampler's distribution, extreme
+and hostile inputs, and torch.compile."""
+import math
+
+import pytest
+import torch
+
+import sslfast
+from sslfast import random as sr
+from sslfast.nn import GumbelVectorQuantizer, Wav2Vec2GumbelVectorQuantizer
+from sslfast.ops.gumbel_quantize import gumbel_vector_quantize as gvq
+from sslfast.reference import gumbel_quantize as ref
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- independent spec
+
+
+def noise_fp64(n, width, seed):
+    """Gumbel noise from the documented stream: word pos % 4 of philox(pos // 4, row, GUMBEL, 0),
+    uniform clamped to [2^-24, 1 - 2^-24], logs in fp64, rounded once to fp32."""
+    pos = torch.arange(width, dtype=torch.int64)
+    w = torch.stack(sr.philox4x32(pos[None, :] // 4, torch.arange(n)[:, None], int(sr.Stream.GUMBEL), 0, seed))
+    word = torch.gather(w.permute(1, 2, 0), 2, (pos % 4).expand(n, width)[..., None]).squeeze(-1)
+    u = sr.uint_to_uniform(word).clamp(2.0**-24, 1 - 2.0**-24).double()
+    return (-torch.log(-torch.log(u))).float()
+
+
+def quantize_fp64(logits, codebook, groups, tau, training, seed, mask=None, eps=1e-7, noise=None):
+    """fairseq's eager formulation (one-hot x codebook product) in fp64."""
+    n, gv = logits.shape
+    v = gv // groups
+    d = codebook.shape[-1]
+    x = logits.double().reshape(n * groups, v)
+    cb = codebook.double().reshape(1, gv, d)
+    if training:
+        g = noise_fp64(n, gv, seed) if noise is None else noise
+        z = x + g.double().reshape(n * groups, v)
+        soft = torch.softmax(z / tau, dim=-1)
+        hard = torch.nn.functional.one_hot(z.argmax(-1), v).double()
+        w = hard - soft.detach() + soft
+    else:
+        hard = torch.nn.functional.one_hot(x.argmax(-1), v).double()
+        w = hard
+    q = (w.reshape(n, gv, 1) * cb).reshape(n, groups, v, d).sum(2).reshape(n, groups * d)
+    sel = torch.ones(n, dtype=torch.bool) if mask is None else mask.reshape(n)
+    cnt = max(int(sel.sum()), 1)
+    avg = torch.softmax(x.reshape(n, groups, v), -1)[sel].sum(0) / cnt
+    hx = torch.nn.functional.one_hot(x.argmax(-1), v).double().reshape(n, groups, v)[sel].sum(0) / cnt
+
+    def ppl(p):
+        ent = torch.xlogy(p, p) if eps == 0 else p * torch.log(p + eps)
+        return torch.exp(-ent.sum(-1)).sum()
+
+    return q, hard.reshape(n, groups, v).argmax(-1), ppl(avg), ppl(hx.detach())
+
+
+def run(backend, logits, codebook, *, groups, tau=2.0, training=True, seed=7, mask=None, eps=1e-7, gseed=3):
+    """Forward, then grads of sum(quantized * R) + 2.5 * prob_perplexity."""
+    l = logits.detach().clone().requires_grad_()
+    cb = codebook.detach().clone().requires_grad_()
+    out = gvq(l, cb, groups=groups, tau=tau, training=training, seed=seed, mask=mask, perplexity_eps=eps,
+              backend=backend)
+    r = torch.randn(out.quantized.shape, generator=torch.Generator().manual_seed(gseed)).to(out.quantized.device)
+    loss = (out.quantized.double() * r.double()).sum() + 2.5 * out.prob_perplexity.double()
+    gl, gc = torch.autograd.grad(loss, [l, cb])
+    return out, gl, gc
+
+
+def run_fp64(logits, codebook, *, groups, tau=2.0, training=True, seed=7, mask=None, eps=1e-7, gseed=3):
+    l = logits.detach().cpu().double().requires_grad_()
+    cb = codebook.detach().cpu().double().requires_grad_()
+    q, codes, pp, cp = quantize_fp64(l, cb, groups, tau, training, seed, None if mask is None else mask.cpu(), eps)
+    r = torch.randn(q.shape, generator=torch.Generator().manual_seed(gseed)).double()
+    loss = (q * r).sum() + 2.5 * pp
+    gl, gc = torch.autograd.grad(loss, [l, cb])
+    return q, codes, pp, cp, gl, gc
+
+
+def inputs(n, groups, v, d, dtype=torch.float32, device="cpu", scale=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, groups * v, generator=g) * scale).to(dtype).to(device)
+    codebook = torch.randn(groups * v, d, generator=g).to(dtype).to(device)
+    mask = (torch.rand(n, generator=g) < 0.6).to(device)
+    return logits, codebook, mask
+
+
+SHAPES = [(37, 2, 13, 7), (5, 3, 5, 1), (1, 1, 17, 3)]  # primes, d = 1, a single frame
+# fp32: absolute tolerance of kernel outputs and grads against the fp64 formulation
+FP32_TOL = {"ppl": 1e-5, "grad": 2e-5}
+
+
+def check_against_fp64(out, gl, gc, truth, dtype, ref_err=None):
+    q64, codes64, pp64, cp64, gl64, gc64 = truth
+    assert torch.equal(out.codes.cpu(), codes64)
+    assert torch.equal(out.quantized.cpu().double(), q64.detach().to(out.quantized.dtype).double()) or \
+        torch.allclose(out.quantized.cpu().double(), q64.detach(), atol=1e-6)
+    errs = {
+        "pp": abs(out.prob_perplexity.item() - pp64.item()) / pp64.item(),
+        "cp": abs(out.code_perplexity.item() - cp64.item()) / cp64.item(),
+        "gl": (gl.cpu().double() - gl64).abs().max().item(),
+        "gc": (gc.cpu().double() - gc64).abs().max().item(),
+    }
+    if ref_err is None:
+        assert errs["pp"] < FP32_TOL["ppl"] and errs["cp"] < FP32_TOL["ppl"]
+        scale = max(1.0, gl64.abs().max().item())
+        assert errs["gl"] < FP32_TOL["grad"] * scale, errs
+        assert errs["gc"] < FP32_TOL["grad"] * max(1.0, gc64.abs().max().item()), errs
+    else:  # half precision: at most twice the reference's own error in that dtype
+        for k, e in errs.items():
+            assert e <= 2 * ref_err[k] + 1e-6, (k, e, ref_err[k])
+    return errs
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_fp64_formulation(shape, training):
+    n, g, v, d = shape
+    logits, cb, mask = inputs(n, g, v, d)
+    for m in (None, mask):
+        out, gl, gc = run("reference", logits, cb, groups=g, training=training, mask=m, tau=1.7)
+        check_against_fp64(out, gl, gc, run_fp64(logits, cb, groups=g, training=training, mask=m, tau=1.7),
+                           torch.float32)
+
+
+@pytest.mark.cpu
+def test_reference_noise_is_the_documented_stream():
+    got = ref.gumbel_noise(6, 23, 1234)
+    assert torch.equal(got, noise_fp64(6, 23, 1234))
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.cpu
+def test_reference_gradcheck_fp64():
+    torch.manual_seed(0)
+    n, g, v, d = 4, 2, 3, 2
+    l = torch.randn(n, g * v, dtype=torch.float64, requires_grad=True)
+    cb = torch.randn(g * v, d, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([1, 0, 1, 1], dtype=torch.bool)
+    # soft quantization and the prob perplexity are true derivatives of the logits
+    f_soft = lambda a, b: ref.gumbel_vector_quantize(a, b, groups=g, tau=1.3, hard=False, seed=3)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f_soft, (l, cb))
+    for eps in (1e-7, 0.0):
+        f_pp = lambda a: ref.perplexity(ref.gumbel_vector_quantize(a, cb, groups=g, seed=3, mask=mask)[2], eps)  # noqa: E731
+        assert torch.autograd.gradcheck(f_pp, (l,))
+    # the hard output is linear in the codebook (a gather)
+    f_cb = lambda b: ref.gumbel_vector_quantize(l.detach(), b, groups=g, seed=3)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f_cb, (cb,))
+
+
+# ----------------------------------------------------------------------------- cpu backend
+
+
+def _parity(backend, device, dtypes, shapes=SHAPES):
+    for dtype in dtypes:
+        for shape in shapes:
+            n, g, v, d = shape
+            for training in (True, False):
+                logits, cb, mask = inputs(n, g, v, d, dtype=dtype)
+                for m in (None, mask):
+                    kw = dict(groups=g, training=training, mask=m, tau=1.7)
+                    truth = run_fp64(logits, cb, **kw)
+                    out, gl, gc = run(backend, logits.to(device), cb.to(device),
+                                      **{**kw, "mask": None if m is None else m.to(device)})
+                    assert out.quantized.dtype == dtype and out.codes.dtype == torch.int64
+                    if dtype == torch.float32:
+                        check_against_fp64(out, gl, gc, truth, dtype)
+                    else:
+                        ref_err = check_against_fp64(*run("reference", logits, cb, **kw), truth, dtype,
+                                                     ref_err={k: math.inf for k in ("pp", "cp", "gl", "gc")})
+                        check_against_fp64(out, gl, gc, truth, dtype, ref_err=ref_err)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_parity(dtype):
+    _parity("cpu", "cpu", [dtype])
+
+
+@pytest.mark.cpu
+def test_cpu_codes_bit_identical_to_reference_at_scale():
+    logits, cb, mask = inputs(400, 2, 320, 4, scale=1.0, seed=5)
+    for seed in (0, 2**40 + 17):
+        a = gvq(logits, cb, groups=2, seed=seed, mask=mask, backend="reference")
+        b = gvq(logits, cb, groups=2, seed=seed, mask=mask, backend="cpu")
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.quantized, b.quantized)
+        assert torch.allclose(a.prob_perplexity, b.prob_perplexity, rtol=1e-5)
+        assert torch.equal(a.code_perplexity, b.code_perplexity)
+    c = gvq(logits, cb, groups=2, seed=1, backend="cpu")
+    assert not torch.equal(c.codes, b.codes)  # another seed, another draw
+
+
+@pytest.mark.cpu
+def test_cpu_deterministic_and_non_contiguous():
+    logits, cb, mask = inputs(70, 2, 11, 6)
+    a = run("cpu", logits, cb, groups=2, mask=mask)
+    b = run("cpu", logits, cb, groups=2, mask=mask)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert torch.equal(a[0].prob_perplexity, b[0].prob_perplexity)
+    # a transposed logits view and a strided codebook give the same result
+    lt = logits.t().contiguous().t()
+    cbs = torch.stack([cb, cb], dim=2)[..., 0]
+    assert not lt.is_contiguous() or not cbs.is_contiguous()
+    c = run("cpu", lt, cbs, groups=2, mask=mask)
+    assert torch.equal(a[0].codes, c[0].codes) and torch.equal(a[1], c[1]) and torch.equal(a[2], c[2])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_empty_batch_and_empty_mask(backend):
+    logits, cb, _ = inputs(0, 2, 5, 3)
+    out, gl, gc = run(backend, logits, cb, groups=2)
+    assert out.quantized.shape == (0, 6) and out.codes.shape == (0, 2)
+    assert out.prob_perplexity.item() == 2.0 and out.code_perplexity.item() == 2.0  # G, not NaN
+    assert gl.shape == (0, 10) and torch.equal(gc, torch.zeros_like(gc))
+    logits, cb, _ = inputs(9, 2, 5, 3)
+    out, gl, gc = run(backend, logits, cb, groups=2, mask=torch.zeros(9, dtype=torch.bool))
+    assert out.prob_perplexity.item() == 2.0 and torch.isfinite(gl).all()
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_logits_never_nan(backend, dtype):
+    big = 65504.0 if dtype == torch.float16 else 3.0e38
+    n, g, v = 64, 2, 7
+    vals = torch.tensor([255.0, -255.0, big, -big, 0.0])
+    logits = vals[torch.randint(0, 5, (n, g * v), generator=torch.Generator().manual_seed(0))].to(dtype)
+    logits[0] = -255.0
+    logits[0, 3] = 255.0  # one dominant logit: that code, in training too
+    cb = torch.randn(g * v, 4).to(dtype)
+    for training in (True, False):
+        out, gl, gc = run(backend, logits, cb, groups=g, training=training, tau=0.1)
+        assert torch.isfinite(out.quantized).all() and torch.isfinite(gl).all() and torch.isfinite(gc).all()
+        assert torch.isfinite(out.prob_perplexity) and torch.isfinite(out.code_perplexity)
+        assert out.codes[0, 0].item() == 3
+        top = logits.float().reshape(n, g, v).max(-1).values
+        chosen = logits.float().reshape(n, g, v).gather(2, out.codes[..., None]).squeeze(-1)
+        gap = 0.0 if not training else 16.7 + 2.9  # noise lies in [-2.82, 16.64]
+        assert (chosen >= top - gap - 1e-3 * top.abs()).all()
+
+
+@pytest.mark.cpu
+def test_validation_errors():
+    logits, cb, mask = inputs(8, 2, 5, 3)
+    with pytest.raises(TypeError, match="logits"):
+        gvq(logits.long(), cb, groups=2)
+    with pytest.raises(ValueError, match="groups=3"):
+        gvq(logits, cb, groups=3)
+    with pytest.raises(ValueError, match="codebook"):
+        gvq(logits, cb[:-1], groups=2)
+    with pytest.raises(ValueError, match="codebook"):
+        gvq(logits, cb[None].expand(2, -1, -1), groups=2)
+    with pytest.raises(ValueError, match="tau"):
+        gvq(logits, cb, groups=2, tau=0.0)
+    with pytest.raises(ValueError, match="tau"):
+        gvq(logits, cb, groups=2, tau=float("nan"))
+    with pytest.raises(TypeError, match="tau"):
+        gvq(logits, cb, groups=2, tau="2")
+    with pytest.raises(ValueError, match="mask"):
+        gvq(logits, cb, groups=2, mask=mask[:-1])
+    with pytest.raises(TypeError, match="mask"):
+        gvq(logits, cb, groups=2, mask=mask.float())
+    with pytest.raises(TypeError, match="training"):
+        gvq(logits, cb, groups=2, training=1)
+    with pytest.raises(ValueError, match="seed"):
+        gvq(logits, cb, groups=2, seed=-1)
+    with pytest.raises(ValueError, match="groups"):
+        gvq(logits, cb, groups=0)
+    with pytest.raises(ValueError, match="perplexity_eps"):
+        gvq(logits, cb, groups=2, perplexity_eps=-1.0)
+    with pytest.raises(sslfast.BackendUnavailableError):
+        gvq(logits, cb, groups=2, backend="cuda")
+    with pytest.raises(NotImplementedError, match="hard=False"):
+        gvq(logits, cb, groups=2, hard=False, backend="cpu")
+    soft = gvq(logits, cb, groups=2, hard=False, seed=1)  # backend=None: the reference runs it
+    assert torch.allclose(soft.quantized, ref.gumbel_vector_quantize(logits, cb, groups=2, hard=False, seed=1)[0])
+    # (1, G*V, d) codebooks as the modules store them
+    a = gvq(logits, cb[None], groups=2, seed=4, backend="cpu")
+    assert torch.equal(a.quantized, gvq(logits, cb, groups=2, seed=4, backend="cpu").quantized)
+
+
+# ----------------------------------------------------------------------------- sampler statistics
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gumbel_max_code_frequencies_chi_square(backend):
+    """argmax(l + Gumbel) ~ Categorical(softmax(l)) for any tau: chi-square, fixed seed."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    n, v = 40000, 8
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 255.0 - 255.0, -3.0])
+    logits = row.expand(n, v).contiguous()
+    cb = torch.eye(v)
+    out = gvq(logits, cb, groups=1, tau=0.7, seed=20240601, backend=backend)
+    counts = torch.bincount(out.codes[:, 0], minlength=v).double()
+    expected = torch.softmax(row.double(), 0) * n
+    stat, p = scipy_stats.chisquare(counts.numpy(), expected.numpy())
+    assert p > 1e-3, (stat, p)
+
+
+@pytest.mark.cpu
+def test_gumbel_noise_distribution_ks():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    g = ref.gumbel_noise(200, 500, 99).double().flatten()
+    assert torch.isfinite(g).all() and g.min() > -2.83 and g.max() < 16.65
+    assert scipy_stats.kstest(g.numpy(), "gumbel_r").pvalue > 1e-3
+    assert abs(g.mean().item() - 0.5772156649) < 5 * (math.pi**2 / 6 / g.numel()) ** 0.5
+
+
+# ----------------------------------------------------------------------------- Hugging Face peer
+
+
+def _hf_pair(groups=2, v=13, dim=10, conv=32, seed=0):
+    from transformers import Wav2Vec2Config
+    from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2GumbelVectorQuantizer as HF
+
+    cfg = Wav2Vec2Config(conv_dim=(conv,) * 7, num_codevector_groups=groups, num_codevectors_per_group=v,
+                         codevector_dim=dim)
+    torch.manual_seed(seed)
+    hf = HF(cfg)
+    torch.nn.init.uniform_(hf.codevectors)
+    torch.nn.init.normal_(hf.weight_proj.weight)
+    torch.nn.init.zeros_(hf.weight_proj.bias)
+    ours = Wav2Vec2GumbelVectorQuantizer(cfg, backend="cpu")
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_hf_eval_identical(backend):
+    hf, ours = _hf_pair()
+    ours.backend = backend
+    hf.eval()
+    ours.eval()
+    x = torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(3, 17, generator=torch.Generator().manual_seed(2)) < 0.5
+    for m in (None, mask):
+        a, b = hf(x, m), ours(x, m)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_hf_training_same_noise_same_outputs_and_grads(backend, monkeypatch):
+    """HF's training forward with torch's gumbel_softmax replaced by one drawing our stream:
+    same codevectors (HF's straight-through is off by an ulp), perplexity and gradients."""
+    hf, ours = _hf_pair()
+    ours.backend = backend
+    hf.train()
+    ours.train()
+    hf.temperature = ours.temperature = 1.3
+    b, t, seed = 2, 11, 4242
+    x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(b, t, generator=torch.Generator().manual_seed(2)) < 0.5
+    noise = noise_fp64(b * t, 2 * 13, seed).reshape(b * t * 2, 13)
+
+    def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1):
+        y = torch.softmax((logits + noise) / tau, dim=-1)
+        hard_y = torch.zeros_like(y).scatter_(-1, (logits + noise).argmax(-1, keepdim=True), 1.0)
+        return hard_y - y.detach() + y
+
+    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", gumbel_softmax)
+    r = torch.randn(b, t, 10, generator=torch.Generator().manual_seed(3))
+    res = []
+    for mod, kw in ((hf, {}), (ours, {"seed": seed})):
+        mod.zero_grad()
+        q, ppl = mod(x, mask, **kw)
+        ((q * r).sum() + 3.0 * ppl).backward()
+        res.append((q.detach(), ppl.detach(), [p.grad.clone() for p in mod.parameters()]))
+    (qa, pa, ga), (qb, pb, gb) = res
+    assert torch.allclose(qa, qb, atol=1e-6, rtol=0)
+    assert torch.allclose(pa, pb, rtol=1e-6)
+    for u, w in zip(ga, gb):
+        assert torch.allclose(u, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cpu
+def test_hf_training_perplexity_and_code_statistics():
+    """Unpatched HF in training: its perplexity equals ours (noiseless softmax), and its code
+    frequencies and ours agree by a two-sample chi-square test (fixed seeds)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    hf, ours = _hf_pair(groups=1, v=6, dim=4, conv=8)
+    hf.train()
+    ours.train()
+    x = torch.randn(1, 1, 8).expand(1, 30000, 8) * 0.3
+    torch.manual_seed(5)
+    qa, pa = hf(x)
+    qb, pb = ours(x, seed=77)
+    assert torch.allclose(pa, pb, rtol=1e-5)
+    cv = hf.codevectors[0]
+
+    def codes(q):
+        return (q.reshape(-1, 1, 4) - cv[None]).abs().sum(-1).argmin(-1)
+
+    ca = torch.bincount(codes(qa.detach()), minlength=6)
+    cb_ = torch.bincount(codes(qb.detach()), minlength=6)
+    table = torch.stack([ca, cb_]).numpy()
+    table = table[:, table.sum(0) > 0]
+    assert scipy_stats.chi2_contingency(table).pvalue > 1e-3
+
+
+# ----------------------------------------------------------------------------- fairseq module
+
+
+@pytest.mark.cpu
+def test_fairseq_module_facts():
+    q = GumbelVectorQuantizer(dim=16, num_vars=11, temp=(2, 0.5, 0.999995), groups=2, combine_groups=False,
+                              vq_dim=8, time_first=True, backend="cpu")
+    sd = q.state_dict()
+    assert list(sd) == ["vars", "weight_proj.weight", "weight_proj.bias"]
+    assert sd["vars"].shape == (1, 22, 4) and sd["weight_proj.weight"].shape == (22, 16)
+    assert bool((sd["vars"] >= 0).all() and (sd["vars"] < 1).all()) and torch.equal(sd["weight_proj.bias"], torch.zeros(22))
+    assert q.curr_temp == 2
+    for step in (0, 1000, 10**6):
+        q.set_num_updates(step)
+        assert q.curr_temp == max(2 * 0.999995**step, 0.5)
+    q2 = GumbelVectorQuantizer(16, 11, "(2, 0.1, 0.999995)", 2, True, 8, False, weight_proj_depth=2,
+                               weight_proj_factor=3)
+    assert q2.vars.shape == (1, 11, 4)
+    assert [k for k in q2.state_dict()] == ["vars", "weight_proj.0.0.weight", "weight_proj.0.0.bias",
+                                            "weight_proj.1.weight", "weight_proj.1.bias"]
+    assert q2.state_dict()["weight_proj.0.0.weight"].shape == (48, 16)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("combine_groups,time_first", [(False, True), (True, False)])
+def test_fairseq_module_eval_matches_formula(combine_groups, time_first):
+    torch.manual_seed(0)
+    q = GumbelVectorQuantizer(16, 11, (2, 0.5, 0.999995), 2, combine_groups, 8, time_first, backend="cpu")
+    q.eval()
+    x = torch.randn(3, 9, 16) if time_first else torch.randn(3, 16, 9)
+    res = q(x, produce_targets=True)
+    assert set(res) == {"num_vars", "code_perplexity", "prob_perplexity", "temp", "targets", "x"}
+    assert res["num_vars"] == 22 and res["temp"] == 2
+    xt = x if time_first else x.transpose(1, 2)
+    logits = q.weight_proj(xt.reshape(-1, 16)).detach()
+    vars_ = q.vars.detach().repeat(1, 2, 1) if combine_groups else q.vars.detach()
+    q64, codes, pp, cp = quantize_fp64(logits, vars_[0], 2, 2.0, False, 0)
+    out = res["x"] if time_first else res["x"].transpose(1, 2)
+    assert out.shape == (3, 9, 8)
+    assert torch.equal(out.reshape(-1, 8).double(), q64)
+    assert torch.equal(res["targets"], codes.reshape(3, 9, 2))
+    assert abs(res["prob_perplexity"].item() - pp.item()) < 1e-5 * pp.item()
+    assert abs(res["code_perplexity"].item() - cp.item()) < 1e-5 * cp.item()
+    # training: gradients reach vars and weight_proj, the prob perplexity is differentiable
+    q.train()
+    r = q(x, seed=3)
+    (r["x"].sum() - r["prob_perplexity"]).backward()
+    assert q.vars.grad is not None and q.weight_proj.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+def test_torch_compile_fullgraph_cpu_backend():
+    logits, cb, mask = inputs(12, 2, 5, 3)
+
+    def f(l, c, m):
+        out = gvq(l, c, groups=2, tau=1.5, seed=11, mask=m, backend="cpu")
+        return (out.quantized * 1.5).sum() + out.prob_perplexity, out.codes
+
+    compiled = torch.compile(f, fullgraph=True)
+    l1, c1 = logits.clone().requires_grad_(), cb.clone().requires_grad_()
+    l2, c2 = logits.clone().requires_grad_(), cb.clone().requires_grad_()
+    a, ca = f(l1, c1, mask)
+    b, cb_ = compiled(l2, c2, mask)
+    assert torch.equal(ca, cb_) and torch.allclose(a, b)
+    a.backward()
+    b.backward()
+    assert torch.allclose(l1.grad, l2.grad) and torch.allclose(c1.grad, c2.grad)
+
+
+# ----------------------------------------------------------------------------- Triton (interpreter)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_parity(dtype, triton_device):
+    _parity("triton", triton_device, [dtype], shapes=[(37, 2, 13, 7), (5, 3, 5, 1)])
+
+
+@pytest.mark.interpreter
+def test_triton_codes_identical_to_cpu_and_extremes(triton_device):
+    logits, cb, mask = inputs(48, 2, 40, 5, scale=1.0, seed=9)
+    logits[:5] = 255.0 * torch.sign(logits[:5])
+    a = gvq(logits, cb, groups=2, seed=2**62 + 3, mask=mask, backend="cpu")
+    b = gvq(logits.to(triton_device), cb.to(triton_device), groups=2, seed=2**62 + 3, mask=mask.to(triton_device),
+            backend="triton")
+    assert torch.equal(a.codes, b.codes.cpu()) and torch.equal(a.quantized, b.quantized.cpu())
+    assert torch.allclose(a.prob_perplexity, b.prob_perplexity.cpu(), rtol=1e-5)
+    assert torch.isfinite(b.prob_perplexity) and torch.equal(a.code_perplexity, b.code_perplexity.cpu())
+
+
+@pytest.mark.interpreter
+def test_triton_empty_batch(triton_device):
+    logits, cb, _ = inputs(0, 2, 5, 3, device=triton_device)
+    out, gl, gc = run("triton", logits, cb, groups=2)
+    assert out.codes.shape == (0, 2) and out.prob_perplexity.item() == 2.0 and torch.equal(gc, torch.zeros_like(gc))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_parity(backend, dtype):
+    _parity(backend, "cuda", [dtype], shapes=SHAPES + [(301, 2, 320, 128), (64, 1, 1000, 33)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_codes_bit_identical_deterministic_and_large(backend):
+    logits, cb, mask = inputs(3124, 2, 320, 128, scale=1.0, seed=3)
+    a = gvq(logits, cb, groups=2, seed=99, mask=mask, backend="cpu")
+    outs = [run(backend, logits.cuda(), cb.cuda(), groups=2, seed=99, mask=mask.cuda()) for _ in range(2)]
+    b = outs[0][0]
+    assert torch.equal(a.codes, b.codes.cpu()) and torch.equal(a.quantized, b.quantized.cpu())
+    assert torch.allclose(a.prob_perplexity, b.prob_perplexity.cpu(), rtol=1e-5)
+    assert torch.equal(a.code_perplexity, b.code_perplexity.cpu())
+    # deterministic: no atomics anywhere
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
+    assert torch.equal(outs[0][0].prob_perplexity, outs[1][0].prob_perplexity)
+    # extremes in fp16
+    big = torch.tensor([255.0, -255.0, 65504.0, -65504.0])
+    hostile = big[torch.randint(0, 4, (512, 640), generator=torch.Generator().manual_seed(0))].half().cuda()
+    o, gl, gc = run(backend, hostile, cb.half().cuda(), groups=2, tau=0.1)
+    assert torch.isfinite(gl).all() and torch.isfinite(o.prob_perplexity) and torch.isfinite(gc).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_chi_square_and_hf_eval(backend):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    n, v = 100000, 8
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, -3.0])
+    out = gvq(row.expand(n, v).contiguous().cuda(), torch.eye(v).cuda(), groups=1, tau=0.5, seed=7, backend=backend)
+    counts = torch.bincount(out.codes[:, 0].cpu(), minlength=v).double()
+    assert scipy_stats.chisquare(counts.numpy(), (torch.softmax(row.double(), 0) * n).numpy()).pvalue > 1e-3
+    hf, ours = _hf_pair()
+    hf, ours = hf.cuda().eval(), ours.cuda().eval()
+    ours.backend = backend
+    x = torch.randn(4, 50, 32, device="cuda")
+    mask = torch.rand(4, 50, device="cuda") < 0.5
+    a, b = hf(x, mask), ours(x, mask)
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], rtol=1e-6)
