@@ -124,7 +124,7 @@ void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p,
           const int64_t base = n * GV + g * V;
           gq::MaxArg ml{-INFINITY, V};
           for (int64_t v = 0; v < V; ++v) {
-            l[v] = gq::load_as_float(logits, base + v, ldtype);
+            l[v] = load_float(logits, base + v, ldtype);
             gq::maxarg_update(ml, l[v], v);
           }
           if (ml.i == V) ml.i = 0;  // all -inf or NaN: code 0, like an all-equal row
@@ -215,7 +215,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
             // frames at once, so each codebook row is read once per tile, not per frame
             for (int64_t f = 0; f < nt; ++f)
               for (int64_t k = 0; k < D; ++k)
-                gq_tile[f * D + k] = gq::load_as_float(grad_q, ((n0 + f) * G + g) * D + k, gdtype);
+                gq_tile[f * D + k] = load_float(grad_q, ((n0 + f) * G + g) * D + k, gdtype);
             std::fill(a_tile.begin(), a_tile.end(), 0.0f);
             const float* ct = cbt + g * D * V;
             for (int64_t k = 0; k < D; ++k) {
@@ -231,7 +231,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
             const int64_t n = n0 + f;
             const bool sel = mask == nullptr || mask[n] != 0;
             const int64_t base = n * GV + g * V;
-            for (int64_t v = 0; v < V; ++v) l[v] = gq::load_as_float(logits, base + v, ldtype);
+            for (int64_t v = 0; v < V; ++v) l[v] = load_float(logits, base + v, ldtype);
             std::fill(grad.begin(), grad.end(), 0.0f);
             if (training) {
               const float* a = a_tile.data() + f * V;
@@ -271,7 +271,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
               }
               for (int64_t v = 0; v < V; ++v) grad[v] += gq::softmax_grad(p[v], wg[v], pw, 1.0f);
             }
-            for (int64_t v = 0; v < V; ++v) gq::store_from_float(grad_logits, base + v, ldtype, grad[v]);
+            for (int64_t v = 0; v < V; ++v) store_float(grad_logits, base + v, ldtype, grad[v]);
           }
         }
       }
@@ -283,9 +283,9 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t i = start[j]; i < start[j + 1]; ++i) {
           const int64_t off = (order[i] * G + g) * D;
-          for (int64_t k = 0; k < D; ++k) acc[k] += gq::load_as_float(grad_q, off + k, gdtype);
+          for (int64_t k = 0; k < D; ++k) acc[k] += load_float(grad_q, off + k, gdtype);
         }
-        for (int64_t k = 0; k < D; ++k) gq::store_from_float(grad_cb, j * D + k, cdtype, acc[k]);
+        for (int64_t k = 0; k < D; ++k) store_float(grad_cb, j * D + k, cdtype, acc[k]);
       }
     }
   }

@@ -72,7 +72,7 @@ __global__ void forward_kernel(const void* logits, int ldtype, const char* codeb
     gq::MaxArg ml{-INFINITY, V};
     gq::MaxArg mz{-INFINITY, V};
     for (int64_t v = lane; v < V; v += 32) {
-      const float l = gq::load_as_float(logits, base + v, ldtype);
+      const float l = load_float(logits, base + v, ldtype);
       gq::maxarg_update(ml, l, v);
       if (training) gq::maxarg_update(mz, l + gq::gumbel_at(seed, n, g * V + v), v);
     }
@@ -84,7 +84,7 @@ __global__ void forward_kernel(const void* logits, int ldtype, const char* codeb
       code = mz.i == V ? 0 : mz.i;
     }
     float z = 0.0f;
-    for (int64_t v = lane; v < V; v += 32) z += expf(gq::load_as_float(logits, base + v, ldtype) - ml.m);
+    for (int64_t v = lane; v < V; v += 32) z += expf(load_float(logits, base + v, ldtype) - ml.m);
     z = warp_sum(z);
     if (lane == 0) {
       codes[n * G + g] = code;
@@ -112,7 +112,7 @@ __global__ void forward_kernel(const void* logits, int ldtype, const char* codeb
     for (int i = 0; i < kChunk; ++i) {
       if (!s_sel[i]) continue;
       const int64_t n = chunk * kChunk + i;
-      acc_p += expf(gq::load_as_float(logits, n * GV + g * V + v, ldtype) - s_m[i]) * s_inv_z[i];
+      acc_p += expf(load_float(logits, n * GV + g * V + v, ldtype) - s_m[i]) * s_inv_z[i];
       acc_c += s_am[i] == v ? 1.0f : 0.0f;
     }
     partial[(chunk * 2 + 0) * GV + g * V + v] = acc_p;
@@ -148,7 +148,7 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
   if (training) {
     float ym = -INFINITY;
     for (int64_t v = lane; v < V; v += 32) {
-      const float y = gq::load_as_float(logits, base + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
+      const float y = load_float(logits, base + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
       s_buf[v] = y;
       ym = fmaxf(ym, y);
     }
@@ -160,7 +160,7 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
       z += e;
     }
     const float inv_z = 1.0f / warp_sum(z);
-    for (int64_t k = lane; k < D; k += 32) gq_row[k] = gq::load_as_float(grad_q, row * D + k, gdtype);
+    for (int64_t k = lane; k < D; k += 32) gq_row[k] = load_float(grad_q, row * D + k, gdtype);
     __syncwarp();
     const float* ct = cbt + g * D * V;
     float sa = 0.0f;
@@ -180,22 +180,22 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
   const bool sel = mask == nullptr || mask[n] != 0;
   if (sel && w != nullptr) {
     float m = -INFINITY;
-    for (int64_t v = lane; v < V; v += 32) m = fmaxf(m, gq::load_as_float(logits, base + v, ldtype));
+    for (int64_t v = lane; v < V; v += 32) m = fmaxf(m, load_float(logits, base + v, ldtype));
     m = warp_max(m);
     float z = 0.0f;
-    for (int64_t v = lane; v < V; v += 32) z += expf(gq::load_as_float(logits, base + v, ldtype) - m);
+    for (int64_t v = lane; v < V; v += 32) z += expf(load_float(logits, base + v, ldtype) - m);
     const float inv_z = 1.0f / warp_sum(z);
     const float* wg = w + g * V;
     float pw = 0.0f;
     for (int64_t v = lane; v < V; v += 32) {
-      const float p = expf(gq::load_as_float(logits, base + v, ldtype) - m) * inv_z;
+      const float p = expf(load_float(logits, base + v, ldtype) - m) * inv_z;
       s_buf[v] = p;
       pw += p * wg[v];
     }
     pw = warp_sum(pw);
     for (int64_t v = lane; v < V; v += 32) acc[v] += gq::softmax_grad(s_buf[v], wg[v], pw, 1.0f);
   }
-  for (int64_t v = lane; v < V; v += 32) gq::store_from_float(grad_logits, base + v, ldtype, acc[v]);
+  for (int64_t v = lane; v < V; v += 32) store_float(grad_logits, base + v, ldtype, acc[v]);
 }
 
 constexpr int kCodebookThreads = 128;
@@ -227,10 +227,10 @@ __global__ void backward_codebook_kernel(const void* grad_q, int gdtype, const i
     if (hit) s_list[offset + __popc(bits & ((1u << lane) - 1u))] = n;
     __syncthreads();
     if (k < D)
-      for (int i = 0; i < total; ++i) acc += gq::load_as_float(grad_q, (s_list[i] * G + g) * D + k, gdtype);
+      for (int i = 0; i < total; ++i) acc += load_float(grad_q, (s_list[i] * G + g) * D + k, gdtype);
     __syncthreads();
   }
-  if (k < D) gq::store_from_float(grad_cb, j * D + k, cdtype, acc);
+  if (k < D) store_float(grad_cb, j * D + k, cdtype, acc);
 }
 
 int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }

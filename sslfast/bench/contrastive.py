@@ -103,8 +103,7 @@ def _provider(name, shape, device, backward):
     return factory
 
 
-def cases(device, quick):
-    device = torch.device(device)
+def _loss_cases(device, quick):
     out = []
     shapes = QUICK if quick else SHAPES
     for label, shape in shapes.items():
@@ -121,4 +120,51 @@ def cases(device, quick):
                 # fewest bytes: x and y once, plus the gathered candidate rows (fp32)
                 bytes_moved=4 * (2 * b * t * d + b * t // 2 * (k + 1) * d) * (3 if backward else 1),
             ))
+    return out
+
+
+def _w2v_provider(name, shape, device):
+    """The whole step of wav2vec2_contrastive_loss, sampling included, forward + backward.
+    "hf": Hugging Face's numpy sampler, the copy of its indices to the device, then its loss."""
+
+    def factory():
+        from ..ops.contrastive import wav2vec2_contrastive_loss
+
+        K = shape["K"]
+        x, y, mask, _, _, _ = _inputs(**shape, device=device)
+        x.requires_grad_(True)
+        y.requires_grad_(True)
+        if name == "hf":
+            hf = _hf()
+            mask_np = mask.cpu().numpy()
+
+            def loss_fn():
+                sampled = torch.from_numpy(hf._sample_negative_indices(tuple(mask.shape), K, mask_np)).to(device)
+                return _hf_loss(hf, x, y, mask, sampled)
+        else:
+            if name != "reference":
+                why = _dispatch.backend_unavailable_reason(name, device)
+                if why:
+                    raise Unavailable(why)
+
+            def loss_fn():
+                return wav2vec2_contrastive_loss(x, y, mask, K, seed=0, backend=name)
+
+        def run():
+            x.grad = y.grad = None
+            loss_fn().backward()
+
+        return run
+
+    return factory
+
+
+def cases(device, quick):
+    device = torch.device(device)
+    out = _loss_cases(device, quick)
+    label, shape = next(iter((QUICK if quick else SHAPES).items()))
+    providers = {name: _w2v_provider(name, shape, device) for name in ("cuda", "triton", "cpu", "reference", "hf")}
+    b, t, d, k = shape["B"], shape["T"], shape["D"], shape["K"]
+    out.append(Case(op="wav2vec2_contrastive_loss", shape=f"{label} B={b} T={t} D={d} K={k}", mode="fwd+bwd",
+                    providers=providers, params=dict(shape)))
     return out

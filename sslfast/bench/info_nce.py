@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch
-from ..ops.info_nce import info_nce
+from ..ops.info_nce import info_nce, nt_xent
 from ..reference import info_nce as ref
 from .harness import Case, Unavailable
 
@@ -54,7 +54,7 @@ def _step(loss_fn, q, k):
     return run
 
 
-def _backend(name, n, d, device, dtype):
+def _backend(name, n, d, device, dtype, op=None):
     def factory():
         reason = _dispatch.backend_unavailable_reason(name, device)
         if reason:
@@ -62,9 +62,32 @@ def _backend(name, n, d, device, dtype):
         if name == "triton" and device.type == "cpu":
             raise Unavailable("Triton runs on CPU tensors only in the interpreter: far too slow for these shapes")
         q, k = _inputs(n, d, device, dtype)
+        if op is not None:
+            return _step(lambda a, b: op(a, b, backend=name), q, k)
         return _step(lambda a, b: info_nce(a, b, temperature=TEMPERATURE, symmetric=True, backend=name), q, k)
 
     return factory
+
+
+def _nt_xent_cases(device, quick, dtype):
+    """SimCLR: B images, two views each (2B rows), D = 128 projection, temperature 0.5."""
+    n, d = (256, 64) if quick else ((4096, 128) if device.type == "cuda" else (1024, 128))
+
+    def reference_factory():
+        _check_nn_memory(2 * n, device)
+        q, k = _inputs(n, d, device, dtype)
+        return _step(lambda a, b: ref.nt_xent(a, b, 0.5), q, k)
+
+    def compile_factory():
+        _check_nn_memory(2 * n, device)
+        q, k = _inputs(n, d, device, dtype)
+        return _step(torch.compile(lambda a, b: ref.nt_xent(a, b, 0.5)), q, k)
+
+    providers = {name: _backend(name, n, d, device, dtype, op=nt_xent) for name in ("cuda", "triton", "cpu")}
+    providers.update(reference=reference_factory, compile=compile_factory)
+    return [Case(op="nt_xent", shape=f"B={n} views=2 D={d} {str(dtype).replace('torch.', '')}", mode="fwd+bwd",
+                 providers=providers, params=dict(n=n, d=d),
+                 reps=3 if device.type == "cpu" else None, warmup=1 if device.type == "cpu" else None)]
 
 
 def _reference(n, d, device, dtype):
@@ -132,4 +155,4 @@ def cases(device, quick):
             params=dict(n=n, d=d, symmetric=True),
             reps=3 if device.type == "cpu" else None, warmup=1 if device.type == "cpu" else None,
         ))
-    return out
+    return out + _nt_xent_cases(device, quick, dtype)
