@@ -29,6 +29,52 @@ constexpr float kNormEps = 1e-12f;
 // torch.nn.LayerNorm's default eps, the one NeMo and lucidrains use.
 constexpr float kLayerNormEps = 1e-5f;
 
+// One call's problem as both the CPU and the CUDA kernels read it (from the binding's raw
+// arguments): x contiguous (B, T, F) of x_dtype, stacked k frames per row, rows = B * (T // k);
+// proj fp32 (F*k, H*d) or null (then y is the row itself: H = 1, d = F*k); codebooks
+// contiguous (H, V, d) of cb_dtype; mask uint8 (rows,) or null; out int64 (rows, H).
+struct Problem {
+  const void* x;
+  int x_dtype;
+  int64_t B, T, F, k, rows_per_seq, rows, in_dim;
+  const float* proj;
+  const void* cb;
+  int cb_dtype;
+  int64_t H, V, d;
+  bool layernorm;
+  int metric;
+  const uint8_t* mask;
+  int64_t* out;
+  int64_t smem_per_warp;  // CUDA only: floats of shared memory each warp stages
+};
+
+inline Problem make_problem(std::uintptr_t x, int x_dtype, int64_t B, int64_t T, int64_t F, int64_t k,
+                            std::uintptr_t proj, std::uintptr_t cb, int cb_dtype, int64_t H, int64_t V, int64_t d,
+                            bool layernorm, int metric, std::uintptr_t mask, std::uintptr_t out) {
+  Problem p;
+  p.x = reinterpret_cast<const void*>(x);
+  p.x_dtype = x_dtype;
+  p.B = B;
+  p.T = T;
+  p.F = F;
+  p.k = k;
+  p.rows_per_seq = T / k;
+  p.rows = B * p.rows_per_seq;
+  p.in_dim = F * k;
+  p.proj = proj ? reinterpret_cast<const float*>(proj) : nullptr;
+  p.cb = reinterpret_cast<const void*>(cb);
+  p.cb_dtype = cb_dtype;
+  p.H = H;
+  p.V = V;
+  p.d = d;
+  p.layernorm = layernorm;
+  p.metric = metric;
+  p.mask = mask ? reinterpret_cast<const uint8_t*>(mask) : nullptr;
+  p.out = reinterpret_cast<int64_t*>(out);
+  p.smem_per_warp = p.in_dim + (p.proj != nullptr ? H * d : 0);
+  return p;
+}
+
 
 // Element offset of stacked row n in a contiguous (B, T, F) input: row n is frames
 // t*k .. t*k+k-1 of sequence b (n = b * rows_per_seq + t), which are contiguous, so stacking

@@ -43,19 +43,6 @@ constexpr int64_t kRowBlock = 32;
 enum Isa : int { kIsaAuto = -1, kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 int g_forced_isa = kIsaAuto;
 
-struct Problem {
-  const void* x;
-  int x_dtype;
-  int64_t B, T, F, k, rows_per_seq, rows, in_dim;
-  const float* proj;  // (in_dim, H * d) fp32, or null: y = the row itself (H = 1, d = in_dim)
-  const void* cb;
-  int cb_dtype;
-  int64_t H, V, d;
-  bool layernorm;
-  int metric;
-  const uint8_t* mask;  // (rows,) or null
-  int64_t* out;         // (rows, H)
-};
 
 // Codewords per tile: the transposed tile (d * TV floats) stays within about 64 KB.
 int64_t tile_size(int64_t d, int64_t V) {
@@ -398,26 +385,7 @@ void run(const Problem& p) {
 void rp_quantize_cpu(std::uintptr_t x, int x_dtype, int64_t B, int64_t T, int64_t F, int64_t k, std::uintptr_t proj,
                      std::uintptr_t cb, int cb_dtype, int64_t H, int64_t V, int64_t d, bool layernorm, int metric,
                      std::uintptr_t mask, std::uintptr_t out) {
-  Problem p;
-  p.x = as_ptr<const void>(x);
-  p.x_dtype = x_dtype;
-  p.B = B;
-  p.T = T;
-  p.F = F;
-  p.k = k;
-  p.rows_per_seq = T / k;
-  p.rows = B * p.rows_per_seq;
-  p.in_dim = F * k;
-  p.proj = proj ? as_ptr<const float>(proj) : nullptr;
-  p.cb = as_ptr<const void>(cb);
-  p.cb_dtype = cb_dtype;
-  p.H = H;
-  p.V = V;
-  p.d = d;
-  p.layernorm = layernorm;
-  p.metric = metric;
-  p.mask = mask ? as_ptr<const uint8_t>(mask) : nullptr;
-  p.out = as_ptr<int64_t>(out);
+  const Problem p = make_problem(x, x_dtype, B, T, F, k, proj, cb, cb_dtype, H, V, d, layernorm, metric, mask, out);
   py::gil_scoped_release release;
   run(p);
 }

@@ -31,20 +31,6 @@ constexpr int kWarp = 32;
 constexpr int64_t kMaxSmemFloats = 12288;  // 48 KB of static-limit shared memory
 constexpr int64_t kNoIndex = INT64_MAX;
 
-struct Problem {
-  const void* x;
-  int x_dtype;
-  int64_t T, F, k, rows_per_seq, rows, in_dim;
-  const float* proj;
-  const void* cb;
-  int cb_dtype;
-  int64_t H, V, d;
-  bool layernorm;
-  int metric;
-  const uint8_t* mask;
-  int64_t* out;
-  int64_t smem_per_warp;
-};
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -132,26 +118,7 @@ __global__ void rp_quantize_kernel(Problem p) {
 void rp_quantize_cuda(std::uintptr_t x, int x_dtype, int64_t B, int64_t T, int64_t F, int64_t k, std::uintptr_t proj,
                       std::uintptr_t cb, int cb_dtype, int64_t H, int64_t V, int64_t d, bool layernorm, int metric,
                       std::uintptr_t mask, std::uintptr_t out, std::uintptr_t stream) {
-  Problem p;
-  p.x = as_ptr<const void>(x);
-  p.x_dtype = x_dtype;
-  p.T = T;
-  p.F = F;
-  p.k = k;
-  p.rows_per_seq = T / k;
-  p.rows = B * p.rows_per_seq;
-  p.in_dim = F * k;
-  p.proj = proj ? as_ptr<const float>(proj) : nullptr;
-  p.cb = as_ptr<const void>(cb);
-  p.cb_dtype = cb_dtype;
-  p.H = H;
-  p.V = V;
-  p.d = d;
-  p.layernorm = layernorm;
-  p.metric = metric;
-  p.mask = mask ? as_ptr<const uint8_t>(mask) : nullptr;
-  p.out = as_ptr<int64_t>(out);
-  p.smem_per_warp = p.in_dim + (p.proj != nullptr ? H * d : 0);
+  const Problem p = make_problem(x, x_dtype, B, T, F, k, proj, cb, cb_dtype, H, V, d, layernorm, metric, mask, out);
   if (p.smem_per_warp > kMaxSmemFloats) {
     throw std::invalid_argument("sslfast rp_quantize (cuda): F*k + H*d must be <= 12288");
   }
