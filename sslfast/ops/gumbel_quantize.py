@@ -91,8 +91,8 @@ def _codebook_t(codebook, groups):
     return codebook.float().reshape(groups, gv // groups, d).transpose(1, 2).contiguous()
 
 
-@_dispatch.register(OP_BWD, "cpu")
-def _backward_cpu(grad_q, w, logits, codebook, codes, mask, groups, tau, training, seed):
+def _backward_native(module, stream_args, grad_q, w, logits, codebook, codes, mask, groups, tau, training, seed):
+    """The C++ and CUDA backward take the same arguments (CUDA adds its stream)."""
     n, gv = logits.shape
     d = codebook.shape[1]
     grad_logits = torch.empty_like(logits)
@@ -100,11 +100,16 @@ def _backward_cpu(grad_q, w, logits, codebook, codes, mask, groups, tau, trainin
     if n == 0:
         return grad_logits, grad_cb.zero_()
     cbt = _codebook_t(codebook, groups)
-    _ext.cpu_module().gumbel_quantize_backward(
+    module.gumbel_quantize_backward(
         _ext.ptr(grad_q), _ext.DTYPE_CODE[grad_q.dtype], _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype],
         _ext.ptr(cbt), _ext.ptr(codes), _ext.ptr(mask), _ext.ptr(w), n, groups, gv // groups, d, training,
-        float(tau), seed, _ext.ptr(grad_logits), _ext.DTYPE_CODE[codebook.dtype], _ext.ptr(grad_cb))
+        float(tau), seed, _ext.ptr(grad_logits), _ext.DTYPE_CODE[codebook.dtype], _ext.ptr(grad_cb), *stream_args)
     return grad_logits, grad_cb
+
+
+@_dispatch.register(OP_BWD, "cpu")
+def _backward_cpu(grad_q, w, logits, *args):
+    return _backward_native(_ext.cpu_module(), (), grad_q, w, logits, *args)
 
 
 @_dispatch.register(OP, "triton")
@@ -149,20 +154,8 @@ def _forward_cuda(logits, codebook, mask, groups, training, seed):
 
 
 @_dispatch.register(OP_BWD, "cuda")
-def _backward_cuda(grad_q, w, logits, codebook, codes, mask, groups, tau, training, seed):
-    n, gv = logits.shape
-    d = codebook.shape[1]
-    grad_logits = torch.empty_like(logits)
-    grad_cb = torch.empty_like(codebook)
-    if n == 0:
-        return grad_logits, grad_cb.zero_()
-    cbt = _codebook_t(codebook, groups)
-    _ext.cuda_module().gumbel_quantize_backward(
-        _ext.ptr(grad_q), _ext.DTYPE_CODE[grad_q.dtype], _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype],
-        _ext.ptr(cbt), _ext.ptr(codes), _ext.ptr(mask), _ext.ptr(w), n, groups, gv // groups, d, training,
-        float(tau), seed, _ext.ptr(grad_logits), _ext.DTYPE_CODE[codebook.dtype], _ext.ptr(grad_cb),
-        _ext.stream(logits.device))
-    return grad_logits, grad_cb
+def _backward_cuda(grad_q, w, logits, *args):
+    return _backward_native(_ext.cuda_module(), (_ext.stream(logits.device),), grad_q, w, logits, *args)
 
 
 # ----------------------------------------------------------------------------- custom ops
