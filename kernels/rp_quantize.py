@@ -23,6 +23,23 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _update_best(dot, cc, vv, V, best, best_idx, COSINE: tl.constexpr):
+    """Scores of one codebook tile (dot (BLOCK_N, BLOCK_V) = y . c, cc = |c|^2, vv = codeword
+    indices) folded into the running best. Cosine: dot / |c| (y already normalised); l2:
+    2 y.c - |c|^2. Ties go to the lowest index: within the tile by min index, across tiles
+    because a later tile must be strictly better."""
+    if COSINE:
+        s = dot * (1.0 / tl.maximum(tl.sqrt(cc), 1e-12))[None, :]
+    else:
+        s = 2.0 * dot - cc[None, :]
+    s = tl.where((vv < V)[None, :], s, float("-inf"))
+    tile_max = tl.max(s, axis=1)
+    tile_arg = tl.min(tl.where(s == tile_max[:, None], vv[None, :], V), axis=1)
+    take = tile_max > best
+    return tl.where(take, tile_max, best), tl.where(take, tile_arg.to(tl.int64), best_idx)
+
+
+@triton.jit
 def _rp_quantize_kernel(
     x_ptr, proj_ptr, cb_ptr, mask_ptr, out_ptr,
     rows, rows_per_seq, T, F, stack, in_dim, H, V, d,
@@ -88,16 +105,7 @@ def _rp_quantize_kernel(
                             mask=v_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                 cc = tl.sum(c * c, axis=1)
                 dot = tl.dot(y, tl.trans(c), input_precision="ieee")
-                if COSINE:
-                    s = dot * (1.0 / tl.maximum(tl.sqrt(cc), 1e-12))[None, :]
-                else:
-                    s = 2.0 * dot - cc[None, :]
-                s = tl.where(v_ok[None, :], s, float("-inf"))
-                tile_max = tl.max(s, axis=1)
-                tile_arg = tl.min(tl.where(s == tile_max[:, None], vv[None, :], V), axis=1)
-                take = tile_max > best
-                best = tl.where(take, tile_max, best)
-                best_idx = tl.where(take, tile_arg.to(tl.int64), best_idx)
+                best, best_idx = _update_best(dot, cc, vv, V, best, best_idx, COSINE)
         else:
             scale = tl.full([BLOCK_N], 1.0, tl.float32)
             if COSINE:
@@ -123,15 +131,8 @@ def _rp_quantize_kernel(
                     dot += tl.dot(xk, tl.trans(ck), input_precision="ieee")
                     cc += tl.sum(ck * ck, axis=1)
                 if COSINE:
-                    s = (dot * scale[:, None]) * (1.0 / tl.maximum(tl.sqrt(cc), 1e-12))[None, :]
-                else:
-                    s = 2.0 * dot - cc[None, :]
-                s = tl.where(v_ok[None, :], s, float("-inf"))
-                tile_max = tl.max(s, axis=1)
-                tile_arg = tl.min(tl.where(s == tile_max[:, None], vv[None, :], V), axis=1)
-                take = tile_max > best
-                best = tl.where(take, tile_max, best)
-                best_idx = tl.where(take, tile_arg.to(tl.int64), best_idx)
+                    dot = dot * scale[:, None]
+                best, best_idx = _update_best(dot, cc, vv, V, best, best_idx, COSINE)
     tl.store(out_ptr + offs_n64 * H + h, tl.where(active, best_idx, -1), mask=row_ok)
 
 
