@@ -2,7 +2,11 @@
 // C++/CUDA bits equal the Triton and PyTorch ones.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "sslfast/bind.h"
+#include "sslfast/cpu_isa.h"
 #include "sslfast/philox.h"
 
 namespace py = pybind11;
@@ -26,7 +30,22 @@ static void uniform_fill_cpu(std::uintptr_t words_ptr, std::uintptr_t out_ptr, i
   for (int64_t i = 0; i < n; ++i) out[i] = uint_to_uniform(static_cast<uint32_t>(words[i]));
 }
 
+static std::string set_cpu_isa_py(const std::string& name) {
+  Isa cap;
+  if (name == "scalar") cap = Isa::scalar;
+  else if (name == "avx2") cap = Isa::avx2;
+  else if (name == "avx512") cap = Isa::avx512;
+  else throw std::invalid_argument("isa must be 'scalar', 'avx2' or 'avx512', got '" + name + "'");
+  return isa_name(set_cpu_isa(cap));
+}
+
 void bind_random(py::module_& m) {
+  m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); },
+        "The SIMD level the C++ kernels use now: 'scalar', 'avx2' or 'avx512'.");
+  m.def("cpu_isa_supported", [] { return std::string(isa_name(cpu_isa_supported())); },
+        "The best SIMD level this CPU executes.");
+  m.def("set_cpu_isa", &set_cpu_isa_py, py::arg("isa"),
+        "Caps the SIMD level (every level returns the same bits; tests use this). Returns the level now used.");
   m.def("philox_fill", &philox_fill_cpu, py::arg("out"), py::arg("n"), py::arg("c0_start"),
         py::arg("row"), py::arg("stream"), py::arg("seed"));
   m.def("uniform_fill", &uniform_fill_cpu, py::arg("words"), py::arg("out"), py::arg("n"));

@@ -35,7 +35,11 @@ def env_info() -> dict:
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "SSLFAST_BACKEND": os.environ.get("SSLFAST_BACKEND"),
     }
-    info["cpu_extension"] = "built" + (" with OpenMP" if getattr(_ext._C, "openmp", False) else " without OpenMP") if _ext._C else _ext.C_ERROR
+    if _ext._C:
+        omp = " with OpenMP" if getattr(_ext._C, "openmp", False) else " without OpenMP"
+        info["cpu_extension"] = f"built{omp}, SIMD {_ext._C.cpu_isa()} (CPU supports {_ext._C.cpu_isa_supported()})"
+    else:
+        info["cpu_extension"] = _ext.C_ERROR
     if _ext._C_cuda is not None:
         rt = _ext._C_cuda.cuda_runtime_version
         info["cuda_extension"] = f"built for sm {_ext._C_cuda.archs} with CUDA runtime {rt // 1000}.{rt % 1000 // 10}"
