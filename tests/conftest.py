@@ -38,3 +38,31 @@ def pytest_collection_modifyitems(config, items):
 def triton_device():
     """The device Triton kernels run on here: CUDA when present, else CPU under the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def _cpu_isa_levels():
+    from sslfast import _ext
+
+    mod = _ext.cpu_module() if _ext._C is not None else None
+    if mod is None:
+        return []
+    order = ["scalar", "avx2", "avx512"]
+    best = order.index(mod.cpu_isa_supported())
+    return [pytest.param(isa, marks=() if i <= best else pytest.mark.skip(reason=f"this CPU has no {isa}"))
+            for i, isa in enumerate(order)]
+
+
+@pytest.fixture(params=_cpu_isa_levels())
+def cpu_isa(request):
+    """Runs the test once per SIMD level of the C++ kernels ('scalar', 'avx2', 'avx512'),
+    forced with sslfast._C.set_cpu_isa; a level this CPU lacks is skipped, not passed."""
+    from sslfast import _ext
+
+    mod = _ext.cpu_module()
+    before = mod.cpu_isa()
+    assert mod.set_cpu_isa(request.param) == request.param
+    try:
+        yield request.param
+    finally:
+        mod.set_cpu_isa("avx512")  # back to the uncapped default...
+        mod.set_cpu_isa(before)  # ...then to whatever cap was in effect

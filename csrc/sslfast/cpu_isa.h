@@ -18,6 +18,11 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define SSLFAST_X86_SIMD 1
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 headers once their intrinsics
+// are inlined (_mm512_undefined_*; GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #define SSLFAST_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2")))
 #define SSLFAST_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi2")))
 #else
