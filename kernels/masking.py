@@ -5,7 +5,7 @@
   starts (scratch), their ranks by counting (BLOCK_S x BLOCK_S tiles), each chosen start's
   span end, then coverage as a running maximum of span ends (``tl.associative_scan``).
   With ``NO_OVERLAP`` steps 3-5 are fairseq's interval placement instead (``_no_overlap``):
-  sequential over the spans, the interval list in scratch. When the row's result does not
+  sequential over the spans, the interval list in registers. When the row's result does not
   depend on other rows (no require_same_masks, or B == 1) it also applies mask_dropout.
 * ``_equalize_kernel`` (fairseq style, require_same_masks with B > 1): program ``b`` takes
   the minimum count over rows, keeps the row's masked frames of smallest key, then applies
@@ -159,7 +159,9 @@ def _no_overlap(lens_row, ivl, erow, seed, b, sz, n, n_cap, min_len, min_space, 
     fairseq's list order (pop, append left, append right), so the running sum of rooms and
     the choice are the same. ``ivl`` (5 * n_cap int64 of scratch) holds the lengths sorted
     longest first, each span's start and end, and the row's 2 n words of MASK_START, so the
-    sequential loop reads scalars and runs four reductions a span.
+    sequential loop reads scalars and runs four reductions a span. BLOCK_P is 128 at wav2vec
+    2.0 shapes (n_cap = 51); it grows with the span count (mask_length 1 on long rows), and
+    with it the registers each program holds.
     """
     srt = ivl
     starts = ivl + n_cap
