@@ -4,8 +4,18 @@
   count and lengths (vectors over BLOCK_N spans), the start keys of the row's R candidate
   starts (scratch), their ranks by counting (BLOCK_S x BLOCK_S tiles), each chosen start's
   span end, then coverage as a running maximum of span ends (``tl.associative_scan``).
-* ``_equalize_kernel`` (fairseq style with require_same_masks or mask_dropout): program ``b``
-  takes the minimum count over rows and keeps the row's masked frames of smallest key.
+  With ``NO_OVERLAP`` steps 3-5 are fairseq's interval placement instead (``_no_overlap``):
+  sequential over the spans, the interval list in registers. When the row's result does not
+  depend on other rows (no require_same_masks, or B == 1) it also applies mask_dropout.
+* ``_equalize_kernel`` (fairseq style, require_same_masks with B > 1): program ``b`` takes
+  the minimum count over rows, keeps the row's masked frames of smallest key, then applies
+  mask_dropout.
+
+Launches per call: one, except fairseq style with require_same_masks and B > 1: two. The
+equalisation needs every row's masked count (a grid-wide minimum) before any row can be
+cut; Triton has no grid-wide barrier, and spinning on an atomic counter deadlocks when the
+B programs are not all resident (and in the interpreter, which runs them one after the
+other). Recomputing all rows in every program would cost B times the row work.
 Scratch written and re-read by one program is fenced with ``tl.debug_barrier``.
 """
 import torch
@@ -43,9 +53,10 @@ def _max_combine(a, b):
 
 
 @triton.jit
-def _mask_rows_kernel(lengths_ptr, pad_ptr, thr_ptr, lens_ptr, keys_ptr, ends_ptr, counts_ptr, out_ptr,
-                      T, mask_prob, L, vmin, n_thr, min_masks, seed, n_cap, r_cap,
-                      HF: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+def _mask_rows_kernel(lengths_ptr, pad_ptr, thr_ptr, lens_ptr, keys_ptr, ends_ptr, ivl_ptr, counts_ptr, out_ptr,
+                      T, mask_prob, L, vmin, n_thr, min_masks, seed, n_cap, r_cap, min_space, ivl_cap, dropout,
+                      HF: tl.constexpr, HAS_PAD: tl.constexpr, NO_OVERLAP: tl.constexpr, DROPOUT: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     sz = tl.load(lengths_ptr + b).to(tl.int64)
 
@@ -76,37 +87,43 @@ def _mask_rows_kernel(lengths_ptr, pad_ptr, thr_ptr, lens_ptr, keys_ptr, ends_pt
     all_zero = (n > 0) & (nonzero == 0)
     fix = tl.minimum(L, sz - 1)  # fairseq: when every span is empty, span 0 gets min(L, sz - 1)
     tl.store(lens_row + offs_n, offs_n * 0 + fix, mask=(offs_n == 0) & (offs_n * 0 + all_zero.to(tl.int64) > 0))
-    min_len = tl.where(all_zero, fix, min_len)
+    # the other live spans have length 0, so the shortest is min(fix, 0) when there are several
+    min_len = tl.where(all_zero, tl.where(n > 1, tl.minimum(fix, 0), fix), min_len)
 
-    # 3. start range
-    if HF:
-        R = sz - L + 1
-    else:
-        min_len = tl.where(sz - min_len <= n, sz - n - 1, min_len)
-        R = sz - min_len
-    R = tl.where(n > 0, R, 0)
-
-    # 4. keys of the candidate starts
     offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
     krow = keys_ptr + b * r_cap
-    for s0 in range(0, r_cap, BLOCK_S):
-        s = s0 + offs_s
-        tl.store(krow + s, tl.where(s < R, _key(seed, b, s, _START), _FAR), mask=s < r_cap)
-    tl.debug_barrier()
-
-    # 5. rank by counting; chosen starts (rank < n) record their clipped span end. Starts at
-    #    or past T cover nothing (ends are clipped to sz <= T), so only s < T is visited.
     erow = ends_ptr + b * T
-    for s0 in range(0, T, BLOCK_S):
-        s = s0 + offs_s
-        key = tl.load(krow + s, mask=s < R, other=_FAR)
-        rank = s * 0
-        for j0 in range(0, R, BLOCK_S):
-            other = tl.load(krow + j0 + offs_s, mask=j0 + offs_s < R, other=_FAR)
-            rank += tl.sum((other[None, :] < key[:, None]).to(tl.int64), 1)
-        chosen = (s < R) & (rank < n)
-        length = tl.load(lens_row + rank, mask=chosen, other=0)
-        tl.store(erow + s, tl.where(chosen, tl.minimum(s + length, sz), 0), mask=s < T)
+    if NO_OVERLAP:
+        tl.debug_barrier()
+        _no_overlap(lens_row, ivl_ptr + b * ivl_cap, erow, seed, b, sz, n, n_cap, min_len, min_space, T,
+                    BLOCK_N, BLOCK_S, BLOCK_P)
+    else:
+        # 3. start range
+        if HF:
+            R = sz - L + 1
+        else:
+            min_len = tl.where(sz - min_len <= n, sz - n - 1, min_len)
+            R = sz - min_len
+        R = tl.where(n > 0, R, 0)
+
+        # 4. keys of the candidate starts
+        for s0 in range(0, r_cap, BLOCK_S):
+            s = s0 + offs_s
+            tl.store(krow + s, tl.where(s < R, _key(seed, b, s, _START), _FAR), mask=s < r_cap)
+        tl.debug_barrier()
+
+        # 5. rank by counting; chosen starts (rank < n) record their clipped span end. Starts
+        #    at or past T cover nothing (ends are clipped to sz <= T), so only s < T is visited.
+        for s0 in range(0, T, BLOCK_S):
+            s = s0 + offs_s
+            key = tl.load(krow + s, mask=s < R, other=_FAR)
+            rank = s * 0
+            for j0 in range(0, R, BLOCK_S):
+                other = tl.load(krow + j0 + offs_s, mask=j0 + offs_s < R, other=_FAR)
+                rank += tl.sum((other[None, :] < key[:, None]).to(tl.int64), 1)
+            chosen = (s < R) & (rank < n)
+            length = tl.load(lens_row + rank, mask=chosen, other=0)
+            tl.store(erow + s, tl.where(chosen, tl.minimum(s + length, sz), 0), mask=s < T)
     tl.debug_barrier()
 
     # coverage: frame t is masked when some chosen start <= t ends after t
@@ -124,6 +141,96 @@ def _mask_rows_kernel(lengths_ptr, pad_ptr, thr_ptr, lens_ptr, keys_ptr, ends_pt
         count += tl.sum(m.to(tl.int64), 0)
         reach = tl.maximum(reach, tl.max(end, 0))
     tl.store(counts_ptr + b, count)
+    if DROPOUT:  # 7. (step 6 is _equalize_kernel's, or a no-op here)
+        tl.debug_barrier()
+        _keep_smallest(out_ptr + b * T, krow, seed, b, T, count - _rint(count.to(tl.float64) * dropout), _DROPOUT,
+                       BLOCK_S)
+
+
+@triton.jit
+def _no_overlap(lens_row, ivl, erow, seed, b, sz, n, n_cap, min_len, min_space, T,
+                BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+    """fairseq's interval placement for row ``b`` (steps 3-5 with no_overlap; csrc/masking.h
+    ``no_overlap_row``); writes each start's span end to ``erow`` for the coverage pass.
+
+    The interval list lives in registers (``S``, ``E``: BLOCK_P >= 2 n + 1 slots) and is kept
+    by creation slot: an interval never moves, the chosen one is emptied (width 0: no room,
+    never chosen again) and its left and right parts take the next two slots. Slot order is
+    fairseq's list order (pop, append left, append right), so the running sum of rooms and
+    the choice are the same. ``ivl`` (5 * n_cap int64 of scratch) holds the lengths sorted
+    longest first, each span's start and end, and the row's 2 n words of MASK_START, so the
+    sequential loop reads scalars and runs four reductions a span. BLOCK_P is 128 at wav2vec
+    2.0 shapes (n_cap = 51); it grows with the span count (mask_length 1 on long rows), and
+    with it the registers each program holds.
+    """
+    srt = ivl
+    starts = ivl + n_cap
+    ends = ivl + 2 * n_cap
+    words = ivl + 3 * n_cap
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+
+    # lengths, longest first: position = #longer + #equal before (a stable descending sort)
+    for i0 in range(0, n, BLOCK_N):
+        i = i0 + offs_n
+        li = tl.load(lens_row + i, mask=i < n, other=0)
+        pos = i * 0
+        for j0 in range(0, n, BLOCK_N):
+            j = j0 + offs_n
+            lj = tl.load(lens_row + j, mask=j < n, other=-1)
+            before = (lj[None, :] > li[:, None]) | ((lj[None, :] == li[:, None]) & (j[None, :] < i[:, None]))
+            pos += tl.sum((before & (j[None, :] < n)).to(tl.int64), 1)
+        tl.store(srt + pos, li, mask=i < n)
+    for c0 in range(0, 2 * n, BLOCK_N):  # span i draws word 2i (the interval) and 2i + 1 (the start)
+        c = c0 + offs_n
+        tl.store(words + c, _word_at(seed, b, c, _START), mask=c < 2 * n)
+    tl.debug_barrier()
+
+    slot = tl.arange(0, BLOCK_P).to(tl.int64)
+    S = slot * 0
+    E = tl.where(slot == 0, sz, 0)
+    st = slot * 0 - 1  # span i's start (-1: not placed, matches no frame) and end, by lane i
+    en = slot * 0
+    created = sz * 0 + 1  # slots used
+    going = n > 0
+    for i in range(0, n):
+        length = tl.load(srt + i)
+        room = tl.where(E - S >= length + min_space, E - S, 0)
+        run = tl.cumsum(room, 0)
+        total = tl.sum(room, 0)
+        going = going & (total > 0)
+        x = (tl.load(words + 2 * i) * tl.maximum(total, 1)) >> 32
+        hit = (room > 0) & (run > x) & (run - room <= x)  # the slot where the running sum passes x
+        s = tl.sum(tl.where(hit, S, 0), 0)
+        e = tl.sum(tl.where(hit, E, 0), 0)
+        free = e - length - s
+        start = s + tl.where(free > 0, (tl.load(words + 2 * i + 1) * tl.maximum(free, 1)) >> 32, 0)
+        left = going & (start - s - min_space >= min_len)
+        right = going & (e - start - length - min_space > min_len)
+        st = tl.where((slot == i) & going, start, st)
+        en = tl.where(slot == i, tl.minimum(start + length, sz), en)
+        E = tl.where(hit & going, S, E)  # pop
+        at_l = (slot == created) & left
+        S = tl.where(at_l, s, S)
+        E = tl.where(at_l, start - min_space + 1, E)
+        at_r = (slot == created + left.to(tl.int64)) & right
+        S = tl.where(at_r, start + length + min_space, S)
+        E = tl.where(at_r, e, E)
+        created += left.to(tl.int64) + right.to(tl.int64)
+    tl.store(starts + slot, st, mask=slot < n)
+    tl.store(ends + slot, en, mask=slot < n)
+    tl.debug_barrier()
+
+    # span ends by start position (two spans can share a start when min_space = 0)
+    offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
+    for t0 in range(0, T, BLOCK_S):
+        t = t0 + offs_s
+        reach = t * 0
+        for j0 in range(0, n, BLOCK_N):
+            j = j0 + offs_n
+            sj = tl.load(starts + j, mask=j < n, other=-1)
+            ej = tl.load(ends + j, mask=j < n, other=0)
+            reach = tl.maximum(reach, tl.max(tl.where(sj[None, :] == t[:, None], ej[None, :], 0), 1))
+        tl.store(erow + t, reach, mask=t < T)
 
 
 @triton.jit
@@ -149,18 +256,16 @@ def _keep_smallest(out_row, krow, seed, b, T, keep, stream, BLOCK_S: tl.constexp
 
 @triton.jit
 def _equalize_kernel(counts_ptr, keys_ptr, out_ptr, B, T, r_cap, dropout, seed,
-                     REQUIRE_SAME: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
+                     DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_B)
     counts = tl.load(counts_ptr + rows, mask=rows < B, other=2**62)
     c = tl.load(counts_ptr + b)
     out_row = out_ptr + b * T
     krow = keys_ptr + b * r_cap
-    if REQUIRE_SAME:
-        least = tl.min(counts, 0)
-        _keep_smallest(out_row, krow, seed, b, T, least, _EQUALIZE, BLOCK_S)
-        c = tl.minimum(c, least)
+    least = tl.min(counts, 0)
+    _keep_smallest(out_row, krow, seed, b, T, least, _EQUALIZE, BLOCK_S)
+    c = tl.minimum(c, least)
     if DROPOUT:
         holes = _rint(c.to(tl.float64) * dropout)
         _keep_smallest(out_row, krow, seed, b, T, c - holes, _DROPOUT, BLOCK_S)
@@ -175,9 +280,23 @@ def _rint(x):
     return f + up.to(tl.int64)
 
 
+def launches(B, T, hf, require_same_masks):
+    """Kernel launches of one call (see the module docstring): 2 when rows are equalised
+    across the batch, else 1; 0 for an empty batch."""
+    if B == 0 or T == 0:
+        return 0
+    return 2 if equalizes(B, hf, require_same_masks) else 1
+
+
+def equalizes(B, hf, require_same_masks):
+    return not hf and bool(require_same_masks) and B > 1
+
+
 def compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vmin, thr, n_thr, min_masks,
-                         require_same_masks, mask_dropout, hf, seed, n_cap, r_cap, out):
-    """Fill ``out`` (B, T) bool; ``thr`` holds the n_thr length thresholds on the device."""
+                         require_same_masks, mask_dropout, hf, seed, n_cap, r_cap, out, no_overlap=False,
+                         min_space=0):
+    """Fill ``out`` (B, T) bool; ``thr`` holds the n_thr length thresholds on the device.
+    Every size comes from the host arguments: nothing is read back from the device."""
     if B == 0 or T == 0:
         return out
     dev = lengths.device
@@ -185,14 +304,18 @@ def compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vm
     keys = torch.empty(B * r_cap, dtype=torch.int64, device=dev)
     ends = torch.empty(B * T, dtype=torch.int64, device=dev)
     counts = torch.empty(B, dtype=torch.int64, device=dev)
+    ivl_cap = 5 * n_cap  # no_overlap: sorted lengths, starts, ends (n_cap each), 2 n_cap words
+    ivl = torch.empty(B * ivl_cap, dtype=torch.int64, device=dev) if no_overlap else lens
     block_s = min(128, triton.next_power_of_2(max(T, 16)))
     block_n = min(128, triton.next_power_of_2(max(n_cap, 16)))
-    _mask_rows_kernel[(B,)](lengths, padding_mask if padding_mask is not None else out, thr, lens, keys, ends,
+    equalize = equalizes(B, hf, require_same_masks)
+    _mask_rows_kernel[(B,)](lengths, padding_mask if padding_mask is not None else out, thr, lens, keys, ends, ivl,
                             counts, out, T, float(mask_prob), mask_length, vmin, n_thr, min_masks, seed, n_cap,
-                            r_cap, HF=bool(hf), HAS_PAD=padding_mask is not None, BLOCK_N=block_n, BLOCK_S=block_s)
-    if hf or (not require_same_masks and mask_dropout <= 0):
-        return out
-    _equalize_kernel[(B,)](counts, keys, out, B, T, r_cap, float(mask_dropout), seed,
-                           REQUIRE_SAME=bool(require_same_masks), DROPOUT=mask_dropout > 0,
-                           BLOCK_B=triton.next_power_of_2(B), BLOCK_S=block_s)
+                            r_cap, min_space, ivl_cap, float(mask_dropout),
+                            HF=bool(hf), HAS_PAD=padding_mask is not None, NO_OVERLAP=bool(no_overlap),
+                            DROPOUT=not equalize and mask_dropout > 0, BLOCK_N=block_n, BLOCK_S=block_s,
+                            BLOCK_P=triton.next_power_of_2(2 * n_cap + 1) if no_overlap else 1)
+    if equalize:
+        _equalize_kernel[(B,)](counts, keys, out, B, T, r_cap, float(mask_dropout), seed,
+                               DROPOUT=mask_dropout > 0, BLOCK_B=triton.next_power_of_2(B), BLOCK_S=block_s)
     return out

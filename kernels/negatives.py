@@ -1,12 +1,22 @@
 """Triton kernels of sample_negatives, bit-identical to sslfast/reference/negatives.py.
 
-Two launches, no host sync:
+Two launches, no host sync (given the packed output's row count, see ops/negatives.py):
 * ``_scan_kernel``: program ``b`` scans row ``b`` in BLOCK_T chunks (running cumsum) and
   writes each frame's candidate rank and masked rank, the candidate-position table and the
   row's two counts.
 * ``_draw_kernel``: program (``b``, ``pid_t``) owns BLOCK_T frames of row ``b``; it derives
   the row offsets from the counts (a BLOCK_B reduction: B is small) and, for each Philox
   block ``q`` of the frame, draws four negatives per frame.
+
+Why not one launch: a frame's draws need counts from rows other than its own (its packed
+output row is the number of masked frames before it in the batch; cross-sample negatives
+index all candidates of the batch and, in the hf layout, map back through other rows'
+candidate tables), so the scan of every row must finish before any draw. Triton has no
+grid-wide barrier (spinning on an atomic counter deadlocks when the programs are not all
+resident, and in the interpreter); one program per row doing both would draw with B
+programs instead of B * cdiv(T, BLOCK_T) (B is about 8 per GPU at wav2vec 2.0 shapes), and
+programs re-reading the whole batch would cost O(B^2 T) reads. Under a CUDA graph the
+second launch costs little.
 """
 import torch
 import triton

@@ -66,3 +66,69 @@ def cpu_isa(request):
     finally:
         mod.set_cpu_isa("avx512")  # back to the uncapped default...
         mod.set_cpu_isa(before)  # ...then to whatever cap was in effect
+
+class TritonLaunches:
+    """Every Triton kernel launch while active, by kernel name, in order.
+
+    Counts calls of ``run`` on the launched kernel objects (``JITFunction`` on a GPU, the
+    interpreter's ``InterpretedFunction`` under TRITON_INTERPRET=1): ``kernel[grid](...)``
+    goes through it, a device function called from a kernel does not. A launch whose tensors
+    are on the meta device is recorded but not run (``dry``: host-side checks only).
+    """
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def __len__(self):
+        return len(self.names)
+
+    def clear(self):
+        self.names.clear()
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    from triton.runtime import jit
+
+    classes = [jit.JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:
+        pass
+    record = TritonLaunches()
+    for cls in classes:
+        original = cls.run
+
+        def run(self, *args, _original=original, **kwargs):
+            if not kwargs.get("warmup", False):
+                record.names.append(self.fn.__name__)
+                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                if any(t.device.type == "meta" for t in tensors):
+                    return None
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    return record
+
+
+@pytest.fixture
+def triton_on_meta(monkeypatch, triton_launches):
+    """Lets ``backend="triton"`` resolve for meta tensors, with launches recorded, not run.
+
+    Any host read of device data (``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``,
+    ``.cpu()``, ``nonzero``, boolean indexing) raises on a meta tensor, so a call that
+    completes here makes no host synchronisation on a GPU either.
+    """
+    from sslfast import _dispatch
+
+    original = _dispatch.backend_unavailable_reason
+
+    def reason(backend, device):
+        if backend == "triton" and torch.device(device).type == "meta":
+            return _dispatch._triton_error()
+        return original(backend, device)
+
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason", reason)
+    return triton_launches

@@ -281,3 +281,42 @@ def test_gpu_bit_identical_to_reference(backend, layout, fmo):
     if layout == "packed":
         hint = sslfast.sample_negatives(mask.cuda(), 100, backend=backend, num_masked=int(mask.sum()), **kw)
         assert torch.equal(hint.cpu(), ref)
+
+
+# ---------------------------------------------------------------- launches and host syncs
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("K,Kc,layout,fmo", [(5, 0, "packed", True), (3, 4, "hf", False), (0, 6, "packed", False)])
+def test_triton_launches_per_call(K, Kc, layout, fmo, triton_launches, triton_device):
+    # Two launches (kernels/negatives.py): every draw needs the candidate counts of the rows
+    # before its own (its packed output row, the cross-sample index space), a grid-wide scan.
+    mask, pad = _batch(3, 14, pad_frac=0.3, seed=4)
+    kw = dict(cross_sample_negatives=Kc, from_masked_only=fmo, layout=layout, seed=99)
+    out = sslfast.sample_negatives(mask.to(triton_device), K, padding_mask=pad.to(triton_device), backend="triton",
+                                   **kw)
+    assert triton_launches.names == ["_scan_kernel", "_draw_kernel"]
+    assert torch.equal(out.cpu(), sslfast.sample_negatives(mask, K, padding_mask=pad, backend="reference", **kw))
+    triton_launches.clear()
+    empty = torch.zeros(0, 14, dtype=torch.bool, device=triton_device)
+    sslfast.sample_negatives(empty, K, backend="triton", **kw)
+    sslfast.sample_negatives(mask.to(triton_device), 0, backend="triton", layout=layout, seed=99)
+    assert triton_launches.names == []
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout,Kc", [("packed", 0), ("packed", 3), ("hf", 3)])
+def test_triton_no_host_sync_given_counts(layout, Kc, triton_on_meta):
+    # On meta tensors every host read of device data raises (.item(), int(), .tolist(), ...).
+    # The packed layout's row count is data-dependent: with num_masked the call needs no host
+    # read; without it, it makes exactly the one documented read (mask.sum()).
+    mask = torch.zeros(4, 30, dtype=torch.bool, device="meta")
+    pad = torch.zeros(4, 30, dtype=torch.bool, device="meta")
+    kw = dict(cross_sample_negatives=Kc, padding_mask=pad, layout=layout, seed=5, backend="triton")
+    out = sslfast.sample_negatives(mask, 7, num_masked=48, **kw)
+    assert out.device.type == "meta" and out.shape == ((48, 7 + Kc) if layout == "packed" else (4, 30, 7 + Kc))
+    assert triton_on_meta.names == ["_scan_kernel", "_draw_kernel"]
+    if layout == "packed":
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            sslfast.sample_negatives(mask, 7, **kw)
+    else:
+        assert sslfast.sample_negatives(mask, 7, **kw).shape == (4, 30, 7 + Kc)

@@ -89,17 +89,13 @@ def _triton(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask
             require_same_masks, mask_dropout, style, seed, no_overlap=False, min_space=0):
     from ..kernels import masking as km
 
-    if no_overlap:
-        raise NotImplementedError(
-            "the triton backend of compute_mask_indices has no no_overlap placement (a sequential interval "
-            "list per row); use backend='cuda' or 'cpu'"
-        )
     out = torch.empty(B, T, dtype=torch.bool, device=lengths.device)
     vmin, n_thr, thr = _device_table(mask_type, mask_length, mask_other, lengths.device)
     n_cap = max(_max_spans(T, mask_prob, mask_length, min_masks), 1)
     r_cap = max(T, n_cap + 1)
     return km.compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vmin, thr, n_thr, min_masks,
-                                   require_same_masks, mask_dropout, style == "hf", seed, n_cap, r_cap, out)
+                                   require_same_masks, mask_dropout, style == "hf", seed, n_cap, r_cap, out,
+                                   no_overlap, min_space)
 
 
 @torch.library.custom_op("sslfast::compute_mask_indices", mutates_args=())
@@ -181,7 +177,7 @@ def compute_mask_indices(
         mask_other: std of the normal lengths, low end of the uniform ones.
         no_overlap, min_space: fairseq's non-overlapping placement (spans longest first into
             free intervals, at least min_space frames apart, the corrected keep condition);
-            sequential per row: cpu, cuda and reference backends (not triton).
+            sequential over a row's spans (one program per row on cuda and triton).
         seed: Philox seed (``sslfast.derive_seed`` gives per-rank, per-step ones); None draws
             one from torch's default CPU generator, on the host, without a device sync.
         device: where the mask is made (default: padding_mask's device, else CPU).
