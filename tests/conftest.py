@@ -67,6 +67,7 @@ def cpu_isa(request):
         mod.set_cpu_isa("avx512")  # back to the uncapped default...
         mod.set_cpu_isa(before)  # ...then to whatever cap was in effect
 
+
 class TritonLaunches:
     """Every Triton kernel launch while active, by kernel name, in order.
 
