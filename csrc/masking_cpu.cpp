@@ -96,10 +96,12 @@ void mask_row(const Params& p, int64_t b, int64_t sz, uint8_t* out, std::vector<
 void keep_smallest(const Params& p, int64_t b, uint8_t* out, int64_t keep, uint32_t stream,
                    std::vector<uint64_t>& keys, std::vector<uint32_t>& words) {
   row_words(p.seed, b, stream, p.T, words);
-  keys.clear();
-  for (int64_t t = 0; t < p.T; ++t)
-    if (out[t]) keys.push_back((static_cast<uint64_t>(words[t]) << masking::kPosBits) | static_cast<uint64_t>(t));
-  const int64_t n = static_cast<int64_t>(keys.size());
+  keys.resize(p.T);
+  int64_t n = 0;
+  for (int64_t t = 0; t < p.T; ++t) {  // branch-free: about half the frames are masked
+    keys[n] = (static_cast<uint64_t>(words[t]) << masking::kPosBits) | static_cast<uint64_t>(t);
+    n += out[t] != 0;
+  }
   if (n <= keep) return;
   select_smallest(keys.data(), n, keep);
   for (int64_t i = keep; i < n; ++i) out[keys[i] & masking::kPosMask] = 0;
