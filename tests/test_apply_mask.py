@@ -24,7 +24,7 @@ NOISE_TOL = {  # dtype -> (rtol, atol as a multiple of std)
     torch.float16: (2.0**-10, 1e-6),
     torch.bfloat16: (2.0**-7, 1e-6),
 }
-SHAPES = [(3, 11, 7), (2, 13, 33), (1, 5, 4), (2, 3, 1), (2, 17, 130)]  # D odd, prime, < 4, > BLOCK_D/8
+SHAPES = [(3, 7, 7), (2, 13, 33), (1, 5, 4), (2, 3, 1), (2, 5, 130)]  # D odd, prime, < 4, > BLOCK_D/8
 
 
 def _backends(tier):
@@ -148,8 +148,8 @@ def test_noise_fill_matches_reference(backend, dtype, shape):
 @pytest.mark.parametrize("backend", KERNELS)
 def test_noise_depends_only_on_seed_frame_and_channel(backend):
     dev = _device(backend)
-    x = torch.zeros(3, 40, 13, device=dev)
-    mask = torch.zeros(3, 40, dtype=torch.bool, device=dev)
+    x = torch.zeros(3, 16, 13, device=dev)
+    mask = torch.zeros(3, 16, dtype=torch.bool, device=dev)
     mask[:, ::3] = True
     out = am(x, mask, 0.1, seed=17, backend=backend)
     mask2 = mask.clone()
@@ -168,7 +168,7 @@ def test_noise_statistics(backend):
     """Moments and KS against N(0, std^2) per channel phase (4q + k), and no correlation
     between a cos channel and its sin partner, with a fixed seed."""
     dev = _device(backend)
-    B, T, D = (4, 600, 64) if backend != "triton" or HAS_CUDA else (2, 150, 64)
+    B, T, D = (4, 600, 64) if backend != "triton" or HAS_CUDA else (1, 96, 64)  # interpreter: 3072 values
     x = torch.full((B, T, D), 7.0, device=dev)
     mask = torch.zeros(B, T, dtype=torch.bool, device=dev)
     mask[:, 1::2] = True
@@ -297,7 +297,7 @@ def _fp64_grads(x, mask, emb, grad):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(3, 11, 7), (2, 150, 33)])
+@pytest.mark.parametrize("shape", [(3, 11, 7), (2, 23, 33)])
 def test_gradients_against_fp64_reference(backend, dtype, shape):
     dev = _device(backend)
     x, mask, emb = _inputs(shape, dtype, p=0.6, device=dev)

@@ -14,6 +14,8 @@ BEST-RQ code, ``y[mask] = torch.randn(n, D) * std`` with n = mask.sum().
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _dispatch
@@ -89,6 +91,12 @@ def _eager(B, T, D, device, backward, noise):
 def _compile(B, T, D, device, backward, noise):
     def factory():
         from ..reference import apply_mask as ref
+
+        if noise and device.type == "cpu" and os.environ.get("SSLFAST_BENCH_COMPILE", "0") != "1":
+            # Inductor on the reference's int64 Philox rounds compiles for minutes on a small
+            # CPU (gumbel_quantize's bench measured over 7 minutes); opt in to time it.
+            raise Unavailable("torch.compile of the noise reference (int64 Philox rounds) compiles for minutes on "
+                              "CPU; set SSLFAST_BENCH_COMPILE=1 to time it")
 
         mask = _mask(B, T, device)
         x, emb, r = _inputs(B, T, D, device, backward)
