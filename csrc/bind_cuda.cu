@@ -19,6 +19,7 @@ void bind_info_nce(py::module_& m);
 void bind_rp_quantize(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_gumbel_quantize(py::module_& m);
+void bind_apply_mask(py::module_& m);
 }  // namespace sslfast
 
 static int device_count() {
@@ -51,4 +52,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   sslfast::bind_rp_quantize(m);
   sslfast::bind_contrastive(m);
   sslfast::bind_gumbel_quantize(m);
+  sslfast::bind_apply_mask(m);
 }

@@ -11,6 +11,7 @@ from sslfast.bench import harness
 
 # public function -> the dispatch op(s) behind it
 KERNEL_OPS = {
+    "apply_mask": ["apply_mask", "apply_mask_backward"],
     "compute_mask_indices": ["compute_mask_indices"],
     "sample_negatives": ["sample_negatives"],
     "contrastive_loss": ["contrastive_loss", "contrastive_loss_backward"],

@@ -1,4 +1,4 @@
-"""compute_mask_indices and apply_mask: bit-identity across backends, fairseq's algorithm
+"""compute_mask_indices: bit-identity across backends, fairseq's algorithm
 (an independent numpy port written from semantics.md) and Hugging Face's sampler as peers
 by distribution, closed-form span-length tables, edge cases and validation."""
 import itertools
@@ -304,70 +304,6 @@ def test_torch_compile_fullgraph():
     pad[1, 30:] = True
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(pad), f(pad))
-
-
-# ---------------------------------------------------------------- apply_mask
-
-@pytest.mark.cpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_apply_mask_embedding(dtype):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 11, 7, generator=g).to(dtype)
-    mask = torch.rand(3, 11, generator=g) < 0.4
-    emb = torch.randn(7, generator=g).to(dtype)
-    out = sslfast.apply_mask(x, mask, emb)
-    assert out.dtype == dtype
-    assert torch.equal(out[mask], emb.expand(int(mask.sum()), 7))
-    assert torch.equal(out[~mask], x[~mask])
-    y = x.clone()
-    assert sslfast.apply_mask(y, mask, emb, inplace=True) is y and torch.equal(y, out)
-
-
-@pytest.mark.cpu
-def test_apply_mask_gradcheck():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    emb = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    mask = torch.rand(2, 5, generator=g) < 0.5
-    assert torch.autograd.gradcheck(lambda a, e: sslfast.apply_mask(a, mask, e), (x, emb))
-    out = sslfast.apply_mask(x, mask, emb)
-    out.sum().backward()
-    assert torch.equal(emb.grad, torch.full((3,), float(mask.sum()), dtype=torch.float64))
-    assert torch.equal(x.grad, (~mask).double().unsqueeze(-1).expand(2, 5, 3))
-
-
-@pytest.mark.cpu
-def test_apply_mask_noise_distribution():
-    x = torch.zeros(4, 300, 37)
-    mask = torch.zeros(4, 300, dtype=torch.bool)
-    mask[:, ::3] = True
-    out = sslfast.apply_mask(x, mask, 0.1, seed=17)
-    noise = out[mask].double().flatten().numpy()
-    assert stats.kstest(noise / 0.1, "norm").pvalue > 1e-3
-    assert bool((out[~mask] == 0).all())
-    # the noise of a frame depends on (seed, row, frame) only, not on the rest of the mask
-    mask2 = mask.clone()
-    mask2[:, 1] = True
-    out2 = sslfast.apply_mask(x, mask2, 0.1, seed=17)
-    assert torch.equal(out2[mask], out[mask])
-    assert torch.equal(sslfast.apply_mask(x, mask, 0.1, seed=17), out)
-    assert not torch.equal(sslfast.apply_mask(x, mask, 0.1, seed=18), out)
-
-
-@pytest.mark.cpu
-def test_apply_mask_validation():
-    x = torch.zeros(2, 5, 4)
-    m = torch.zeros(2, 5, dtype=torch.bool)
-    with pytest.raises(ValueError, match="x"):
-        sslfast.apply_mask(x[0], m, 0.1)
-    with pytest.raises(ValueError, match="mask"):
-        sslfast.apply_mask(x, m[:, :4], 0.1)
-    with pytest.raises(ValueError, match="fill"):
-        sslfast.apply_mask(x, m, torch.zeros(5))
-    with pytest.raises(ValueError, match="fill"):
-        sslfast.apply_mask(x, m, -0.1)
-    with pytest.raises(TypeError, match="fill"):
-        sslfast.apply_mask(x, m, "noise")
 
 
 # ---------------------------------------------------------------- kernels

@@ -1,4 +1,4 @@
-"""Public ``compute_mask_indices`` and ``apply_mask``: validation, backends, custom ops."""
+"""Public ``compute_mask_indices``: validation, backends, custom ops."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,7 @@ from .. import _dispatch, _ext, _validation as V
 from .. import random as sr
 from ..reference import masking as ref
 
-__all__ = ["compute_mask_indices", "apply_mask"]
+__all__ = ["compute_mask_indices"]
 
 _OP = "compute_mask_indices"
 _MASK_TYPES = ("static", "uniform", "normal", "poisson")
@@ -249,35 +249,3 @@ def compute_mask_indices(
     # Eager calls skip the custom-op dispatch: on a CPU it costs about as much as the kernel
     # (~0.1 ms) and this op has no autograd to route; traced calls go through the op above.
     return _dispatch.get(_OP, name)(*args)
-
-
-def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = False, seed: int | None = None):
-    """Fill the masked frames of ``x`` (B, T, D) and return it.
-
-    ``fill`` is either a (D,) tensor, the learned mask embedding of wav2vec 2.0 / HuBERT
-    (``x[mask] = fill``), or a float ``std``: Gaussian noise N(0, std^2) per masked frame and
-    channel, as BEST-RQ fills masked frames (std 0.1). The noise is Philox-keyed by (seed,
-    row, frame), so it does not depend on which other frames are masked. Differentiable in
-    ``x`` and in a tensor ``fill``. ``inplace=True`` writes into ``x`` (no autograd through
-    a leaf that requires grad). Math in fp32; x may be fp32, fp16 or bf16.
-
-    One implementation (PyTorch, any device): a fill is a single memory-bound pass that
-    torch.where already runs at bandwidth, so there is no separate kernel backend.
-    """
-    floats = V.FLOAT_DTYPES + (torch.float64,)
-    V.check_tensor("x", x, ndim=3, dtypes=floats)
-    B, T, D = x.shape
-    mask = _bool_mask("mask", mask, (B, T))
-    if isinstance(fill, torch.Tensor):
-        V.check_tensor("fill", fill, shape=(D,), dtypes=floats)
-        V.check_same_device(x=x, mask=mask, fill=fill)
-    elif isinstance(fill, (int, float)) and not isinstance(fill, bool):
-        if not (0.0 <= float(fill) < float("inf")):
-            raise ValueError(f"fill as a noise std must be finite and >= 0, got {fill}")
-        V.check_same_device(x=x, mask=mask)
-    else:
-        raise TypeError(f"fill must be a (D,) tensor or a float std, got {type(fill).__name__}")
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    seed = sr.resolve_seed(seed) if not isinstance(fill, torch.Tensor) else 0
-    return ref.apply_mask(x, mask, fill, inplace, seed)

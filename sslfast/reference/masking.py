@@ -1,4 +1,4 @@
-"""Reference span masking (wav2vec 2.0 / HuBERT / BEST-RQ) and mask filling.
+"""Reference span masking (wav2vec 2.0 / HuBERT / BEST-RQ).
 
 The specification every backend of ``sslfast.compute_mask_indices`` reproduces bit for bit.
 Each row is independent except for the equalisation step, and every random choice is a
@@ -55,7 +55,7 @@ import torch
 
 from .. import random as sr
 
-__all__ = ["compute_mask_indices", "length_table", "apply_mask", "gaussian_noise"]
+__all__ = ["compute_mask_indices", "length_table"]
 
 _TAIL = 2.0**-33
 _TWO32 = 2**32
@@ -280,40 +280,3 @@ def _no_overlap(span_len, live, n, sz, min_space, T, seed):
         S, E, parts = torch.where(g, S2, S), torch.where(g, E2, E), torch.where(going, p2, parts)
     mask = diff[:, :T].cumsum(1) > 0
     return mask & (torch.arange(T, device=device).unsqueeze(0) < sz.unsqueeze(1))
-
-
-def gaussian_noise(bs: torch.Tensor, ts: torch.Tensor, D: int, std: float, seed: int) -> torch.Tensor:
-    """(N, D) fp32 N(0, std^2) noise for frames (bs, ts): Box-Muller on Philox words.
-
-    Frame (b, t) owns blocks ``t * ceil(D/4) + q`` of ``philox(., b, MASK_NOISE)``; words
-    (w0, w1) give channels 4q and 4q+1 (radius from w0, angle from w1, cos and sin), words
-    (w2, w3) channels 4q+2 and 4q+3. Transcendentals differ in the last bits between
-    libraries, so kernels match this within fp32 rounding, not bit for bit.
-    """
-    qb = (D + 3) // 4
-    c0 = ts.unsqueeze(-1) * qb + torch.arange(qb, device=ts.device)
-    w0, w1, w2, w3 = sr.philox4x32(c0, bs.unsqueeze(-1), int(sr.Stream.MASK_NOISE), 0, seed)
-    u0, u2 = (sr.uint_to_open_uniform(w, 2.0**-32) for w in (w0, w2))
-    a1, a3 = (sr.uint_to_uniform(w) * (2 * math.pi) for w in (w1, w3))
-    r0, r2 = torch.sqrt(-2.0 * torch.log(u0)), torch.sqrt(-2.0 * torch.log(u2))
-    z = torch.stack([r0 * torch.cos(a1), r0 * torch.sin(a1), r2 * torch.cos(a3), r2 * torch.sin(a3)], dim=-1)
-    return z.reshape(bs.numel(), qb * 4)[:, :D] * std
-
-
-def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, inplace: bool, seed: int) -> torch.Tensor:
-    """x with masked frames replaced by ``fill`` (a (D,) embedding) or N(0, fill^2) noise.
-
-    Differentiable in x and in a tensor ``fill`` (the embedding's gradient sums over the
-    masked frames); ``inplace`` writes into x.
-    """
-    if isinstance(fill, torch.Tensor):
-        value = fill.to(x.dtype).expand_as(x)
-        if inplace:
-            x[mask] = fill.to(x.dtype)
-            return x
-        return torch.where(mask.unsqueeze(-1), value, x)
-    bs, ts = mask.nonzero(as_tuple=True)
-    noise = gaussian_noise(bs, ts, x.shape[-1], float(fill), seed).to(x.dtype)
-    out = x if inplace else x.clone()
-    out[bs, ts] = noise
-    return out

@@ -1,0 +1,71 @@
+// Mask-filling math shared by the CPU (apply_mask_cpu.cpp) and CUDA (apply_mask_cuda.cu)
+// kernels. The semantics and the noise layout are specified in sslfast/reference/apply_mask.py:
+// frame (b, t) owns Philox blocks t * ceil(D / 4) + q of philox(., b, MASK_NOISE, 0); block q
+// gives channels 4q .. 4q + 3 by Box-Muller in fp32.
+#pragma once
+
+#include <cmath>
+
+#include "sslfast/common.h"
+#include "sslfast/dtype.h"
+#include "sslfast/philox.h"
+
+namespace sslfast {
+namespace apply_mask {
+
+constexpr uint32_t kStreamMaskNoise = 24;  // sslfast.random.Stream.MASK_NOISE
+constexpr float kTwoPi = 6.28318530717958647692f;  // fp32(2 pi), as the reference multiplies
+constexpr float kOpenLo = 2.3283064365386962890625e-10f;  // 2^-32: log(u) stays finite
+
+// Frames per partial sum of the embedding gradient. Fixed (not per thread) so that the
+// reduction order, hence the bits, do not depend on the thread count.
+constexpr int64_t kGradChunk = 64;
+
+// One Box-Muller pair from a radius word and an angle word: (r cos a, r sin a).
+SSLFAST_HD void box_muller(uint32_t w_radius, uint32_t w_angle, float* c, float* s) {
+  const float u = uint_to_open_uniform(w_radius, kOpenLo);
+  const float a = uint_to_uniform(w_angle) * kTwoPi;
+  const float r = sqrtf(-2.0f * logf(u));
+  float sn, cs;
+#if defined(__CUDA_ARCH__)
+  sincosf(a, &sn, &cs);
+#else
+  sn = std::sin(a);
+  cs = std::cos(a);
+#endif
+  *c = r * cs;
+  *s = r * sn;
+}
+
+// The four N(0, 1) values of Philox block q of frame (b, t): channels 4q .. 4q + 3.
+SSLFAST_HD void normal4(uint64_t seed, int64_t b, int64_t t, int64_t blocks_per_frame, int64_t q, float z[4]) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(t * blocks_per_frame + q), static_cast<uint32_t>(b),
+                                  kStreamMaskNoise, 0u, seed);
+  box_muller(r.w[0], r.w[1], &z[0], &z[1]);
+  box_muller(r.w[2], r.w[3], &z[2], &z[3]);
+}
+
+// Channels [4q, min(4q + 4, D)) of one masked frame: noise std * z (fill == nullptr) or the
+// embedding (already in x's dtype, so a copy). `row` points at the frame's channel 0,
+// channels `stride` elements apart.
+template <class S>
+SSLFAST_HD void fill_block(typename S::T* row, int64_t stride, int64_t D, int64_t q, const typename S::T* fill,
+                           float std, uint64_t seed, int64_t b, int64_t t) {
+  const int64_t d0 = 4 * q;
+  const int n = D - d0 < 4 ? static_cast<int>(D - d0) : 4;
+  if (fill != nullptr) {
+    for (int k = 0; k < n; ++k) row[(d0 + k) * stride] = fill[d0 + k];
+    return;
+  }
+  float z[4];
+  normal4(seed, b, t, (D + 3) / 4, q, z);
+  for (int k = 0; k < n; ++k) row[(d0 + k) * stride] = S::store(z[k] * std);
+}
+
+// Strides of a (B, T, D) tensor in elements.
+struct Strides {
+  int64_t b, t, d;
+};
+
+}  // namespace apply_mask
+}  // namespace sslfast
