@@ -10,7 +10,7 @@ Environment variables:
   SSLFAST_CUDA=auto|0|1     build the CUDA module: when nvcc is found (auto), never, always
                             (1 fails the build when nvcc is missing)
   SSLFAST_CUDA_ARCHS="80;90" compute capabilities to compile for ("90a" style suffixes work)
-  SSLFAST_NVCC_JOBS=N       parallel nvcc processes (default: number of CPUs)
+  SSLFAST_BUILD_JOBS=N      parallel compiler processes, C++ and nvcc (default: number of CPUs)
   SSLFAST_OPENMP=auto|0|1   OpenMP for the CPU module
   CUDA_HOME / NVCC          where nvcc is
 """
@@ -80,6 +80,37 @@ def _has_openmp(compiler):
     return ok
 
 
+def _build_jobs():
+    return max(1, int(os.environ.get("SSLFAST_BUILD_JOBS", os.cpu_count() or 1)))
+
+
+def _headers():
+    return glob.glob(os.path.join(HERE, CSRC, "**", "*.h"), recursive=True) + \
+        glob.glob(os.path.join(HERE, CSRC, "**", "*.cuh"), recursive=True)
+
+
+def _parallel_compile(compiler, headers, force):
+    """Makes ``compiler.compile`` build its sources in parallel and skip objects newer than
+    their source and every header (distutils compiles one file at a time, every time)."""
+
+    def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0, extra_preargs=None,
+                extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+        todo = [obj for obj in objects if force or _newer(obj, [build[obj][0]] + headers + [__file__])]
+
+        def one(obj):
+            src, ext = build[obj]
+            compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=_build_jobs()) as pool:
+            list(pool.map(one, todo))
+        return objects
+
+    compiler.compile = compile
+
+
 def _newer(target, deps):
     if not os.path.exists(target):
         return True
@@ -100,6 +131,8 @@ class BuildExt(build_ext):
                 lflags.append("-fopenmp")
             ext.extra_compile_args = cflags
             ext.extra_link_args = lflags
+            ext.depends = _headers()  # a header change rebuilds the module
+            _parallel_compile(self.compiler, ext.depends, self.force)
             return super().build_extension(ext)
         return self._build_cuda(ext)
 
@@ -115,8 +148,7 @@ class BuildExt(build_ext):
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
         include_dirs = [os.path.join(HERE, CSRC), pybind11.get_include(), sysconfig.get_paths()["include"],
                         os.path.join(root, "include")]
-        headers = glob.glob(os.path.join(HERE, CSRC, "**", "*.h"), recursive=True) + \
-            glob.glob(os.path.join(HERE, CSRC, "**", "*.cuh"), recursive=True)
+        headers = _headers()
         obj_dir = os.path.join(os.path.abspath(self.build_temp), "cuda")
         os.makedirs(obj_dir, exist_ok=True)
         define = f'-DSSLFAST_CUDA_ARCHS="{";".join(archs)}"'
@@ -130,7 +162,7 @@ class BuildExt(build_ext):
                        "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", define, *gencode]
                 cmd += [f"-I{d}" for d in include_dirs]
                 jobs.append(cmd)
-        n_jobs = int(os.environ.get("SSLFAST_NVCC_JOBS", os.cpu_count() or 1))
+        n_jobs = _build_jobs()
         if jobs:
             print(f"sslfast: nvcc {len(jobs)} file(s) for sm {','.join(archs)} with {n_jobs} job(s)", flush=True)
 
