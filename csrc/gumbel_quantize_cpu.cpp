@@ -22,6 +22,7 @@
 
 #include "gumbel_quantize.h"
 #include "sslfast/bind.h"
+#include "sslfast/cpu_isa.h"
 
 namespace py = pybind11;
 
@@ -101,11 +102,31 @@ void gumbel_row_fast(uint64_t seed, int64_t n, int64_t begin, int64_t count, flo
   for (int64_t i = 0; i < count; ++i) out[i] = -fast_log(out[i]);
 }
 
-// Soft output of a tile of nt frames of group g: q[f] = sum_v soft[f, v] C[g*V + v], codebook
+// The three tile products (the backward's a = C_g grad_q, the soft output soft @ C_g and the
+// soft codebook-gradient partial soft^T grad_q) are y[k] += a * x[k] loops without a reduction
+// across k, so a wider vector gives the same bits. Each is compiled for the baseline ISA and
+// once more for AVX2 without FMA (no contraction: bit-identical, cpu_isa.h's rule) and chosen
+// at run time by cpu_isa().
+#define GQ_INLINE inline __attribute__((always_inline))
+
+// a[f * V + v] = sum_k gq[f * D + k] ct[k * V + v] for the nt frames of a tile (ct: C_g^T).
+GQ_INLINE void a_tile_body(const float* __restrict gq, int64_t nt, const float* __restrict ct, int64_t V, int64_t D,
+                           float* __restrict a) {
+  std::fill(a, a + nt * V, 0.0f);
+  for (int64_t k = 0; k < D; ++k) {
+    const float* row = ct + k * V;
+    for (int64_t f = 0; f < nt; ++f) {
+      const float gk = gq[f * D + k];
+      float* af = a + f * V;
+      for (int64_t v = 0; v < V; ++v) af[v] += gk * row[v];
+    }
+  }
+}
+
+// acc[f * D + k] = sum_v soft[f * stride + v] C_g[v, k]: the soft output of a tile, codebook
 // rows read once per tile (the (N, G*V, d) product is never formed).
-// soft[f * stride + v] is frame f's probability of codeword v.
-void soft_product_tile(const float* soft, int64_t stride, int64_t nt, const float* cb_g, int64_t V, int64_t D,
-                       float* acc) {
+GQ_INLINE void soft_product_body(const float* __restrict soft, int64_t stride, int64_t nt,
+                                 const float* __restrict cb_g, int64_t V, int64_t D, float* __restrict acc) {
   std::fill(acc, acc + nt * D, 0.0f);
   for (int64_t v = 0; v < V; ++v) {
     const float* row = cb_g + v * D;
@@ -116,6 +137,42 @@ void soft_product_tile(const float* soft, int64_t stride, int64_t nt, const floa
     }
   }
 }
+
+// part[v * D + k] += sum_f soft[f * V + v] gq[f * D + k]: each partial row once per tile.
+GQ_INLINE void soft_partial_body(const float* __restrict soft, int64_t nt, const float* __restrict gq, int64_t V,
+                                 int64_t D, float* __restrict part) {
+  for (int64_t v = 0; v < V; ++v) {
+    float* prow = part + v * D;
+    for (int64_t f = 0; f < nt; ++f) {
+      const float sf = soft[f * V + v];
+      const float* gqf = gq + f * D;
+      for (int64_t k = 0; k < D; ++k) prow[k] += sf * gqf[k];
+    }
+  }
+}
+
+#if SSLFAST_X86_SIMD
+#define GQ_ISA_VARIANTS(name, params, args)                                        \
+  void name##_base params { name##_body args; }                                    \
+  __attribute__((target("avx2"))) void name##_avx2 params { name##_body args; }    \
+  void name params {                                                               \
+    if (cpu_isa() != Isa::scalar)                                                  \
+      name##_avx2 args;                                                            \
+    else                                                                           \
+      name##_base args;                                                            \
+  }
+#else
+#define GQ_ISA_VARIANTS(name, params, args) \
+  void name params { name##_body args; }
+#endif
+
+GQ_ISA_VARIANTS(a_tile, (const float* gq, int64_t nt, const float* ct, int64_t V, int64_t D, float* a),
+                (gq, nt, ct, V, D, a))
+GQ_ISA_VARIANTS(soft_product,
+                (const float* soft, int64_t stride, int64_t nt, const float* cb_g, int64_t V, int64_t D, float* acc),
+                (soft, stride, nt, cb_g, V, D, acc))
+GQ_ISA_VARIANTS(soft_partial, (const float* soft, int64_t nt, const float* gq, int64_t V, int64_t D, float* part),
+                (soft, nt, gq, V, D, part))
 
 void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, std::uintptr_t cbf_p,
                  int64_t N, int64_t G, int64_t V, int64_t D, bool training, bool hard, double tau, uint64_t seed,
@@ -204,7 +261,7 @@ void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p,
         if (soft) {
           const int64_t nt = t_end - t0;
           for (int64_t g = 0; g < G; ++g) {
-            soft_product_tile(soft_tile.data() + g * V, G * V, nt, cbf + g * V * D, V, D, q_tile.data());
+            soft_product(soft_tile.data() + g * V, G * V, nt, cbf + g * V * D, V, D, q_tile.data());
             for (int64_t f = 0; f < nt; ++f)
               for (int64_t k = 0; k < D; ++k)
                 store_float(quant, ((t0 + f) * G + g) * D + k, cdtype, q_tile[f * D + k]);
@@ -261,7 +318,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
 
 #pragma omp parallel
   {
-    std::vector<float> l(V), y(V), p(V), grad(V), acc(D), a_tile(kGradTile * V), gq_tile(kGradTile * D),
+    std::vector<float> l(V), y(V), p(V), grad(V), acc(D), a_buf(kGradTile * V), gq_tile(kGradTile * D),
         s_tile(soft_cb ? static_cast<size_t>(kGradTile * V) : 0);
     if (need_logit_grad || soft_cb) {
 #pragma omp for schedule(dynamic, 1)
@@ -277,16 +334,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
               for (int64_t f = 0; f < nt; ++f)
                 for (int64_t k = 0; k < D; ++k)
                   gq_tile[f * D + k] = load_float(grad_q, ((n0 + f) * G + g) * D + k, gdtype);
-              std::fill(a_tile.begin(), a_tile.end(), 0.0f);
-              const float* ct = cbt + g * D * V;
-              for (int64_t k = 0; k < D; ++k) {
-                const float* row = ct + k * V;
-                for (int64_t f = 0; f < nt; ++f) {
-                  const float gk = gq_tile[f * D + k];
-                  float* a = a_tile.data() + f * V;
-                  for (int64_t v = 0; v < V; ++v) a[v] += gk * row[v];
-                }
-              }
+              a_tile(gq_tile.data(), nt, cbt + g * D * V, V, D, a_buf.data());
             }
             for (int64_t f = 0; f < nt; ++f) {
               const int64_t n = n0 + f;
@@ -295,7 +343,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
               for (int64_t v = 0; v < V; ++v) l[v] = load_float(logits, base + v, ldtype);
               std::fill(grad.begin(), grad.end(), 0.0f);
               if (training) {
-                const float* a = a_tile.data() + f * V;
+                const float* a = a_buf.data() + f * V;
                 gumbel_row_fast(seed, n, g * V, V, y.data());
                 float ym = -INFINITY;
                 for (int64_t v = 0; v < V; ++v) {
@@ -337,16 +385,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
                 for (int64_t v = 0; v < V; ++v) store_float(grad_logits, base + v, ldtype, grad[v]);
             }
             if (soft_cb) {
-              // part[g*V + v] += sum_f soft[f, v] grad_q[f]: each partial row once per tile
-              float* pg = part + g * V * D;
-              for (int64_t v = 0; v < V; ++v) {
-                float* prow = pg + v * D;
-                for (int64_t f = 0; f < nt; ++f) {
-                  const float sf = s_tile[f * V + v];
-                  const float* gqf = gq_tile.data() + f * D;
-                  for (int64_t k = 0; k < D; ++k) prow[k] += sf * gqf[k];
-                }
-              }
+              soft_partial(s_tile.data(), nt, gq_tile.data(), V, D, part + g * V * D);
             }
           }
         }

@@ -368,6 +368,27 @@ def test_cpu_soft_deterministic_and_production_width():
 
 
 @pytest.mark.cpu
+def test_cpu_isa_paths_bit_identical():
+    """The tile products run per ISA (baseline, AVX2 without FMA): the same bits, hard and soft."""
+    from sslfast import _ext
+
+    mod = _ext.cpu_module()
+    best, before = mod.cpu_isa_supported(), mod.cpu_isa()
+    if best == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    logits, cb, mask = inputs(83, 2, 37, 29, seed=8)
+    res = {}
+    try:
+        for isa in ("scalar", best):
+            assert mod.set_cpu_isa(isa) == isa
+            res[isa] = [run("cpu", logits, cb, groups=2, hard=hard, mask=mask, tau=0.6) for hard in (True, False)]
+    finally:
+        mod.set_cpu_isa(before)
+    for a, b in zip(res["scalar"], res[best]):
+        assert torch.equal(a[0].quantized, b[0].quantized) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+@pytest.mark.cpu
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_soft_extreme_logits_never_nan(backend, dtype):
