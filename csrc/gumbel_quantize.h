@@ -53,5 +53,29 @@ SSLFAST_HD void maxarg_update(MaxArg& acc, float v, int64_t i) {
 // Gradient of one logit through softmax(y), y = x / scale_div: s * (a - sum(s a)) / scale_div.
 SSLFAST_HD float softmax_grad(float s, float a, float sa, float scale_div) { return s * (a - sa) / scale_div; }
 
+// Soft quantization (hard=False): one unnormalised weight of softmax((l + g) / tau) given the
+// row maximum ym of l + g. Subtracting the max before the division keeps it finite for tiny
+// tau and logits near the fp32 limit (the reference does the same).
+SSLFAST_HD float tempered_weight(float y, float ym, float tau) { return expf((y - ym) / tau); }
+
+// Soft codebook gradient plan: grad_codebook[g*V + v] = sum_n p[n, g, v] grad_q[n, g] is summed
+// over fixed chunks of frames, each chunk into its own (G*V, d) fp32 partial, and the partials
+// are added in chunk order. The chunks depend on N only (not on threads or blocks), so the
+// sum is deterministic; at most kSoftMaxChunks partials bound the extra memory, and a chunk
+// is a multiple of `align` frames (the kernel's row tile).
+constexpr int64_t kSoftMinChunkRows = 64;
+constexpr int64_t kSoftMaxChunks = 32;
+
+SSLFAST_HD int64_t soft_chunk_rows(int64_t N, int64_t align) {
+  int64_t rows = (N + kSoftMaxChunks - 1) / kSoftMaxChunks;
+  rows = rows < kSoftMinChunkRows ? kSoftMinChunkRows : rows;
+  return (rows + align - 1) / align * align;
+}
+
+SSLFAST_HD int64_t soft_num_chunks(int64_t N, int64_t align) {
+  const int64_t rows = soft_chunk_rows(N, align);
+  return (N + rows - 1) / rows;
+}
+
 }  // namespace gq
 }  // namespace sslfast

@@ -7,6 +7,12 @@
 // gradient through softmax((l + g) / tau) (noise redrawn from the seed, nothing stored) plus
 // the prob-perplexity term; the codebook gradient is a per-codeword sum over the frames that
 // chose it, in frame order (a counting sort of the codes), never the (N, G*V, d) product.
+//
+// Soft quantization (hard=False, training): the forward keeps a tile of kGradTile frames'
+// probabilities softmax((l + g) / tau) and makes q = soft @ C_g with one pass over the codebook
+// per tile; the backward's logits gradient is the hard path's (the straight-through gradient
+// is the soft one), and the codebook gradient soft^T grad_q is summed per fixed chunk of
+// frames (gq::soft_chunk_rows) and the chunk partials added in chunk order (deterministic).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -16,6 +22,7 @@
 
 #include "gumbel_quantize.h"
 #include "sslfast/bind.h"
+#include "sslfast/cpu_isa.h"
 
 namespace py = pybind11;
 
@@ -23,7 +30,7 @@ namespace sslfast {
 namespace {
 
 constexpr int64_t kFrameBlock = 64;
-constexpr int64_t kGradTile = 8;  // frames sharing one pass over the codebook in the backward
+constexpr int64_t kGradTile = 8;  // frames sharing one pass over the codebook (backward, soft forward)
 
 // Natural log of a positive normal float, branch-free so the row loops below vectorize
 // (glibc's logf is a call per element). Relative error below 1e-7 (Cephes' logf polynomial).
@@ -95,11 +102,87 @@ void gumbel_row_fast(uint64_t seed, int64_t n, int64_t begin, int64_t count, flo
   for (int64_t i = 0; i < count; ++i) out[i] = -fast_log(out[i]);
 }
 
-void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, int64_t N, int64_t G,
-                 int64_t V, int64_t D, bool training, uint64_t seed, std::uintptr_t mask_p,
-                 std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t prob_sum_p, std::uintptr_t code_sum_p) {
+// The three tile products (the backward's a = C_g grad_q, the soft output soft @ C_g and the
+// soft codebook-gradient partial soft^T grad_q) are y[k] += a * x[k] loops without a reduction
+// across k, so a wider vector gives the same bits. Each is compiled for the baseline ISA and
+// once more for AVX2 without FMA (no contraction: bit-identical, cpu_isa.h's rule) and chosen
+// at run time by cpu_isa().
+#define GQ_INLINE inline __attribute__((always_inline))
+
+// a[f * V + v] = sum_k gq[f * D + k] ct[k * V + v] for the nt frames of a tile (ct: C_g^T).
+GQ_INLINE void a_tile_body(const float* __restrict gq, int64_t nt, const float* __restrict ct, int64_t V, int64_t D,
+                           float* __restrict a) {
+  std::fill(a, a + nt * V, 0.0f);
+  for (int64_t k = 0; k < D; ++k) {
+    const float* row = ct + k * V;
+    for (int64_t f = 0; f < nt; ++f) {
+      const float gk = gq[f * D + k];
+      float* af = a + f * V;
+      for (int64_t v = 0; v < V; ++v) af[v] += gk * row[v];
+    }
+  }
+}
+
+// acc[f * D + k] = sum_v soft[f * stride + v] C_g[v, k]: the soft output of a tile, codebook
+// rows read once per tile (the (N, G*V, d) product is never formed).
+GQ_INLINE void soft_product_body(const float* __restrict soft, int64_t stride, int64_t nt,
+                                 const float* __restrict cb_g, int64_t V, int64_t D, float* __restrict acc) {
+  std::fill(acc, acc + nt * D, 0.0f);
+  for (int64_t v = 0; v < V; ++v) {
+    const float* row = cb_g + v * D;
+    for (int64_t f = 0; f < nt; ++f) {
+      const float pf = soft[f * stride + v];
+      float* a = acc + f * D;
+      for (int64_t k = 0; k < D; ++k) a[k] += pf * row[k];
+    }
+  }
+}
+
+// part[v * D + k] += sum_f soft[f * V + v] gq[f * D + k]: each partial row once per tile.
+GQ_INLINE void soft_partial_body(const float* __restrict soft, int64_t nt, const float* __restrict gq, int64_t V,
+                                 int64_t D, float* __restrict part) {
+  for (int64_t v = 0; v < V; ++v) {
+    float* prow = part + v * D;
+    for (int64_t f = 0; f < nt; ++f) {
+      const float sf = soft[f * V + v];
+      const float* gqf = gq + f * D;
+      for (int64_t k = 0; k < D; ++k) prow[k] += sf * gqf[k];
+    }
+  }
+}
+
+#if SSLFAST_X86_SIMD
+#define GQ_ISA_VARIANTS(name, params, args)                                        \
+  void name##_base params { name##_body args; }                                    \
+  __attribute__((target("avx2"))) void name##_avx2 params { name##_body args; }    \
+  void name params {                                                               \
+    if (cpu_isa() != Isa::scalar)                                                  \
+      name##_avx2 args;                                                            \
+    else                                                                           \
+      name##_base args;                                                            \
+  }
+#else
+#define GQ_ISA_VARIANTS(name, params, args) \
+  void name params { name##_body args; }
+#endif
+
+GQ_ISA_VARIANTS(a_tile, (const float* gq, int64_t nt, const float* ct, int64_t V, int64_t D, float* a),
+                (gq, nt, ct, V, D, a))
+GQ_ISA_VARIANTS(soft_product,
+                (const float* soft, int64_t stride, int64_t nt, const float* cb_g, int64_t V, int64_t D, float* acc),
+                (soft, stride, nt, cb_g, V, D, acc))
+GQ_ISA_VARIANTS(soft_partial, (const float* soft, int64_t nt, const float* gq, int64_t V, int64_t D, float* part),
+                (soft, nt, gq, V, D, part))
+
+void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, std::uintptr_t cbf_p,
+                 int64_t N, int64_t G, int64_t V, int64_t D, bool training, bool hard, double tau, uint64_t seed,
+                 std::uintptr_t mask_p, std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t prob_sum_p,
+                 std::uintptr_t code_sum_p) {
   const void* logits = as_ptr<const void>(logits_p);
   const char* codebook = as_ptr<const char>(codebook_p);
+  const float* cbf = as_ptr<const float>(cbf_p);  // (G*V, D) fp32, read by the soft path only
+  const bool soft = training && !hard;
+  const float tau_f = static_cast<float>(tau);
   const uint8_t* mask = as_ptr<const uint8_t>(mask_p);
   char* quant = as_ptr<char>(quant_p);
   int64_t* codes = as_ptr<int64_t>(codes_p);
@@ -113,49 +196,75 @@ void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p,
 #pragma omp parallel
   {
     std::vector<float> l(V), noise(V);
+    std::vector<float> soft_tile(soft ? static_cast<size_t>(kGradTile * G * V) : 0);
+    std::vector<float> q_tile(soft ? static_cast<size_t>(kGradTile * D) : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       float* pp = partial.data() + b * 2 * GV;
       float* cp = pp + GV;
       const int64_t n_end = std::min(N, (b + 1) * kFrameBlock);
-      for (int64_t n = b * kFrameBlock; n < n_end; ++n) {
-        const bool sel = mask == nullptr || mask[n] != 0;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t base = n * GV + g * V;
-          gq::MaxArg ml{-INFINITY, V};
-          for (int64_t v = 0; v < V; ++v) {
-            l[v] = load_float(logits, base + v, ldtype);
-            gq::maxarg_update(ml, l[v], v);
-          }
-          if (ml.i == V) ml.i = 0;  // all -inf or NaN: code 0, like an all-equal row
-          int64_t code = ml.i;
-          if (training) {
-            gumbel_row_fast(seed, n, g * V, V, noise.data());
-            float zmax = -INFINITY;
+      for (int64_t t0 = b * kFrameBlock; t0 < n_end; t0 += kGradTile) {
+        const int64_t t_end = std::min(n_end, t0 + kGradTile);
+        for (int64_t n = t0; n < t_end; ++n) {
+          const bool sel = mask == nullptr || mask[n] != 0;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t base = n * GV + g * V;
+            gq::MaxArg ml{-INFINITY, V};
             for (int64_t v = 0; v < V; ++v) {
-              noise[v] += l[v];
-              zmax = std::max(zmax, noise[v]);
+              l[v] = load_float(logits, base + v, ldtype);
+              gq::maxarg_update(ml, l[v], v);
             }
-            // candidates: every v whose approximate l + g can be the exact maximum (noise
-            // error < 1e-6, plus the rounding of the sums); their exact values decide
-            const float slack = 3e-5f + std::fabs(zmax) * 1e-6f;
-            gq::MaxArg mz{-INFINITY, V};
-            for (int64_t v = 0; v < V; ++v)
-              if (noise[v] >= zmax - slack) gq::maxarg_update(mz, l[v] + gq::gumbel_at(seed, n, g * V + v), v);
-            code = mz.i == V ? 0 : mz.i;
+            if (ml.i == V) ml.i = 0;  // all -inf or NaN: code 0, like an all-equal row
+            int64_t code = ml.i;
+            if (training) {
+              gumbel_row_fast(seed, n, g * V, V, noise.data());
+              float zmax = -INFINITY;
+              for (int64_t v = 0; v < V; ++v) {
+                noise[v] += l[v];
+                zmax = std::max(zmax, noise[v]);
+              }
+              // candidates: every v whose approximate l + g can be the exact maximum (noise
+              // error < 1e-6, plus the rounding of the sums); their exact values decide
+              const float slack = 3e-5f + std::fabs(zmax) * 1e-6f;
+              gq::MaxArg mz{-INFINITY, V};
+              for (int64_t v = 0; v < V; ++v)
+                if (noise[v] >= zmax - slack) gq::maxarg_update(mz, l[v] + gq::gumbel_at(seed, n, g * V + v), v);
+              code = mz.i == V ? 0 : mz.i;
+              if (soft) {
+                // soft = softmax((l + g) / tau) on the fast noise, as the backward recomputes it
+                float* s_row = soft_tile.data() + ((n - t0) * G + g) * V;
+                float zs = 0.0f;
+                for (int64_t v = 0; v < V; ++v) {
+                  s_row[v] = fast_exp((noise[v] - zmax) / tau_f);
+                  zs += s_row[v];
+                }
+                const float inv_zs = 1.0f / zs;
+                for (int64_t v = 0; v < V; ++v) s_row[v] *= inv_zs;
+              }
+            }
+            codes[n * G + g] = code;
+            if (!soft)
+              std::memcpy(quant + (n * G + g) * D * esize, codebook + (g * V + code) * D * esize,
+                          static_cast<size_t>(D * esize));
+            if (sel) {
+              float z = 0.0f;
+              for (int64_t v = 0; v < V; ++v) {
+                l[v] = fast_exp(l[v] - ml.m);
+                z += l[v];
+              }
+              const float inv_z = 1.0f / z;
+              for (int64_t v = 0; v < V; ++v) pp[g * V + v] += l[v] * inv_z;
+              cp[g * V + ml.i] += 1.0f;
+            }
           }
-          codes[n * G + g] = code;
-          std::memcpy(quant + (n * G + g) * D * esize, codebook + (g * V + code) * D * esize,
-                      static_cast<size_t>(D * esize));
-          if (sel) {
-            float z = 0.0f;
-            for (int64_t v = 0; v < V; ++v) {
-              l[v] = fast_exp(l[v] - ml.m);
-              z += l[v];
-            }
-            const float inv_z = 1.0f / z;
-            for (int64_t v = 0; v < V; ++v) pp[g * V + v] += l[v] * inv_z;
-            cp[g * V + ml.i] += 1.0f;
+        }
+        if (soft) {
+          const int64_t nt = t_end - t0;
+          for (int64_t g = 0; g < G; ++g) {
+            soft_product(soft_tile.data() + g * V, G * V, nt, cbf + g * V * D, V, D, q_tile.data());
+            for (int64_t f = 0; f < nt; ++f)
+              for (int64_t k = 0; k < D; ++k)
+                store_float(quant, ((t0 + f) * G + g) * D + k, cdtype, q_tile[f * D + k]);
           }
         }
       }
@@ -171,8 +280,8 @@ void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p,
 
 void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, int ldtype, std::uintptr_t cbt_p,
                   std::uintptr_t codes_p, std::uintptr_t mask_p, std::uintptr_t w_p, int64_t N, int64_t G, int64_t V,
-                  int64_t D, bool training, double tau, uint64_t seed, std::uintptr_t grad_logits_p, int cdtype,
-                  std::uintptr_t grad_cb_p) {
+                  int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t grad_logits_p,
+                  int cdtype, std::uintptr_t grad_cb_p) {
   const void* grad_q = as_ptr<const void>(grad_q_p);
   const void* logits = as_ptr<const void>(logits_p);
   const float* cbt = as_ptr<const float>(cbt_p);  // (G, D, V) fp32: the inner loop runs over v
@@ -183,13 +292,15 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
   void* grad_cb = as_ptr<void>(grad_cb_p);
   const int64_t GV = G * V;
   const float tau_f = static_cast<float>(tau);
+  const bool soft = training && !hard;
   const bool need_logit_grad = grad_logits != nullptr;
   const bool need_cb_grad = grad_cb != nullptr;
+  const bool soft_cb = soft && need_cb_grad;
 
-  // Frames of each codeword in frame order (counting sort), so the codebook gradient is a
-  // deterministic per-codeword sum that threads never share.
+  // Hard: frames of each codeword in frame order (counting sort), so the codebook gradient
+  // is a deterministic per-codeword sum that threads never share.
   std::vector<int64_t> start, order;
-  if (need_cb_grad) {
+  if (need_cb_grad && !soft) {
     start.assign(static_cast<size_t>(GV + 1), 0);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t g = 0; g < G; ++g) ++start[g * V + codes[n * G + g] + 1];
@@ -199,84 +310,95 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
     for (int64_t n = 0; n < N; ++n)
       for (int64_t g = 0; g < G; ++g) order[fill[g * V + codes[n * G + g]]++] = n;
   }
+  // Soft: every frame adds soft[n, g, v] grad_q[n, g] to every codeword; each chunk of frames
+  // (gq::soft_chunk_rows, fixed by N) sums into its own partial, added in chunk order below.
+  const int64_t chunk_rows = soft_cb ? gq::soft_chunk_rows(N, kGradTile) : kGradTile;
+  const int64_t n_chunks = (N + chunk_rows - 1) / chunk_rows;
+  std::vector<float> partial(soft_cb ? static_cast<size_t>(n_chunks * GV * D) : 0, 0.0f);
 
 #pragma omp parallel
   {
-    std::vector<float> l(V), y(V), p(V), grad(V), acc(D), a_tile(kGradTile * V), gq_tile(kGradTile * D);
-    if (need_logit_grad) {
-      const int64_t n_tiles = (N + kGradTile - 1) / kGradTile;
-#pragma omp for schedule(static)
-      for (int64_t tile = 0; tile < n_tiles; ++tile) {
-        const int64_t n0 = tile * kGradTile;
-        const int64_t nt = std::min<int64_t>(kGradTile, N - n0);
-        for (int64_t g = 0; g < G; ++g) {
-          if (training) {
-            // a[f] = C_g grad_q[f] (d output / d soft, straight-through) for the tile's
-            // frames at once, so each codebook row is read once per tile, not per frame
-            for (int64_t f = 0; f < nt; ++f)
-              for (int64_t k = 0; k < D; ++k)
-                gq_tile[f * D + k] = load_float(grad_q, ((n0 + f) * G + g) * D + k, gdtype);
-            std::fill(a_tile.begin(), a_tile.end(), 0.0f);
-            const float* ct = cbt + g * D * V;
-            for (int64_t k = 0; k < D; ++k) {
-              const float* row = ct + k * V;
-              for (int64_t f = 0; f < nt; ++f) {
-                const float gk = gq_tile[f * D + k];
-                float* a = a_tile.data() + f * V;
-                for (int64_t v = 0; v < V; ++v) a[v] += gk * row[v];
-              }
-            }
-          }
-          for (int64_t f = 0; f < nt; ++f) {
-            const int64_t n = n0 + f;
-            const bool sel = mask == nullptr || mask[n] != 0;
-            const int64_t base = n * GV + g * V;
-            for (int64_t v = 0; v < V; ++v) l[v] = load_float(logits, base + v, ldtype);
-            std::fill(grad.begin(), grad.end(), 0.0f);
+    std::vector<float> l(V), y(V), p(V), grad(V), acc(D), a_buf(kGradTile * V), gq_tile(kGradTile * D),
+        s_tile(soft_cb ? static_cast<size_t>(kGradTile * V) : 0);
+    if (need_logit_grad || soft_cb) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+        float* part = soft_cb ? partial.data() + chunk * GV * D : nullptr;
+        const int64_t chunk_end = std::min(N, (chunk + 1) * chunk_rows);
+        for (int64_t n0 = chunk * chunk_rows; n0 < chunk_end; n0 += kGradTile) {
+          const int64_t nt = std::min<int64_t>(kGradTile, chunk_end - n0);
+          for (int64_t g = 0; g < G; ++g) {
             if (training) {
-              const float* a = a_tile.data() + f * V;
-              gumbel_row_fast(seed, n, g * V, V, y.data());
-              float ym = -INFINITY;
-              for (int64_t v = 0; v < V; ++v) {
-                y[v] = l[v] + y[v];
-                ym = std::max(ym, y[v]);
-              }
-              float z = 0.0f;
-              for (int64_t v = 0; v < V; ++v) {
-                y[v] = fast_exp((y[v] - ym) / tau_f);  // max first: finite for tiny tau
-                z += y[v];
-              }
-              const float inv_z = 1.0f / z;
-              float sa = 0.0f;
-              for (int64_t v = 0; v < V; ++v) {
-                y[v] *= inv_z;  // y now holds soft
-                sa += y[v] * a[v];
-              }
-              for (int64_t v = 0; v < V; ++v) grad[v] = gq::softmax_grad(y[v], a[v], sa, tau_f);
+              // a[f] = C_g grad_q[f] (d output / d soft) for the tile's frames at once, so
+              // each codebook row is read once per tile, not per frame
+              for (int64_t f = 0; f < nt; ++f)
+                for (int64_t k = 0; k < D; ++k)
+                  gq_tile[f * D + k] = load_float(grad_q, ((n0 + f) * G + g) * D + k, gdtype);
+              a_tile(gq_tile.data(), nt, cbt + g * D * V, V, D, a_buf.data());
             }
-            if (sel && w != nullptr) {
-              float m = -INFINITY;
-              for (int64_t v = 0; v < V; ++v) m = std::max(m, l[v]);
-              float z = 0.0f;
-              for (int64_t v = 0; v < V; ++v) {
-                p[v] = fast_exp(l[v] - m);
-                z += p[v];
+            for (int64_t f = 0; f < nt; ++f) {
+              const int64_t n = n0 + f;
+              const bool sel = mask == nullptr || mask[n] != 0;
+              const int64_t base = n * GV + g * V;
+              for (int64_t v = 0; v < V; ++v) l[v] = load_float(logits, base + v, ldtype);
+              std::fill(grad.begin(), grad.end(), 0.0f);
+              if (training) {
+                const float* a = a_buf.data() + f * V;
+                gumbel_row_fast(seed, n, g * V, V, y.data());
+                float ym = -INFINITY;
+                for (int64_t v = 0; v < V; ++v) {
+                  y[v] = l[v] + y[v];
+                  ym = std::max(ym, y[v]);
+                }
+                float z = 0.0f;
+                for (int64_t v = 0; v < V; ++v) {
+                  y[v] = fast_exp((y[v] - ym) / tau_f);  // max first: finite for tiny tau
+                  z += y[v];
+                }
+                const float inv_z = 1.0f / z;
+                float sa = 0.0f;
+                for (int64_t v = 0; v < V; ++v) {
+                  y[v] *= inv_z;  // y now holds soft
+                  sa += y[v] * a[v];
+                }
+                for (int64_t v = 0; v < V; ++v) grad[v] = gq::softmax_grad(y[v], a[v], sa, tau_f);
+                if (soft_cb) std::copy(y.begin(), y.end(), s_tile.begin() + f * V);
               }
-              const float inv_z = 1.0f / z;
-              const float* wg = w + g * V;
-              float pw = 0.0f;
-              for (int64_t v = 0; v < V; ++v) {
-                p[v] *= inv_z;
-                pw += p[v] * wg[v];
+              if (sel && w != nullptr) {
+                float m = -INFINITY;
+                for (int64_t v = 0; v < V; ++v) m = std::max(m, l[v]);
+                float z = 0.0f;
+                for (int64_t v = 0; v < V; ++v) {
+                  p[v] = fast_exp(l[v] - m);
+                  z += p[v];
+                }
+                const float inv_z = 1.0f / z;
+                const float* wg = w + g * V;
+                float pw = 0.0f;
+                for (int64_t v = 0; v < V; ++v) {
+                  p[v] *= inv_z;
+                  pw += p[v] * wg[v];
+                }
+                for (int64_t v = 0; v < V; ++v) grad[v] += gq::softmax_grad(p[v], wg[v], pw, 1.0f);
               }
-              for (int64_t v = 0; v < V; ++v) grad[v] += gq::softmax_grad(p[v], wg[v], pw, 1.0f);
+              if (need_logit_grad)
+                for (int64_t v = 0; v < V; ++v) store_float(grad_logits, base + v, ldtype, grad[v]);
             }
-            for (int64_t v = 0; v < V; ++v) store_float(grad_logits, base + v, ldtype, grad[v]);
+            if (soft_cb) {
+              soft_partial(s_tile.data(), nt, gq_tile.data(), V, D, part + g * V * D);
+            }
           }
         }
       }
     }
-    if (need_cb_grad) {
+    if (soft_cb) {
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < GV * D; ++j) {
+        float sum = 0.0f;
+        for (int64_t c = 0; c < n_chunks; ++c) sum += partial[c * GV * D + j];
+        store_float(grad_cb, j, cdtype, sum);
+      }
+    } else if (need_cb_grad) {
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < GV; ++j) {
         const int64_t g = j / V;
@@ -295,13 +417,14 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
 
 void bind_gumbel_quantize(py::module_& m) {
   m.def("gumbel_quantize_forward", &forward_cpu, py::arg("logits"), py::arg("ldtype"), py::arg("codebook"),
-        py::arg("cdtype"), py::arg("n"), py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"),
-        py::arg("seed"), py::arg("mask"), py::arg("quantized"), py::arg("codes"),
-        py::arg("prob_sum"), py::arg("code_sum"), py::call_guard<py::gil_scoped_release>());
+        py::arg("cdtype"), py::arg("codebook_f32"), py::arg("n"), py::arg("groups"), py::arg("num_vars"), py::arg("dim"),
+        py::arg("training"), py::arg("hard"), py::arg("tau"), py::arg("seed"), py::arg("mask"), py::arg("quantized"),
+        py::arg("codes"), py::arg("prob_sum"), py::arg("code_sum"), py::call_guard<py::gil_scoped_release>());
   m.def("gumbel_quantize_backward", &backward_cpu, py::arg("grad_q"), py::arg("gdtype"), py::arg("logits"),
         py::arg("ldtype"), py::arg("codebook_t"), py::arg("codes"), py::arg("mask"), py::arg("w"), py::arg("n"),
-        py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("tau"), py::arg("seed"),
-        py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"), py::call_guard<py::gil_scoped_release>());
+        py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("hard"), py::arg("tau"),
+        py::arg("seed"), py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"),
+        py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace sslfast

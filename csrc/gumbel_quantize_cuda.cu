@@ -11,6 +11,16 @@
 //   in shared memory (2V + d floats per warp); the noise is redrawn from the seed.
 // backward (codebook): block = (codeword, 128 dims); it scans the codes 128 at a time and
 //   adds the output gradients of the frames that chose it in frame order (deterministic).
+//
+// Soft quantization (hard=False, training): the forward kernel above gives codes and
+// marginals, then soft_forward_kernel (block = kSoftRows frames x group g) keeps their
+// probabilities softmax((l + g) / tau) in shared memory and makes q = soft @ C_g (threads over
+// (frame, dim), codebook rows read through the cache). The backward's logits kernel is the hard
+// one (the straight-through gradient is the soft gradient) and also writes each row's softmax
+// statistics (max of l + g, 1 / normaliser), so soft_codebook_kernel (block = chunk of frames x
+// 8 codewords x 128 dims) rebuilds only its own probabilities; it sums soft^T grad_q per chunk
+// (gq::soft_chunk_rows) into a partial, and reduce_chunks_kernel adds the partials in chunk
+// order: deterministic, no atomics, never the (N, G*V) probabilities.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -50,8 +60,8 @@ __device__ __forceinline__ gq::MaxArg warp_maxarg(gq::MaxArg a) {
 }
 
 __global__ void forward_kernel(const void* logits, int ldtype, const char* codebook, int esize, int64_t N, int64_t G,
-                               int64_t V, int64_t D, bool training, uint64_t seed, const uint8_t* mask, char* quant,
-                               int64_t* codes, float* partial) {
+                               int64_t V, int64_t D, bool training, bool gather, uint64_t seed, const uint8_t* mask,
+                               char* quant, int64_t* codes, float* partial) {
   __shared__ float s_m[kChunk];
   __shared__ float s_inv_z[kChunk];
   __shared__ int64_t s_am[kChunk];
@@ -95,6 +105,7 @@ __global__ void forward_kernel(const void* logits, int ldtype, const char* codeb
     }
     const int64_t src = (g * V + code) * D;
     const int64_t dst = (n * G + g) * D;
+    if (!gather) continue;  // soft: soft_forward_kernel writes the output
     if (esize == 4) {
       const float* s = reinterpret_cast<const float*>(codebook);
       float* q = reinterpret_cast<float*>(quant);
@@ -131,7 +142,7 @@ __global__ void reduce_partials_kernel(const float* partial, int64_t n_chunks, i
 __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const void* logits, int ldtype,
                                        const float* cbt, const uint8_t* mask, const float* w, int64_t N, int64_t G,
                                        int64_t V, int64_t D, bool training, float tau, uint64_t seed,
-                                       void* grad_logits) {
+                                       void* grad_logits, float* soft_stats) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -155,11 +166,15 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
     ym = warp_max(ym);
     float z = 0.0f;
     for (int64_t v = lane; v < V; v += 32) {
-      const float e = expf((s_buf[v] - ym) / tau);  // max first: finite for tiny tau
+      const float e = gq::tempered_weight(s_buf[v], ym, tau);
       s_buf[v] = e;
       z += e;
     }
     const float inv_z = 1.0f / warp_sum(z);
+    if (soft_stats != nullptr && lane == 0) {
+      soft_stats[row * 2] = ym;
+      soft_stats[row * 2 + 1] = inv_z;
+    }
     for (int64_t k = lane; k < D; k += 32) gq_row[k] = load_float(grad_q, row * D + k, gdtype);
     __syncwarp();
     const float* ct = cbt + g * D * V;
@@ -233,20 +248,145 @@ __global__ void backward_codebook_kernel(const void* grad_q, int gdtype, const i
   if (k < D) store_float(grad_cb, j * D + k, cdtype, acc);
 }
 
+constexpr int kSoftThreads = 256;
+constexpr int64_t kSoftRows = 16;        // frames per soft_forward_kernel block (fewer for large V)
+constexpr int64_t kSoftMaxSmem = 8192;   // floats of probabilities per soft_forward_kernel block
+constexpr int kSoftCbRows = 32;          // frames per step of soft_codebook_kernel
+constexpr int kSoftCbVars = kSoftThreads / 32;  // codewords per soft_codebook_kernel block
+constexpr int kSoftCbDims = 128;         // dims per soft_codebook_kernel block, 4 per lane
+
+__global__ void soft_forward_kernel(const void* logits, int ldtype, const void* codebook, int cdtype, int64_t N,
+                                    int64_t G, int64_t V, int64_t D, int64_t rows, float tau, uint64_t seed,
+                                    void* quant) {
+  extern __shared__ float s_p[];  // (rows, V) probabilities
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * rows;
+  const int64_t g = blockIdx.y;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t nt = N - n0 < rows ? N - n0 : rows;
+  for (int64_t t = warp; t < nt; t += kSoftThreads / 32) {
+    const int64_t n = n0 + t;
+    const int64_t base = n * G * V + g * V;
+    float* p = s_p + t * V;
+    float ym = -INFINITY;
+    for (int64_t v = lane; v < V; v += 32) {
+      const float y = load_float(logits, base + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
+      p[v] = y;
+      ym = fmaxf(ym, y);
+    }
+    ym = warp_max(ym);
+    float z = 0.0f;
+    for (int64_t v = lane; v < V; v += 32) {
+      const float e = gq::tempered_weight(p[v], ym, tau);
+      p[v] = e;
+      z += e;
+    }
+    const float inv_z = 1.0f / warp_sum(z);
+    for (int64_t v = lane; v < V; v += 32) p[v] *= inv_z;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < nt * D; i += kSoftThreads) {
+    const int64_t t = i / D;
+    const int64_t k = i % D;
+    const float* p = s_p + t * V;
+    float acc = 0.0f;
+    for (int64_t v = 0; v < V; ++v) acc += p[v] * load_float(codebook, (g * V + v) * D + k, cdtype);
+    store_float(quant, ((n0 + t) * G + g) * D + k, cdtype, acc);
+  }
+}
+
+__global__ void soft_codebook_kernel(const void* grad_q, int gdtype, const void* logits, int ldtype,
+                                     const float* stats, int64_t N, int64_t G, int64_t V, int64_t D,
+                                     int64_t chunk_rows, float tau, uint64_t seed, float* partial) {
+  __shared__ float s_p[kSoftCbRows][kSoftCbVars];
+  __shared__ float s_gq[kSoftCbRows][kSoftCbDims];
+  const int64_t chunk = blockIdx.x;
+  const int64_t v_tiles = (V + kSoftCbVars - 1) / kSoftCbVars;
+  const int64_t g = blockIdx.y / v_tiles;
+  const int64_t v0 = (blockIdx.y % v_tiles) * kSoftCbVars;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kSoftCbDims;
+  const int vv = threadIdx.x / 32;  // this thread's codeword v0 + vv ...
+  const int lane = threadIdx.x % 32;  // ... and dims k0 + lane + 32 i
+  const int64_t row_end = (chunk + 1) * chunk_rows < N ? (chunk + 1) * chunk_rows : N;
+  float acc[kSoftCbDims / 32] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t r0 = chunk * chunk_rows; r0 < row_end; r0 += kSoftCbRows) {
+    {
+      const int t = threadIdx.x / kSoftCbVars;
+      const int u = threadIdx.x % kSoftCbVars;
+      const int64_t n = r0 + t;
+      const int64_t v = v0 + u;
+      float p = 0.0f;
+      if (n < row_end && v < V) {
+        const int64_t row = n * G + g;
+        const float y = load_float(logits, n * G * V + g * V + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
+        p = gq::tempered_weight(y, stats[row * 2], tau) * stats[row * 2 + 1];
+      }
+      s_p[t][u] = p;
+    }
+    for (int i = threadIdx.x; i < kSoftCbRows * kSoftCbDims; i += kSoftThreads) {
+      const int t = i / kSoftCbDims;
+      const int kk = i % kSoftCbDims;
+      const int64_t n = r0 + t;
+      s_gq[t][kk] = n < row_end && k0 + kk < D ? load_float(grad_q, (n * G + g) * D + k0 + kk, gdtype) : 0.0f;
+    }
+    __syncthreads();
+    for (int t = 0; t < kSoftCbRows; ++t) {
+      const float p = s_p[t][vv];
+#pragma unroll
+      for (int i = 0; i < kSoftCbDims / 32; ++i) acc[i] += p * s_gq[t][lane + 32 * i];
+    }
+    __syncthreads();
+  }
+  const int64_t v = v0 + vv;
+  if (v >= V) return;
+  float* out = partial + (chunk * G * V + g * V + v) * D;
+#pragma unroll
+  for (int i = 0; i < kSoftCbDims / 32; ++i) {
+    const int64_t k = k0 + lane + 32 * i;
+    if (k < D) out[k] = acc[i];
+  }
+}
+
+__global__ void reduce_chunks_kernel(const float* partial, int64_t n_chunks, int64_t width, void* out, int dtype) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= width) return;
+  float acc = 0.0f;
+  for (int64_t c = 0; c < n_chunks; ++c) acc += partial[c * width + j];
+  store_float(out, j, dtype, acc);
+}
+
 int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
+// Floats of the soft backward's workspace: (N, G, 2) row statistics, then the chunk partials.
+int64_t soft_workspace(int64_t N, int64_t G, int64_t V, int64_t D) {
+  return N * G * 2 + gq::soft_num_chunks(N, kSoftCbRows) * G * V * D;
+}
+
 void forward_cuda(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, int64_t N, int64_t G,
-                  int64_t V, int64_t D, bool training, uint64_t seed, std::uintptr_t mask_p, std::uintptr_t quant_p,
-                  std::uintptr_t codes_p, std::uintptr_t partial_p, std::uintptr_t sums_p, std::uintptr_t stream_h) {
+                  int64_t V, int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t mask_p,
+                  std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t partial_p, std::uintptr_t sums_p,
+                  std::uintptr_t stream_h) {
   if (N == 0) return;
   if (G > 65535) throw std::invalid_argument("sslfast gumbel_quantize (cuda): groups must be <= 65535");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_h);
+  const bool soft = training && !hard;
   const int64_t chunks = num_chunks(N);
   forward_kernel<<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(G)), kForwardWarps * 32, 0, stream>>>(
       as_ptr<const void>(logits_p), ldtype, as_ptr<const char>(codebook_p), cdtype == 0 ? 4 : 2, N, G, V, D,
-      training, seed, as_ptr<const uint8_t>(mask_p), as_ptr<char>(quant_p), as_ptr<int64_t>(codes_p),
+      training, !soft, seed, as_ptr<const uint8_t>(mask_p), as_ptr<char>(quant_p), as_ptr<int64_t>(codes_p),
       as_ptr<float>(partial_p));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
+  if (soft) {
+    const int64_t rows = V * kSoftRows <= kSoftMaxSmem ? kSoftRows : (kSoftMaxSmem / V > 0 ? kSoftMaxSmem / V : 1);
+    const size_t smem = static_cast<size_t>(rows * V) * sizeof(float);
+    if (smem > 48 * 1024)
+      throw std::invalid_argument("sslfast gumbel_quantize (cuda): hard=False needs num_vars <= 12288, got " +
+                                  std::to_string(V));
+    soft_forward_kernel<<<dim3(static_cast<unsigned>((N + rows - 1) / rows), static_cast<unsigned>(G)), kSoftThreads,
+                          smem, stream>>>(as_ptr<const void>(logits_p), ldtype, as_ptr<const void>(codebook_p), cdtype,
+                                          N, G, V, D, rows, static_cast<float>(tau), seed, as_ptr<void>(quant_p));
+    SSLFAST_CUDA_CHECK(cudaGetLastError());
+  }
   const int64_t width = 2 * G * V;
   reduce_partials_kernel<<<static_cast<unsigned>((width + 255) / 256), 256, 0, stream>>>(
       as_ptr<const float>(partial_p), chunks, width, as_ptr<float>(sums_p));
@@ -255,10 +395,14 @@ void forward_cuda(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p
 
 void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, int ldtype, std::uintptr_t cbt_p,
                    std::uintptr_t codes_p, std::uintptr_t mask_p, std::uintptr_t w_p, int64_t N, int64_t G, int64_t V,
-                   int64_t D, bool training, double tau, uint64_t seed, std::uintptr_t grad_logits_p, int cdtype,
-                   std::uintptr_t grad_cb_p, std::uintptr_t stream_h) {
+                   int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t grad_logits_p,
+                   int cdtype, std::uintptr_t grad_cb_p, std::uintptr_t workspace_p, std::uintptr_t stream_h) {
   if (N == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_h);
+  const bool soft = training && !hard;
+  if (soft && workspace_p == 0)
+    throw std::invalid_argument("sslfast gumbel_quantize (cuda): hard=False needs the soft workspace");
+  float* stats = soft ? as_ptr<float>(workspace_p) : nullptr;
   const size_t per_warp = static_cast<size_t>(2 * V + D) * sizeof(float);
   const size_t limit = 48 * 1024;  // no opt-in to larger dynamic shared memory
   if (per_warp > limit)
@@ -269,8 +413,26 @@ void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p,
   backward_logits_kernel<<<static_cast<unsigned>((rows + warps - 1) / warps), warps * 32, per_warp * warps, stream>>>(
       as_ptr<const void>(grad_q_p), gdtype, as_ptr<const void>(logits_p), ldtype, as_ptr<const float>(cbt_p),
       as_ptr<const uint8_t>(mask_p), as_ptr<const float>(w_p), N, G, V, D, training, static_cast<float>(tau), seed,
-      as_ptr<void>(grad_logits_p));
+      as_ptr<void>(grad_logits_p), stats);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
+  if (soft) {
+    const int64_t chunk_rows = gq::soft_chunk_rows(N, kSoftCbRows);
+    const int64_t n_chunks = gq::soft_num_chunks(N, kSoftCbRows);
+    float* partial = stats + N * G * 2;
+    const int64_t v_tiles = (V + kSoftCbVars - 1) / kSoftCbVars;
+    if (G * v_tiles > 65535) throw std::invalid_argument("sslfast gumbel_quantize (cuda): groups * num_vars too large");
+    soft_codebook_kernel<<<dim3(static_cast<unsigned>(n_chunks), static_cast<unsigned>(G * v_tiles),
+                                static_cast<unsigned>((D + kSoftCbDims - 1) / kSoftCbDims)),
+                           kSoftThreads, 0, stream>>>(as_ptr<const void>(grad_q_p), gdtype, as_ptr<const void>(logits_p),
+                                                      ldtype, stats, N, G, V, D, chunk_rows, static_cast<float>(tau),
+                                                      seed, partial);
+    SSLFAST_CUDA_CHECK(cudaGetLastError());
+    const int64_t width = G * V * D;
+    reduce_chunks_kernel<<<static_cast<unsigned>((width + 255) / 256), 256, 0, stream>>>(
+        partial, n_chunks, width, as_ptr<void>(grad_cb_p), cdtype);
+    SSLFAST_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   const unsigned d_blocks = static_cast<unsigned>((D + kCodebookThreads - 1) / kCodebookThreads);
   backward_codebook_kernel<<<dim3(static_cast<unsigned>(G * V), d_blocks), kCodebookThreads, 0, stream>>>(
       as_ptr<const void>(grad_q_p), gdtype, as_ptr<const int64_t>(codes_p), N, G, V, D, as_ptr<void>(grad_cb_p),
@@ -282,14 +444,18 @@ void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p,
 
 void bind_gumbel_quantize(py::module_& m) {
   m.def("gumbel_quantize_num_chunks", &num_chunks, py::arg("n"));
+  m.def("gumbel_quantize_soft_workspace", &soft_workspace, py::arg("n"), py::arg("groups"), py::arg("num_vars"),
+        py::arg("dim"));
   m.def("gumbel_quantize_forward", &forward_cuda, py::arg("logits"), py::arg("ldtype"), py::arg("codebook"),
         py::arg("cdtype"), py::arg("n"), py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"),
-        py::arg("seed"), py::arg("mask"), py::arg("quantized"), py::arg("codes"), py::arg("partial"),
+        py::arg("hard"), py::arg("tau"), py::arg("seed"), py::arg("mask"), py::arg("quantized"), py::arg("codes"),
+        py::arg("partial"),
         py::arg("sums"), py::arg("cuda_stream"));
   m.def("gumbel_quantize_backward", &backward_cuda, py::arg("grad_q"), py::arg("gdtype"), py::arg("logits"),
         py::arg("ldtype"), py::arg("codebook_t"), py::arg("codes"), py::arg("mask"), py::arg("w"), py::arg("n"),
-        py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("tau"), py::arg("seed"),
-        py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"), py::arg("cuda_stream"));
+        py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("hard"), py::arg("tau"),
+        py::arg("seed"), py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"), py::arg("workspace"),
+        py::arg("cuda_stream"));
 }
 
 }  // namespace sslfast

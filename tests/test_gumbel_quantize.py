@@ -29,8 +29,8 @@ def noise_fp64(n, width, seed):
     return (-torch.log(-torch.log(u))).float()
 
 
-def quantize_fp64(logits, codebook, groups, tau, training, seed, mask=None, eps=1e-7, noise=None):
-    """fairseq's eager formulation (one-hot x codebook product) in fp64."""
+def quantize_fp64(logits, codebook, groups, tau, training, seed, mask=None, eps=1e-7, noise=None, hard=True):
+    """fairseq's eager formulation (one-hot or soft weights x codebook product) in fp64."""
     n, gv = logits.shape
     v = gv // groups
     d = codebook.shape[-1]
@@ -40,11 +40,11 @@ def quantize_fp64(logits, codebook, groups, tau, training, seed, mask=None, eps=
         g = noise_fp64(n, gv, seed) if noise is None else noise
         z = x + g.double().reshape(n * groups, v)
         soft = torch.softmax(z / tau, dim=-1)
-        hard = torch.nn.functional.one_hot(z.argmax(-1), v).double()
-        w = hard - soft.detach() + soft
+        hard_w = torch.nn.functional.one_hot(z.argmax(-1), v).double()
+        w = hard_w - soft.detach() + soft if hard else soft
     else:
-        hard = torch.nn.functional.one_hot(x.argmax(-1), v).double()
-        w = hard
+        hard_w = torch.nn.functional.one_hot(x.argmax(-1), v).double()
+        w = hard_w  # eval: the argmax codeword whatever hard says (fairseq, HF)
     q = (w.reshape(n, gv, 1) * cb).reshape(n, groups, v, d).sum(2).reshape(n, groups * d)
     sel = torch.ones(n, dtype=torch.bool) if mask is None else mask.reshape(n)
     cnt = max(int(sel.sum()), 1)
@@ -55,14 +55,15 @@ def quantize_fp64(logits, codebook, groups, tau, training, seed, mask=None, eps=
         ent = torch.xlogy(p, p) if eps == 0 else p * torch.log(p + eps)
         return torch.exp(-ent.sum(-1)).sum()
 
-    return q, hard.reshape(n, groups, v).argmax(-1), ppl(avg), ppl(hx.detach())
+    return q, hard_w.reshape(n, groups, v).argmax(-1), ppl(avg), ppl(hx.detach())
 
 
-def run(backend, logits, codebook, *, groups, tau=2.0, training=True, seed=7, mask=None, eps=1e-7, gseed=3):
+def run(backend, logits, codebook, *, groups, tau=2.0, training=True, seed=7, mask=None, eps=1e-7, gseed=3,
+        hard=True):
     """Forward, then grads of sum(quantized * R) + 2.5 * prob_perplexity."""
     l = logits.detach().clone().requires_grad_()
     cb = codebook.detach().clone().requires_grad_()
-    out = gvq(l, cb, groups=groups, tau=tau, training=training, seed=seed, mask=mask, perplexity_eps=eps,
+    out = gvq(l, cb, groups=groups, tau=tau, hard=hard, training=training, seed=seed, mask=mask, perplexity_eps=eps,
               backend=backend)
     r = torch.randn(out.quantized.shape, generator=torch.Generator().manual_seed(gseed)).to(out.quantized.device)
     loss = (out.quantized.double() * r.double()).sum() + 2.5 * out.prob_perplexity.double()
@@ -70,10 +71,11 @@ def run(backend, logits, codebook, *, groups, tau=2.0, training=True, seed=7, ma
     return out, gl, gc
 
 
-def run_fp64(logits, codebook, *, groups, tau=2.0, training=True, seed=7, mask=None, eps=1e-7, gseed=3):
+def run_fp64(logits, codebook, *, groups, tau=2.0, training=True, seed=7, mask=None, eps=1e-7, gseed=3, hard=True):
     l = logits.detach().cpu().double().requires_grad_()
     cb = codebook.detach().cpu().double().requires_grad_()
-    q, codes, pp, cp = quantize_fp64(l, cb, groups, tau, training, seed, None if mask is None else mask.cpu(), eps)
+    q, codes, pp, cp = quantize_fp64(l, cb, groups, tau, training, seed, None if mask is None else mask.cpu(), eps,
+                                     hard=hard)
     r = torch.randn(q.shape, generator=torch.Generator().manual_seed(gseed)).double()
     loss = (q * r).sum() + 2.5 * pp
     gl, gc = torch.autograd.grad(loss, [l, cb])
@@ -90,15 +92,22 @@ def inputs(n, groups, v, d, dtype=torch.float32, device="cpu", scale=2.0, seed=0
 
 SHAPES = [(37, 2, 13, 7), (5, 3, 5, 1), (1, 1, 17, 3)]  # primes, d = 1, a single frame
 # fp32: absolute tolerance of kernel outputs and grads against the fp64 formulation
-FP32_TOL = {"ppl": 1e-5, "grad": 2e-5}
+FP32_TOL = {"ppl": 1e-5, "grad": 2e-5, "soft_q": 1e-5}
 
 
-def check_against_fp64(out, gl, gc, truth, dtype, ref_err=None):
+def check_against_fp64(out, gl, gc, truth, dtype, ref_err=None, soft=False):
+    """soft: the output is a weighted sum (hard=False in training), checked to a tolerance
+    (fp32) or twice the reference's error (fp16/bf16); otherwise it is an exact gather."""
     q64, codes64, pp64, cp64, gl64, gc64 = truth
     assert torch.equal(out.codes.cpu(), codes64)
-    assert torch.equal(out.quantized.cpu().double(), q64.detach().to(out.quantized.dtype).double()) or \
-        torch.allclose(out.quantized.cpu().double(), q64.detach(), atol=1e-6)
+    q_err = (out.quantized.cpu().double() - q64.detach()).abs().max().item() if q64.numel() else 0.0
+    if not soft:
+        assert torch.equal(out.quantized.cpu().double(), q64.detach().to(out.quantized.dtype).double()) or \
+            torch.allclose(out.quantized.cpu().double(), q64.detach(), atol=1e-6)
+    elif ref_err is None:
+        assert q_err < FP32_TOL["soft_q"] * max(1.0, q64.abs().max().item()), q_err
     errs = {
+        "q": q_err,
         "pp": abs(out.prob_perplexity.item() - pp64.item()) / pp64.item(),
         "cp": abs(out.code_perplexity.item() - cp64.item()) / cp64.item(),
         "gl": (gl.cpu().double() - gl64).abs().max().item(),
@@ -158,24 +167,25 @@ def test_reference_gradcheck_fp64():
 # ----------------------------------------------------------------------------- cpu backend
 
 
-def _parity(backend, device, dtypes, shapes=SHAPES):
+def _parity(backend, device, dtypes, shapes=SHAPES, hard=True, tau=1.7):
     for dtype in dtypes:
         for shape in shapes:
             n, g, v, d = shape
             for training in (True, False):
                 logits, cb, mask = inputs(n, g, v, d, dtype=dtype)
+                soft = training and not hard
                 for m in (None, mask):
-                    kw = dict(groups=g, training=training, mask=m, tau=1.7)
+                    kw = dict(groups=g, training=training, mask=m, tau=tau, hard=hard)
                     truth = run_fp64(logits, cb, **kw)
                     out, gl, gc = run(backend, logits.to(device), cb.to(device),
                                       **{**kw, "mask": None if m is None else m.to(device)})
                     assert out.quantized.dtype == dtype and out.codes.dtype == torch.int64
                     if dtype == torch.float32:
-                        check_against_fp64(out, gl, gc, truth, dtype)
+                        check_against_fp64(out, gl, gc, truth, dtype, soft=soft)
                     else:
-                        ref_err = check_against_fp64(*run("reference", logits, cb, **kw), truth, dtype,
-                                                     ref_err={k: math.inf for k in ("pp", "cp", "gl", "gc")})
-                        check_against_fp64(out, gl, gc, truth, dtype, ref_err=ref_err)
+                        ref_err = check_against_fp64(*run("reference", logits, cb, **kw), truth, dtype, soft=soft,
+                                                     ref_err={k: math.inf for k in ("q", "pp", "cp", "gl", "gc")})
+                        check_against_fp64(out, gl, gc, truth, dtype, ref_err=ref_err, soft=soft)
 
 
 @pytest.mark.cpu
@@ -278,13 +288,128 @@ def test_validation_errors():
         gvq(logits, cb, groups=2, perplexity_eps=-1.0)
     with pytest.raises(sslfast.BackendUnavailableError):
         gvq(logits, cb, groups=2, backend="cuda")
-    with pytest.raises(NotImplementedError, match="hard=False"):
-        gvq(logits, cb, groups=2, hard=False, backend="cpu")
-    soft = gvq(logits, cb, groups=2, hard=False, seed=1)  # backend=None: the reference runs it
-    assert torch.allclose(soft.quantized, ref.gumbel_vector_quantize(logits, cb, groups=2, hard=False, seed=1)[0])
+    with pytest.raises(TypeError, match="hard"):
+        gvq(logits, cb, groups=2, hard=0)
+    soft = gvq(logits, cb, groups=2, hard=False, seed=1)  # backend=None: the cpu kernel
+    assert torch.allclose(soft.quantized, ref.gumbel_vector_quantize(logits, cb, groups=2, hard=False, seed=1)[0],
+                          atol=1e-5)
     # (1, G*V, d) codebooks as the modules store them
     a = gvq(logits, cb[None], groups=2, seed=4, backend="cpu")
     assert torch.equal(a.quantized, gvq(logits, cb, groups=2, seed=4, backend="cpu").quantized)
+
+
+# ----------------------------------------------------------------------------- soft quantization (hard=False)
+
+# odd shapes: N prime (several frame chunks of the soft codebook gradient at N=131), V and d
+# not multiples of any block, G in {1, 2}
+SOFT_SHAPES = [(37, 2, 13, 7), (131, 1, 41, 19), (5, 2, 5, 1)]
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SOFT_SHAPES)
+def test_reference_soft_matches_fp64_formulation(shape, training):
+    n, g, v, d = shape
+    logits, cb, mask = inputs(n, g, v, d)
+    for m in (None, mask):
+        kw = dict(groups=g, training=training, mask=m, tau=0.7, hard=False)
+        out, gl, gc = run("reference", logits, cb, **kw)
+        check_against_fp64(out, gl, gc, run_fp64(logits, cb, **kw), torch.float32, soft=training)
+
+
+@pytest.mark.cpu
+def test_reference_soft_grads_match_fp64_autograd_of_reference():
+    """The kernels' soft gradients against the reference differentiated by autograd in fp64."""
+    logits, cb, mask = inputs(53, 2, 29, 11, seed=4)
+    for backend in ("reference", "cpu"):
+        out, gl, gc = run(backend, logits, cb, groups=2, tau=0.9, hard=False, mask=mask, seed=5)
+        l64, c64 = logits.double().requires_grad_(), cb.double().requires_grad_()
+        q, _, pm, _ = ref.gumbel_vector_quantize(l64, c64, groups=2, tau=0.9, hard=False, seed=5, mask=mask)
+        r = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).double()
+        gl64, gc64 = torch.autograd.grad((q * r).sum() + 2.5 * ref.perplexity(pm, 1e-7), [l64, c64])
+        assert torch.allclose(out.quantized.double(), q.detach(), atol=1e-5, rtol=0)
+        assert torch.allclose(gl.double(), gl64, atol=2e-5 * max(1.0, gl64.abs().max().item()), rtol=0)
+        assert torch.allclose(gc.double(), gc64, atol=2e-5 * max(1.0, gc64.abs().max().item()), rtol=0)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_soft_parity(dtype):
+    _parity("cpu", "cpu", [dtype], shapes=SOFT_SHAPES, hard=False, tau=0.7)
+
+
+def _soft_vs_hard(backend, device):
+    """One seed, one noise: hard and soft give the same codes and perplexities; the soft output
+    is the softmax of the same l + g (checked against the fp64 formulation), not the gather."""
+    logits, cb, mask = inputs(67, 2, 23, 6, scale=1.0, seed=11)
+    kw = dict(groups=2, tau=0.8, seed=2**33 + 5, mask=mask.to(device))
+    h = gvq(logits.to(device), cb.to(device), hard=True, backend=backend, **kw)
+    so = gvq(logits.to(device), cb.to(device), hard=False, backend=backend, **kw)
+    assert torch.equal(h.codes, so.codes)
+    assert torch.equal(h.prob_perplexity, so.prob_perplexity) and torch.equal(h.code_perplexity, so.code_perplexity)
+    q64 = quantize_fp64(logits, cb, 2, 0.8, True, 2**33 + 5, hard=False)[0]
+    assert (so.quantized.cpu().double() - q64).abs().max() < 1e-5
+    assert not torch.allclose(so.quantized, h.quantized, atol=1e-3)
+
+
+@pytest.mark.cpu
+def test_cpu_soft_same_noise_as_hard():
+    _soft_vs_hard("cpu", "cpu")
+
+
+@pytest.mark.cpu
+def test_cpu_soft_deterministic_and_production_width():
+    """V = 320 (wav2vec 2.0), several frame chunks; two runs are bit-identical."""
+    logits, cb, mask = inputs(211, 2, 320, 24, scale=1.0, seed=6)
+    a = run("cpu", logits, cb, groups=2, hard=False, mask=mask, tau=0.5)
+    b = run("cpu", logits, cb, groups=2, hard=False, mask=mask, tau=0.5)
+    assert torch.equal(a[0].quantized, b[0].quantized) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    check_against_fp64(*a, run_fp64(logits, cb, groups=2, hard=False, mask=mask, tau=0.5), torch.float32, soft=True)
+
+
+@pytest.mark.cpu
+def test_cpu_isa_paths_bit_identical():
+    """The tile products run per ISA (baseline, AVX2 without FMA): the same bits, hard and soft."""
+    from sslfast import _ext
+
+    mod = _ext.cpu_module()
+    best, before = mod.cpu_isa_supported(), mod.cpu_isa()
+    if best == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    logits, cb, mask = inputs(83, 2, 37, 29, seed=8)
+    res = {}
+    try:
+        for isa in ("scalar", best):
+            assert mod.set_cpu_isa(isa) == isa
+            res[isa] = [run("cpu", logits, cb, groups=2, hard=hard, mask=mask, tau=0.6) for hard in (True, False)]
+    finally:
+        mod.set_cpu_isa(before)
+    for a, b in zip(res["scalar"], res[best]):
+        assert torch.equal(a[0].quantized, b[0].quantized) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_soft_extreme_logits_never_nan(backend, dtype):
+    _extreme_soft(backend, "cpu", dtype)
+
+
+def _extreme_soft(backend, device, dtype):
+    big = 65504.0 if dtype == torch.float16 else 3.0e38
+    n, g, v = 41, 2, 7
+    vals = torch.tensor([255.0, -255.0, big, -big, 0.0])
+    logits = vals[torch.randint(0, 5, (n, g * v), generator=torch.Generator().manual_seed(1))].to(dtype)
+    logits[0] = -255.0
+    logits[0, 3] = 255.0
+    cb = torch.randn(g * v, 5).to(dtype)
+    for tau in (0.05, 2.0):
+        out, gl, gc = run(backend, logits.to(device), cb.to(device), groups=g, tau=tau, hard=False)
+        assert torch.isfinite(out.quantized).all() and torch.isfinite(gl).all() and torch.isfinite(gc).all()
+        assert torch.isfinite(out.prob_perplexity) and torch.isfinite(out.code_perplexity)
+        assert out.codes[0, 0].item() == 3
+        # a dominant logit makes the soft output that codeword
+        assert torch.allclose(out.quantized[0, :5].float().cpu(), cb[3].float(), atol=1e-3, rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------- sampler statistics
@@ -504,6 +629,19 @@ def test_triton_codes_identical_to_cpu_and_extremes(triton_device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_soft_parity(dtype, triton_device):
+    _parity("triton", triton_device, [dtype], shapes=SOFT_SHAPES, hard=False, tau=0.7)
+
+
+@pytest.mark.interpreter
+def test_triton_soft_same_noise_as_hard_and_extremes(triton_device):
+    _soft_vs_hard("triton", triton_device)
+    for dtype in (torch.float32, torch.float16):
+        _extreme_soft("triton", triton_device, dtype)
+
+
+@pytest.mark.interpreter
 def test_triton_empty_batch(triton_device):
     logits, cb, _ = inputs(0, 2, 5, 3, device=triton_device)
     out, gl, gc = run("triton", logits, cb, groups=2)
@@ -556,3 +694,29 @@ def test_gpu_chi_square_and_hf_eval(backend):
     mask = torch.rand(4, 50, device="cuda") < 0.5
     a, b = hf(x, mask), ours(x, mask)
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_soft_parity(backend, dtype):
+    _parity(backend, "cuda", [dtype], shapes=SOFT_SHAPES + [(301, 2, 320, 128), (64, 1, 1000, 33)], hard=False,
+            tau=0.7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_soft_same_noise_deterministic_and_large(backend):
+    _soft_vs_hard(backend, "cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        _extreme_soft(backend, "cuda", dtype)
+    logits, cb, mask = inputs(3124, 2, 320, 128, scale=1.0, seed=3)
+    a = run("cpu", logits, cb, groups=2, seed=99, mask=mask, hard=False, tau=0.5)
+    outs = [run(backend, logits.cuda(), cb.cuda(), groups=2, seed=99, mask=mask.cuda(), hard=False, tau=0.5)
+            for _ in range(2)]
+    assert torch.equal(a[0].codes, outs[0][0].codes.cpu())
+    assert torch.allclose(a[0].quantized, outs[0][0].quantized.cpu(), atol=1e-5)
+    assert torch.allclose(a[1], outs[0][1].cpu(), atol=1e-5) and torch.allclose(a[2], outs[0][2].cpu(), atol=1e-4)
+    # deterministic: chunk partials added in a fixed order, no atomics
+    assert torch.equal(outs[0][0].quantized, outs[1][0].quantized)
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])

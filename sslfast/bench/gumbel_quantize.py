@@ -7,6 +7,12 @@ gradients to the input and every parameter. Providers: sslfast backends (our
 ``Wav2Vec2GumbelVectorQuantizer`` with ``backend=``), ``reference`` (same module on the
 reference), ``hf`` (transformers' ``Wav2Vec2GumbelVectorQuantizer``, same weights) and
 ``compile`` (torch.compile of the reference module).
+
+The ``hard=False`` row (soft quantization, fairseq's ``GumbelVectorQuantizer(hard=False)``:
+output ``softmax((l + g) / tau) @ codebook``) times our fairseq-compatible module with
+``hard=False`` at the first production shape, forward + backward. Hugging Face has no soft
+path (its quantizer always calls ``gumbel_softmax(hard=True)``), so ``hf`` reports itself
+unavailable there.
 """
 from __future__ import annotations
 
@@ -42,11 +48,14 @@ def _mem_available_bytes() -> int | None:
     return None
 
 
-def _make(kind: str, device, b: int, t: int, backward: bool, backend: str | None = None):
-    from ..nn.gumbel_quantize import Wav2Vec2GumbelVectorQuantizer
+def _make(kind: str, device, b: int, t: int, backward: bool, backend: str | None = None, hard: bool = True):
+    from ..nn.gumbel_quantize import GumbelVectorQuantizer, Wav2Vec2GumbelVectorQuantizer
 
     cfg = _config()
     n = b * t
+    if kind == "hf" and not hard:
+        raise Unavailable("transformers' Wav2Vec2GumbelVectorQuantizer has no soft path (it always calls "
+                          "gumbel_softmax(hard=True))")
     if kind == "hf":
         from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2GumbelVectorQuantizer as HF
 
@@ -65,7 +74,11 @@ def _make(kind: str, device, b: int, t: int, backward: bool, backend: str | None
             reason = _dispatch.backend_unavailable_reason(backend, device)
             if reason:
                 raise Unavailable(reason)
-        mod = Wav2Vec2GumbelVectorQuantizer(cfg, backend=backend)
+        if hard:
+            mod = Wav2Vec2GumbelVectorQuantizer(cfg, backend=backend)
+        else:  # fairseq's module, the one with a hard=False option; same shapes and tau
+            mod = GumbelVectorQuantizer(C_IN, V, (2, 0.5, 0.999995), G, False, CODE_DIM, True, hard=False,
+                                        backend=backend)
     mod = mod.to(device).train()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, t, C_IN, generator=gen).to(device).requires_grad_(backward)
@@ -83,6 +96,13 @@ def _make(kind: str, device, b: int, t: int, backward: bool, backend: str | None
 
     # a fixed seed keeps torch.compile from breaking the graph at the seed draw (.item())
     kw = {} if kind == "hf" else {"seed": 1234}
+
+    if not hard:
+        fairseq_mod = fwd
+
+        def fwd(x, mask, **kw):  # fairseq's result dict -> (x, prob_perplexity), as the HF rows
+            res = fairseq_mod(x, mask=mask, **kw)
+            return res["x"], res["prob_perplexity"]
 
     def step():
         q, ppl = fwd(x, mask, **kw)
@@ -118,4 +138,19 @@ def cases(device, quick):
                 bytes_moved=b * t * (C_IN + G * V * 2 + CODE_DIM) * 4,
                 params={"B": b, "T": t, "C": C_IN, "G": G, "V": V, "d": CODE_DIM // G,
                         "note": "training mode, weight_proj linear included, mask over 49% of frames"}))
+    # soft quantization (hard=False): fwd+bwd at the first shape
+    b, t = shapes[0]
+    providers = {}
+    for name in backends:
+        providers[name] = (lambda name=name: _make("ours", device, b, t, True, name, hard=False))
+    providers["reference"] = lambda: _make("ours", device, b, t, True, "reference", hard=False)
+    providers["hf"] = lambda: _make("hf", device, b, t, True, hard=False)
+    providers["compile"] = lambda: _make("compile", device, b, t, True, "reference", hard=False)
+    out.append(Case(
+        op="gumbel_vector_quantize", shape=f"B={b} T={t} C={C_IN} G={G} V={V} d={CODE_DIM // G} hard=False",
+        mode="fwd+bwd", providers=providers,
+        bytes_moved=b * t * (C_IN + G * V * 2 + CODE_DIM) * 4,
+        params={"B": b, "T": t, "C": C_IN, "G": G, "V": V, "d": CODE_DIM // G, "hard": False,
+                "note": "soft quantization (fairseq hard=False module), training mode, weight_proj linear "
+                        "included, mask over 49% of frames"}))
     return out

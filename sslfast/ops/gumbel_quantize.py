@@ -6,10 +6,15 @@ Backends: ``cpu`` (C++/OpenMP), ``cuda``, ``triton`` (GPU, or CPU tensors under
 TRITON_INTERPRET=1) and ``reference``. Codes come from one exact noise definition on every
 backend (fp64 logs rounded once), so one seed gives the same codes and quantized outputs
 everywhere (perplexities agree to float rounding). The cpu backend's backward uses a
-vectorised float-log noise (within 1e-6 of the exact one) for the soft probabilities:
-gradients agree with the other backends to float tolerance, not bit for bit. Forward memory is the outputs plus (G, V) marginals; the backward
-keeps only the codes and redraws the noise from the seed. Limits: the cuda backward keeps
-2V + d floats per row in shared memory (2V + d <= 12288); Triton holds a row of V in one tile.
+vectorised float-log noise (within 1e-6 of the exact one) for the soft probabilities (the
+backward, and the soft forward's output): they agree with the other backends to float
+tolerance, not bit for bit. Forward memory is the outputs plus (G, V) marginals; the backward
+keeps only the codes and redraws the noise from the seed. ``hard=False`` (soft, training)
+computes ``softmax((l + g) / tau) @ codebook`` tile by tile (never the (N, G*V, d) product nor
+the (N, G*V) probabilities); its codebook gradient ``soft^T grad_q`` is summed in fixed chunks
+of frames whose partials are added in order (deterministic on every backend; at most 32
+(G*V, d) fp32 partials). Limits: the cuda backward keeps 2V + d floats per row in shared
+memory (2V + d <= 12288); Triton holds a row of V in one tile.
 
 Layers: validation and the public function here; the spec in
 ``sslfast/reference/gumbel_quantize.py``; kernels in ``kernels/gumbel_quantize.py`` (Triton)
@@ -41,10 +46,12 @@ class GumbelQuantizeOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- backends
-# Every kernel backend implements forward(logits, codebook, mask_u8, groups, training, seed)
-# -> (quantized, codes, prob_sum, code_sum) and backward(grad_q, w, logits, codebook, codes,
-# mask_u8, groups, tau, training, seed) -> (grad_logits, grad_codebook); the marginals are
-# the sums divided by the number of selected frames, done once here.
+# Every kernel backend implements forward(logits, codebook, mask_u8, groups, tau, hard, training,
+# seed) -> (quantized, codes, prob_sum, code_sum) and backward(grad_q, w, logits, codebook, codes,
+# mask_u8, groups, tau, hard, training, seed) -> (grad_logits, grad_codebook); the marginals are
+# the sums divided by the number of selected frames, done once here. ``hard`` is True whenever
+# training is False (eval quantizes by the argmax either way), so hard=False means the soft
+# training path.
 
 
 def _count(mask: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
@@ -62,13 +69,13 @@ def _empty_forward(logits, codebook, groups):
 
 
 @_dispatch.register(OP, "reference")
-def _forward_reference(logits, codebook, mask, groups, training, seed):
-    return ref.gumbel_vector_quantize(logits, codebook, groups=groups, training=training, seed=seed,
-                                      mask=None if mask is None else mask.bool())
+def _forward_reference(logits, codebook, mask, groups, tau, hard, training, seed):
+    return ref.gumbel_vector_quantize(logits, codebook, groups=groups, tau=tau, hard=hard, training=training,
+                                      seed=seed, mask=None if mask is None else mask.bool())
 
 
 @_dispatch.register(OP, "cpu")
-def _forward_cpu(logits, codebook, mask, groups, training, seed):
+def _forward_cpu(logits, codebook, mask, groups, tau, hard, training, seed):
     n, gv = logits.shape
     d = codebook.shape[1]
     if n == 0:
@@ -77,10 +84,11 @@ def _forward_cpu(logits, codebook, mask, groups, training, seed):
     codes = torch.empty(n, groups, dtype=torch.int64)
     prob_sum = torch.empty(groups, gv // groups)
     code_sum = torch.empty(groups, gv // groups)
+    cbf = None if hard else codebook.float().contiguous()  # the soft product reads fp32 rows
     _ext.cpu_module().gumbel_quantize_forward(
         _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype], _ext.ptr(codebook), _ext.DTYPE_CODE[codebook.dtype],
-        n, groups, gv // groups, d, training, seed, _ext.ptr(mask), _ext.ptr(quantized), _ext.ptr(codes),
-        _ext.ptr(prob_sum), _ext.ptr(code_sum))
+        _ext.ptr(cbf), n, groups, gv // groups, d, training, hard, float(tau), seed, _ext.ptr(mask),
+        _ext.ptr(quantized), _ext.ptr(codes), _ext.ptr(prob_sum), _ext.ptr(code_sum))
     count = _count(mask, n, logits.device)
     return quantized, codes, prob_sum / count, code_sum / count
 
@@ -91,8 +99,9 @@ def _codebook_t(codebook, groups):
     return codebook.float().reshape(groups, gv // groups, d).transpose(1, 2).contiguous()
 
 
-def _backward_native(module, stream_args, grad_q, w, logits, codebook, codes, mask, groups, tau, training, seed):
-    """The C++ and CUDA backward take the same arguments (CUDA adds its stream)."""
+def _backward_native(module, extra_args, grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training,
+                     seed):
+    """The C++ and CUDA backward take the same arguments (CUDA adds its workspace and stream)."""
     n, gv = logits.shape
     d = codebook.shape[1]
     grad_logits = torch.empty_like(logits)
@@ -102,8 +111,8 @@ def _backward_native(module, stream_args, grad_q, w, logits, codebook, codes, ma
     cbt = _codebook_t(codebook, groups)
     module.gumbel_quantize_backward(
         _ext.ptr(grad_q), _ext.DTYPE_CODE[grad_q.dtype], _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype],
-        _ext.ptr(cbt), _ext.ptr(codes), _ext.ptr(mask), _ext.ptr(w), n, groups, gv // groups, d, training,
-        float(tau), seed, _ext.ptr(grad_logits), _ext.DTYPE_CODE[codebook.dtype], _ext.ptr(grad_cb), *stream_args)
+        _ext.ptr(cbt), _ext.ptr(codes), _ext.ptr(mask), _ext.ptr(w), n, groups, gv // groups, d, training, hard,
+        float(tau), seed, _ext.ptr(grad_logits), _ext.DTYPE_CODE[codebook.dtype], _ext.ptr(grad_cb), *extra_args)
     return grad_logits, grad_cb
 
 
@@ -113,28 +122,28 @@ def _backward_cpu(grad_q, w, logits, *args):
 
 
 @_dispatch.register(OP, "triton")
-def _forward_triton(logits, codebook, mask, groups, training, seed):
+def _forward_triton(logits, codebook, mask, groups, tau, hard, training, seed):
     from ..kernels import gumbel_quantize as kgq
 
     if logits.shape[0] == 0:
         return _empty_forward(logits, codebook, groups)
-    quantized, codes, prob_sum, code_sum = kgq.forward(logits, codebook, mask, groups, training, seed)
+    quantized, codes, prob_sum, code_sum = kgq.forward(logits, codebook, mask, groups, tau, hard, training, seed)
     count = _count(mask, logits.shape[0], logits.device)
     return quantized, codes, prob_sum / count, code_sum / count
 
 
 @_dispatch.register(OP_BWD, "triton")
-def _backward_triton(grad_q, w, logits, codebook, codes, mask, groups, tau, training, seed):
+def _backward_triton(grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training, seed):
     from ..kernels import gumbel_quantize as kgq
 
     if logits.shape[0] == 0:
         return torch.empty_like(logits), torch.zeros_like(codebook)
-    return kgq.backward(grad_q, w, logits, _codebook_t(codebook, groups), codes, mask, groups, tau, training, seed,
-                        codebook.dtype)
+    return kgq.backward(grad_q, w, logits, _codebook_t(codebook, groups), codes, mask, groups, tau, hard, training,
+                        seed, codebook.dtype)
 
 
 @_dispatch.register(OP, "cuda")
-def _forward_cuda(logits, codebook, mask, groups, training, seed):
+def _forward_cuda(logits, codebook, mask, groups, tau, hard, training, seed):
     n, gv = logits.shape
     d = codebook.shape[1]
     if n == 0:
@@ -147,15 +156,21 @@ def _forward_cuda(logits, codebook, mask, groups, training, seed):
     sums = torch.empty(2, groups, gv // groups, device=dev)
     _ext.cuda_module().gumbel_quantize_forward(
         _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype], _ext.ptr(codebook), _ext.DTYPE_CODE[codebook.dtype],
-        n, groups, gv // groups, d, training, seed, _ext.ptr(mask), _ext.ptr(quantized), _ext.ptr(codes),
-        _ext.ptr(partial), _ext.ptr(sums), _ext.stream(dev))
+        n, groups, gv // groups, d, training, hard, float(tau), seed, _ext.ptr(mask), _ext.ptr(quantized),
+        _ext.ptr(codes), _ext.ptr(partial), _ext.ptr(sums), _ext.stream(dev))
     count = _count(mask, n, dev)
     return quantized, codes, sums[0] / count, sums[1] / count
 
 
 @_dispatch.register(OP_BWD, "cuda")
-def _backward_cuda(grad_q, w, logits, *args):
-    return _backward_native(_ext.cuda_module(), (_ext.stream(logits.device),), grad_q, w, logits, *args)
+def _backward_cuda(grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training, seed):
+    module = _ext.cuda_module()
+    n, gv = logits.shape
+    # soft path: per-row softmax statistics and the per-chunk codebook-gradient partials
+    ws = torch.empty(0 if hard else module.gumbel_quantize_soft_workspace(n, groups, gv // groups, codebook.shape[1]),
+                     device=logits.device)
+    return _backward_native(module, (_ext.ptr(ws) if ws.numel() else 0, _ext.stream(logits.device)), grad_q, w,
+                            logits, codebook, codes, mask, groups, tau, hard, training, seed)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -163,12 +178,13 @@ def _backward_cuda(grad_q, w, logits, *args):
 
 @torch.library.custom_op("sslfast::gumbel_vector_quantize", mutates_args=())
 def _gvq_op(logits: torch.Tensor, codebook: torch.Tensor, mask: Optional[torch.Tensor], groups: int, tau: float,
-            training: bool, seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_dispatch.get(OP, backend)(logits, codebook, mask, groups, training, seed))
+            hard: bool, training: bool, seed: int,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_dispatch.get(OP, backend)(logits, codebook, mask, groups, tau, hard, training, seed))
 
 
 @_gvq_op.register_fake
-def _gvq_fake(logits, codebook, mask, groups, tau, training, seed, backend):
+def _gvq_fake(logits, codebook, mask, groups, tau, hard, training, seed, backend):
     n, gv = logits.shape
     d = codebook.shape[1]
     return (logits.new_empty(n, groups * d, dtype=codebook.dtype), logits.new_empty(n, groups, dtype=torch.int64),
@@ -178,21 +194,23 @@ def _gvq_fake(logits, codebook, mask, groups, tau, training, seed, backend):
 
 @torch.library.custom_op("sslfast::gumbel_vector_quantize_backward", mutates_args=())
 def _gvq_backward_op(grad_q: torch.Tensor, w: Optional[torch.Tensor], logits: torch.Tensor, codebook: torch.Tensor,
-                     codes: torch.Tensor, mask: Optional[torch.Tensor], groups: int, tau: float, training: bool,
-                     seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_dispatch.get(OP_BWD, backend)(grad_q, w, logits, codebook, codes, mask, groups, tau, training,
-                                                seed))
+                     codes: torch.Tensor, mask: Optional[torch.Tensor], groups: int, tau: float, hard: bool,
+                     training: bool, seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_dispatch.get(OP_BWD, backend)(grad_q, w, logits, codebook, codes, mask, groups, tau, hard,
+                                                training, seed))
 
 
 @_gvq_backward_op.register_fake
-def _gvq_backward_fake(grad_q, w, logits, codebook, codes, mask, groups, tau, training, seed, backend):
+def _gvq_backward_fake(grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training, seed, backend):
     return torch.empty_like(logits), torch.empty_like(codebook)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, codebook, mask, groups, tau, training, seed, backend = inputs
+    logits, codebook, mask, groups, tau, hard, training, seed, backend = inputs
+    # p is recomputed in the backward from the logits and the seed (one Philox draw per
+    # element), not saved: it would be N*G*V fp32 more per call (8 MB at wav2vec 2.0 base)
     ctx.save_for_backward(logits, codebook, mask, output[1])
-    ctx.groups, ctx.tau, ctx.training, ctx.seed, ctx.backend = groups, tau, training, seed, backend
+    ctx.groups, ctx.tau, ctx.hard, ctx.training, ctx.seed, ctx.backend = groups, tau, hard, training, seed, backend
 
 
 def _backward(ctx, grad_q, grad_codes, grad_prob_m, grad_code_m):
@@ -205,9 +223,9 @@ def _backward(ctx, grad_q, grad_codes, grad_prob_m, grad_code_m):
         # d prob_marginal / d softmax row = 1 / count on selected frames
         w = (grad_prob_m.float() / _count(mask, logits.shape[0], logits.device)).contiguous()
     grad_logits, grad_cb = torch.ops.sslfast.gumbel_vector_quantize_backward(
-        grad_q.contiguous(), w, logits, codebook, codes, mask, ctx.groups, ctx.tau, ctx.training, ctx.seed,
-        ctx.backend)
-    return grad_logits, grad_cb, None, None, None, None, None, None
+        grad_q.contiguous(), w, logits, codebook, codes, mask, ctx.groups, ctx.tau, ctx.hard, ctx.training,
+        ctx.seed, ctx.backend)
+    return grad_logits, grad_cb, None, None, None, None, None, None, None
 
 
 _gvq_op.register_autograd(_backward, setup_context=_setup_context)
@@ -244,7 +262,10 @@ def gumbel_vector_quantize(
             are stored). fairseq's ``combine_groups`` is ``vars.repeat(1, G, 1)`` by the caller.
         groups: G. tau: Gumbel-softmax temperature (> 0; fairseq's ``curr_temp``, HF's
             ``temperature``). hard: straight-through (exact one-hot forward value);
-            ``hard=False`` returns ``softmax @ codebook`` and runs on the reference backend.
+            ``hard=False`` (fairseq's ``hard=False``) returns ``softmax((l + g) / tau) @ codebook``
+            in training, fused on every backend, with the same noise (so the same codes) as
+            ``hard=True`` for one seed. In eval ``hard`` has no effect: the argmax codeword,
+            as fairseq and HF.
         training: True draws Gumbel noise; False takes the argmax of the logits (no noise).
         seed: Philox seed of the noise (None draws one from torch's CPU generator, so
             ``torch.manual_seed`` makes runs repeatable). One seed gives the same codes on
@@ -261,9 +282,11 @@ def gumbel_vector_quantize(
     is the perplexity of the noiseless argmax histogram (fairseq's logged value; HF's
     eval-mode perplexity with ``perplexity_eps=0``), without gradient.
 
-    Gradients: logits through the soft probabilities (straight-through, divided by tau) plus
-    the prob-perplexity term; codebook: the output gradient added into each chosen row. In
-    eval no gradient reaches the logits through ``quantized`` (as in fairseq and HF).
+    Gradients: logits through the soft probabilities (straight-through for ``hard=True``, the
+    true derivative for ``hard=False``; the same formula, divided by tau) plus the
+    prob-perplexity term; codebook: the output gradient added into each chosen row
+    (``hard=True``, and eval) or ``sum_n soft[n, g, v] grad_q[n, g]`` (``hard=False``). In eval
+    no gradient reaches the logits through ``quantized`` (as in fairseq and HF).
 
     Differs on purpose: exact one-hot forward values; noise from a seeded counter-based
     stream with the uniform clamped to [2^-24, 1 - 2^-24] (finite for every finite logit);
@@ -301,14 +324,8 @@ def gumbel_vector_quantize(
         mask = mask.reshape(n)
     device = check_same_device(logits=logits, codebook=codebook, mask=mask)
 
-    explicit = backend if backend is not None else None
     name, _ = _dispatch.resolve(OP, backend, device)
-    if name != "reference" and training and not hard:
-        if explicit is not None:
-            raise NotImplementedError(
-                f"gumbel_vector_quantize: hard=False (soft quantization) has no fused {name} kernel yet; "
-                "use backend='reference' or backend=None")
-        name = "reference"
+    hard = hard or not training  # eval takes the argmax whatever hard says (fairseq, HF)
 
     if name == "cuda" and 2 * (gv // groups) + codebook.shape[1] > 12288:
         raise ValueError(f"the cuda backend needs 2*V + d <= 12288 (shared memory of its backward), got "
@@ -319,6 +336,6 @@ def gumbel_vector_quantize(
     else:
         mask_u8 = None if mask is None else mask.contiguous().view(torch.uint8)
         quantized, codes, prob_m, code_m = torch.ops.sslfast.gumbel_vector_quantize(
-            logits.contiguous(), codebook.contiguous(), mask_u8, groups, tau, training, seed, name)
+            logits.contiguous(), codebook.contiguous(), mask_u8, groups, tau, hard, training, seed, name)
     eps = float(perplexity_eps)
     return GumbelQuantizeOutput(quantized, codes, ref.perplexity(prob_m, eps), ref.perplexity(code_m.detach(), eps))
