@@ -3,9 +3,9 @@
 No host sync (given the packed output's row count, see ops/negatives.py). Launches per call:
 
 * ``layout="packed"`` (any K, Kc, padding, from_masked_only): **one**, ``_one_pass_kernel``.
-* ``layout="hf"`` without cross-sample negatives (Kc = 0; Hugging Face's case): **one**,
-  ``_one_pass_kernel``.
-* ``layout="hf"`` with Kc > 0: **two**, ``_scan_kernel`` then ``_draw_kernel``.
+* ``layout="hf"`` without cross-sample negatives (Kc = 0; Hugging Face's case) and
+  T <= HF_ONE_PASS_MAX_T (4096): **one**, ``_one_pass_kernel``.
+* ``layout="hf"`` with Kc > 0, or with T > 4096: **two**, ``_scan_kernel`` then ``_draw_kernel``.
 
 ``_one_pass_kernel``: program (``b``, ``pid_t``) owns frames ``[pid_t * BLOCK_T, ...)`` of row
 ``b`` and derives everything its draws need from the (B, T) masks itself, instead of reading
@@ -27,7 +27,8 @@ counts another launch wrote:
   rank -> frame table to a private scratch slice (one per program: no two programs write the
   same word), then ``tl.debug_barrier()`` (bar.sync: the program's stores are visible to all
   its threads) and gathers from it. Reads T mask bytes and writes 4 T bytes per program;
-  the scratch is B * cdiv(T, BLOCK_T) * T int32 (1.4 MB at B = 64, T = 781).
+  the scratch is B * cdiv(T, BLOCK_T) * T int32 (1.4 MB at B = 64, T = 781), quadratic in
+  T, hence the limit on T (longer rows take the two-launch path, whose table is B * T).
 
 Why hf with Kc > 0 stays two launches: a cross-sample draw is a global candidate rank that
 maps to a frame through *another* row's candidate table, so a single-launch program would
@@ -276,9 +277,14 @@ def _draw_kernel(rank_ptr, mrank_ptr, pos_ptr, counts_ptr, out_ptr, B, T, K, Kc,
            counts_ptr, HF)
 
 
-def launches(hf_layout: bool, Kc: int) -> int:
+# Longest row the hf layout (Kc = 0) takes in one launch: the per-program tables cost
+# cdiv(T, BLOCK_T) * T int32 per row (512 KB at T = 4096), quadratic in T.
+HF_ONE_PASS_MAX_T = 4096
+
+
+def launches(hf_layout: bool, Kc: int, T: int) -> int:
     """Kernel launches of one call with work to do (see the module docstring)."""
-    return 2 if hf_layout and Kc > 0 else 1
+    return 2 if hf_layout and (Kc > 0 or T > HF_ONE_PASS_MAX_T) else 1
 
 
 def sample_negatives(mask, padding_mask, K, Kc, from_masked_only, hf_layout, seed, n_rows, out):
@@ -291,7 +297,7 @@ def sample_negatives(mask, padding_mask, K, Kc, from_masked_only, hf_layout, see
     flags = dict(FROM_MASKED=bool(from_masked_only), HAS_PAD=padding_mask is not None)
     block_t = min(128, triton.next_power_of_2(T))
     grid = (B, triton.cdiv(T, block_t))
-    if launches(hf_layout, Kc) == 1:
+    if launches(hf_layout, Kc, T) == 1:
         # hf: the per-program rank -> frame tables; packed: nothing (a dummy pointer)
         table = torch.empty(B * grid[1] * T if hf_layout else 1, dtype=torch.int32, device=dev)
         _one_pass_kernel[grid](mask, pad, table, out, B, T, K, Kc, n_rows, seed, HF=bool(hf_layout), CROSS=Kc > 0,

@@ -417,7 +417,20 @@ def test_triton_launches_per_call(K, Kc, layout, fmo, expected, triton_launches,
     # One launch (kernels/negatives.py): each program derives the counts its draws need from
     # the masks itself. The hf layout with cross-sample negatives maps draws through other
     # rows' candidate tables: a scan launch first.
-    mask, pad = _batch(3, 14, pad_frac=0.3, seed=4)
+    _check_launches(3, 14, K, Kc, layout, fmo, expected, triton_launches, triton_device)
+
+
+@pytest.mark.interpreter
+def test_triton_hf_long_rows_two_launches(triton_launches, triton_device):
+    # Past HF_ONE_PASS_MAX_T the per-program candidate tables would grow as T^2: two launches.
+    from sslfast.kernels import negatives as kn
+
+    T = kn.HF_ONE_PASS_MAX_T + 5
+    _check_launches(1, T, 1, 0, "hf", True, TWO, triton_launches, triton_device)
+
+
+def _check_launches(B, T, K, Kc, layout, fmo, expected, triton_launches, triton_device):
+    mask, pad = _batch(B, T, pad_frac=0.3, seed=4)
     kw = dict(cross_sample_negatives=Kc, from_masked_only=fmo, layout=layout, seed=99)
     out = sslfast.sample_negatives(mask.to(triton_device), K, padding_mask=pad.to(triton_device), backend="triton",
                                    **kw)

@@ -151,10 +151,11 @@ def sample_negatives(
 
     On a GPU (triton and cuda backends) the packed layout is one kernel launch, with no
     workspace: each program derives its output rows and candidate offsets from the masks
-    itself. The hf layout is one launch without cross-sample negatives (cuda: rows of up to
-    12288 frames, the row's candidate table in shared memory) and two launches with them
-    (a scan, then the draws: a cross-sample draw maps through another row's table). None of
-    them syncs with the host once the output's size is known (``num_masked`` above).
+    itself. The hf layout is one launch without cross-sample negatives for rows of up to
+    4096 frames (triton) or 12288 frames (cuda; the row's candidate table in shared memory),
+    and two launches otherwise (a scan, then the draws: a cross-sample draw maps through
+    another row's table). None of them syncs with the host once the output's size is known
+    (``num_masked`` above).
 
     Differences on purpose: fairseq's cross-sample negatives do not exclude the positive for
     rows b > 0; ours always do. A row (or batch) with a single candidate returns the
