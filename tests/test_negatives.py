@@ -336,7 +336,7 @@ def test_gpu_bit_identical_to_cpu(backend, layout, Kc, fmo, B, T):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_unaligned_and_odd_masks(backend):
     # A mask view starting at an odd byte (the cuda kernel's 16-byte loads fall back to
-    # bytes), uint8 masks holding values other than 0/1, one-frame rows.
+    # bytes), one-frame rows, and uint8 masks holding values other than 0/1 (made bool first).
     if backend not in _dispatch.implemented_backends("sample_negatives"):
         pytest.skip(f"sample_negatives has no {backend} backend in this build")
     big, pad = _batch(9, 301, pad_frac=0.3, seed=2)
