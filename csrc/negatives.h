@@ -49,6 +49,23 @@ SSLFAST_HD int64_t row_of(const int64_t* row_end, int64_t B, int64_t g) {
   return lo;
 }
 
+// The packed-layout index of one draw `w` for a positive of candidate rank `own` in a row
+// whose candidates are the packed ranks [row_start, row_start + n_row) of `total`: within the
+// row (cross = 0) or across the batch (cross = 1). Needs no candidate table, only counts.
+SSLFAST_HD int64_t packed_index(int64_t row_start, int64_t n_row, int64_t total, int64_t own, int cross,
+                                uint32_t w) {
+  if (!cross) return row_start + shifted_draw(w, n_row, own);
+  return shifted_draw(w, total, row_start + own);
+}
+
+// The four Philox words of counter block q of positive (b, t) in stream `cross`, for `count`
+// draws per positive (the layout of sslfast/reference/negatives.py).
+SSLFAST_HD Philox4 draw_words(uint64_t seed, int64_t count, int64_t b, int64_t t, int cross, int64_t q) {
+  const int64_t blocks = (count + 3) / 4;
+  return philox4x32_10(static_cast<uint32_t>(t * blocks + q), static_cast<uint32_t>(b),
+                       cross ? kStreamCrossNegatives : kStreamNegatives, 0u, seed);
+}
+
 struct Batch {
   int64_t B, T, K, Kc;
   int hf_layout;
@@ -63,12 +80,9 @@ struct Batch {
 // row (cross = 0) or across the batch (cross = 1), in the packed or the hf layout.
 SSLFAST_HD int64_t negative_index(const Batch& p, int64_t b, int64_t own, int cross, uint32_t w) {
   const int64_t start = p.row_end[b] - p.counts[b];
-  if (!cross) {
-    const int64_t local = shifted_draw(w, p.counts[b], own);
-    return p.hf_layout ? b * p.T + p.pos[b * p.T + local] : start + local;
-  }
+  if (!p.hf_layout) return packed_index(start, p.counts[b], p.total, own, cross, w);
+  if (!cross) return b * p.T + p.pos[b * p.T + shifted_draw(w, p.counts[b], own)];
   const int64_t g = shifted_draw(w, p.total, start + own);
-  if (!p.hf_layout) return g;
   const int64_t b2 = row_of(p.row_end, p.B, g);
   return b2 * p.T + p.pos[b2 * p.T + (g - (p.row_end[b2] - p.counts[b2]))];
 }
@@ -79,13 +93,36 @@ SSLFAST_HD int64_t negative_index(const Batch& p, int64_t b, int64_t own, int cr
 // first cross-sample entry for cross = 1).
 SSLFAST_HD void draw_block(const Batch& p, int64_t b, int64_t t, int64_t own, int cross, int64_t q, int64_t* out) {
   const int64_t count = cross ? p.Kc : p.K;
-  const int64_t blocks = (count + 3) / 4;
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(t * blocks + q), static_cast<uint32_t>(b),
-                                  cross ? kStreamCrossNegatives : kStreamNegatives, 0u, p.seed);
+  const Philox4 r = draw_words(p.seed, count, b, t, cross, q);
   for (int k = 0; k < 4; ++k) {
     const int64_t j = 4 * q + k;
     if (j >= count) break;
     out[j] = negative_index(p, b, own, cross, r.w[k]);
+  }
+}
+
+// draw_block of the packed layout from the row's counts alone (no Batch, no candidate table):
+// what the single-launch CUDA kernel calls, each block having derived the counts itself.
+SSLFAST_HD void draw_block_packed(uint64_t seed, int64_t K, int64_t Kc, int64_t b, int64_t t, int64_t row_start,
+                                  int64_t n_row, int64_t total, int64_t own, int cross, int64_t q, int64_t* out) {
+  const int64_t count = cross ? Kc : K;
+  const Philox4 r = draw_words(seed, count, b, t, cross, q);
+  for (int k = 0; k < 4; ++k) {
+    const int64_t j = 4 * q + k;
+    if (j >= count) break;
+    out[j] = packed_index(row_start, n_row, total, own, cross, r.w[k]);
+  }
+}
+
+// draw_block of the hf layout for within-row draws (cross = 0) given the row's own
+// rank -> frame table `row_pos` (T entries): frame indices b * T + row_pos[rank].
+SSLFAST_HD void draw_block_hf_within(uint64_t seed, int64_t K, int64_t T, int64_t b, int64_t t, int64_t n_row,
+                                     int64_t own, const int32_t* row_pos, int64_t q, int64_t* out) {
+  const Philox4 r = draw_words(seed, K, b, t, 0, q);
+  for (int k = 0; k < 4; ++k) {
+    const int64_t j = 4 * q + k;
+    if (j >= K) break;
+    out[j] = b * T + row_pos[shifted_draw(r.w[k], n_row, own)];
   }
 }
 

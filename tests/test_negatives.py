@@ -251,9 +251,23 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(mask), f(mask))
 
 
+TRITON_CONFIGS = [
+    # B, T, K, Kc, pad_frac, from_masked_only, layout
+    (3, 17, 7, 5, 0.3, True, "packed"),
+    (4, 11, 1, 9, 0.2, False, "hf"),  # two launches
+    (3, 9, 6, 3, 0.0, True, "hf"),  # two launches
+    (4, 13, 5, 2, 0.3, False, "packed"),  # candidates from the padding mask
+    (3, 10, 6, 0, 0.0, False, "packed"),  # every frame a candidate, no padding mask
+    (4, 12, 9, 0, 0.3, True, "hf"),  # Hugging Face's case, one launch
+    (3, 15, 3, 0, 0.4, False, "hf"),
+    # several programs per row (BLOCK_T = 128) and several scan chunks (BLOCK_SCAN = 1024)
+    (5, 300, 6, 3, 0.3, False, "packed"),
+    (3, 260, 5, 0, 0.2, True, "hf"),
+]
+
+
 @pytest.mark.interpreter
-@pytest.mark.parametrize("B,T,K,Kc,pad_frac,fmo,layout", [
-    (3, 17, 7, 5, 0.3, True, "packed"), (4, 11, 1, 9, 0.2, False, "hf"), (3, 9, 6, 3, 0.0, True, "hf")])
+@pytest.mark.parametrize("B,T,K,Kc,pad_frac,fmo,layout", TRITON_CONFIGS)
 def test_triton_bit_identical_to_reference(B, T, K, Kc, pad_frac, fmo, layout, triton_device):
     if "triton" not in _dispatch.implemented_backends("sample_negatives"):
         pytest.skip("sample_negatives has no triton backend in this build")
@@ -265,15 +279,50 @@ def test_triton_bit_identical_to_reference(B, T, K, Kc, pad_frac, fmo, layout, t
     assert torch.equal(out.cpu(), ref)
 
 
+@pytest.mark.interpreter
+def test_triton_edge_cases_match_reference(triton_device):
+    # single-candidate rows and batch, an empty row between full ones, a row of one frame
+    cases = [torch.zeros(2, 9, dtype=torch.bool), torch.zeros(2, 5, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)]
+    cases[0][0, 4] = True
+    cases[0][1, [1, 2, 6]] = True
+    cases[1][1, 2] = True
+    cases[2][1] = False
+    cases.append(torch.tensor([[True], [False], [True]]))
+    for mask in cases:
+        for layout, Kc in (("packed", 3), ("hf", 0)):
+            kw = dict(cross_sample_negatives=Kc, layout=layout, seed=3)
+            ref = sslfast.sample_negatives(mask, 5, backend="reference", **kw)
+            out = sslfast.sample_negatives(mask.to(triton_device), 5, backend="triton", **kw)
+            assert torch.equal(out.cpu(), ref), (mask, layout)
+
+
+@pytest.mark.interpreter
+def test_triton_num_masked_hint(triton_device):
+    # A trusted row count: rows past mask.sum() stay -1; with fewer rows, the first ones are
+    # written and nothing past the output.
+    mask, pad = _batch(3, 20, pad_frac=0.2, seed=6)
+    n = int(mask.sum())
+    kw = dict(cross_sample_negatives=2, padding_mask=pad, from_masked_only=False, seed=5)
+    ref = sslfast.sample_negatives(mask, 4, backend="reference", **kw)
+    kw["padding_mask"] = pad.to(triton_device)
+    more = sslfast.sample_negatives(mask.to(triton_device), 4, num_masked=n + 3, backend="triton", **kw).cpu()
+    assert torch.equal(more[:n], ref) and bool((more[n:] == -1).all())
+    fewer = sslfast.sample_negatives(mask.to(triton_device), 4, num_masked=n - 4, backend="triton", **kw).cpu()
+    assert torch.equal(fewer, ref[: n - 4])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("layout", ["packed", "hf"])
+@pytest.mark.parametrize("layout,Kc", [("packed", 10), ("packed", 0), ("hf", 10), ("hf", 0)])
 @pytest.mark.parametrize("fmo", [True, False])
-def test_gpu_bit_identical_to_reference(backend, layout, fmo):
+@pytest.mark.parametrize("B,T", [(16, 781), (64, 781), (3, 13000)])
+def test_gpu_bit_identical_to_cpu(backend, layout, Kc, fmo, B, T):
+    # (64, 781): wav2vec 2.0 base, many blocks re-reading the batch; (3, 13000): rows past
+    # the cuda hf one-pass limit (two launches there).
     if backend not in _dispatch.implemented_backends("sample_negatives"):
         pytest.skip(f"sample_negatives has no {backend} backend in this build")
-    mask, pad = _batch(16, 781, p=0.49, pad_frac=0.3, seed=1)
-    kw = dict(cross_sample_negatives=10, padding_mask=pad, from_masked_only=fmo, layout=layout, seed=31337)
+    mask, pad = _batch(B, T, p=0.49, pad_frac=0.3, seed=1)
+    kw = dict(cross_sample_negatives=Kc, padding_mask=pad, from_masked_only=fmo, layout=layout, seed=31337)
     ref = sslfast.sample_negatives(mask, 100, backend="cpu", **kw)
     kw["padding_mask"] = pad.cuda()
     out = sslfast.sample_negatives(mask.cuda(), 100, backend=backend, **kw)
@@ -283,18 +332,109 @@ def test_gpu_bit_identical_to_reference(backend, layout, fmo):
         assert torch.equal(hint.cpu(), ref)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_unaligned_and_odd_masks(backend):
+    # A mask view starting at an odd byte (the cuda kernel's 16-byte loads fall back to
+    # bytes), one-frame rows, and uint8 masks holding values other than 0/1 (made bool first).
+    if backend not in _dispatch.implemented_backends("sample_negatives"):
+        pytest.skip(f"sample_negatives has no {backend} backend in this build")
+    big, pad = _batch(9, 301, pad_frac=0.3, seed=2)
+    for mask, p in ((big[1:], pad[1:]), (big[:, 3:], pad[:, 3:]), (big[:, :1], None)):
+        for layout, Kc in (("packed", 7), ("hf", 0), ("hf", 7)):
+            kw = dict(cross_sample_negatives=Kc, from_masked_only=False, layout=layout, seed=9)
+            ref = sslfast.sample_negatives(mask, 11, padding_mask=p, backend="cpu", **kw)
+            pd = None if p is None else p.cuda()
+            out = sslfast.sample_negatives(mask.cuda(), 11, padding_mask=pd, backend=backend, **kw)
+            assert torch.equal(out.cpu(), ref)
+    wide = big.to(torch.uint8) * 7
+    out = sslfast.sample_negatives(wide.cuda(), 5, padding_mask=(pad.to(torch.uint8) * 3).cuda(), from_masked_only=False,
+                                   seed=1, backend=backend)
+    ref = sslfast.sample_negatives(big, 5, padding_mask=pad, from_masked_only=False, seed=1, backend="cpu")
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout,Kc", [("packed", 10), ("hf", 0), ("hf", 10)])
+def test_gpu_cuda_graph_capture(backend, layout, Kc):
+    if backend not in _dispatch.implemented_backends("sample_negatives"):
+        pytest.skip(f"sample_negatives has no {backend} backend in this build")
+    B, T, per_row = 8, 200, 90
+    g = torch.Generator().manual_seed(3)
+    mask = torch.zeros(B, T, dtype=torch.bool, device="cuda")  # fairseq's require_same_masks: B * per_row
+    mask[:, :per_row] = True
+    kw = dict(cross_sample_negatives=Kc, layout=layout, seed=17, num_masked=B * per_row, backend=backend)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile / warm up outside the capture
+        sslfast.sample_negatives(mask, 20, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sslfast.sample_negatives(mask, 20, **kw)
+    new = torch.stack([torch.randperm(T, generator=g)[:per_row] for _ in range(B)])
+    mask.zero_()
+    mask.scatter_(1, new.cuda(), True)
+    graph.replay()
+    torch.cuda.synchronize()
+    del kw["num_masked"], kw["backend"]
+    assert torch.equal(out.cpu(), sslfast.sample_negatives(mask.cpu(), 20, backend="cpu", **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,Kc,expected", [("packed", 10, 1), ("packed", 0, 1), ("hf", 0, 1), ("hf", 10, 2)])
+def test_gpu_cuda_kernel_launches(layout, Kc, expected):
+    if "cuda" not in _dispatch.implemented_backends("sample_negatives"):
+        pytest.skip("sample_negatives has no cuda backend in this build")
+    from torch.profiler import ProfilerActivity, profile
+
+    mask, pad = _batch(8, 300, pad_frac=0.3, seed=4)
+    mask, pad = mask.cuda(), pad.cuda()
+    kw = dict(cross_sample_negatives=Kc, padding_mask=pad, layout=layout, seed=1, num_masked=int(mask.sum()),
+              backend="cuda")
+    sslfast.sample_negatives(mask, 10, **kw)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sslfast.sample_negatives(mask, 10, **kw)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA" and "negatives" in e.name]
+    assert len(names) == expected, names
+
+
 # ---------------------------------------------------------------- launches and host syncs
 
+ONE = ["_one_pass_kernel"]
+TWO = ["_scan_kernel", "_draw_kernel"]
+
+
 @pytest.mark.interpreter
-@pytest.mark.parametrize("K,Kc,layout,fmo", [(5, 0, "packed", True), (3, 4, "hf", False), (0, 6, "packed", False)])
-def test_triton_launches_per_call(K, Kc, layout, fmo, triton_launches, triton_device):
-    # Two launches (kernels/negatives.py): every draw needs the candidate counts of the rows
-    # before its own (its packed output row, the cross-sample index space), a grid-wide scan.
-    mask, pad = _batch(3, 14, pad_frac=0.3, seed=4)
+@pytest.mark.parametrize("K,Kc,layout,fmo,expected", [
+    (5, 0, "packed", True, ONE), (0, 6, "packed", False, ONE), (3, 4, "packed", False, ONE),
+    (4, 0, "hf", True, ONE), (4, 0, "hf", False, ONE),
+    (3, 4, "hf", False, TWO), (0, 2, "hf", True, TWO)])
+def test_triton_launches_per_call(K, Kc, layout, fmo, expected, triton_launches, triton_device):
+    # One launch (kernels/negatives.py): each program derives the counts its draws need from
+    # the masks itself. The hf layout with cross-sample negatives maps draws through other
+    # rows' candidate tables: a scan launch first.
+    _check_launches(3, 14, K, Kc, layout, fmo, expected, triton_launches, triton_device)
+
+
+@pytest.mark.interpreter
+def test_triton_hf_long_rows_two_launches(triton_launches, triton_device):
+    # Past HF_ONE_PASS_MAX_T the per-program candidate tables would grow as T^2: two launches.
+    from sslfast.kernels import negatives as kn
+
+    T = kn.HF_ONE_PASS_MAX_T + 5
+    _check_launches(1, T, 1, 0, "hf", True, TWO, triton_launches, triton_device)
+
+
+def _check_launches(B, T, K, Kc, layout, fmo, expected, triton_launches, triton_device):
+    mask, pad = _batch(B, T, pad_frac=0.3, seed=4)
     kw = dict(cross_sample_negatives=Kc, from_masked_only=fmo, layout=layout, seed=99)
     out = sslfast.sample_negatives(mask.to(triton_device), K, padding_mask=pad.to(triton_device), backend="triton",
                                    **kw)
-    assert triton_launches.names == ["_scan_kernel", "_draw_kernel"]
+    assert triton_launches.names == expected
     assert torch.equal(out.cpu(), sslfast.sample_negatives(mask, K, padding_mask=pad, backend="reference", **kw))
     triton_launches.clear()
     empty = torch.zeros(0, 14, dtype=torch.bool, device=triton_device)
@@ -304,8 +444,8 @@ def test_triton_launches_per_call(K, Kc, layout, fmo, triton_launches, triton_de
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("layout,Kc", [("packed", 0), ("packed", 3), ("hf", 3)])
-def test_triton_no_host_sync_given_counts(layout, Kc, triton_on_meta):
+@pytest.mark.parametrize("layout,Kc,expected", [("packed", 0, ONE), ("packed", 3, ONE), ("hf", 0, ONE), ("hf", 3, TWO)])
+def test_triton_no_host_sync_given_counts(layout, Kc, expected, triton_on_meta):
     # On meta tensors every host read of device data raises (.item(), int(), .tolist(), ...).
     # The packed layout's row count is data-dependent: with num_masked the call needs no host
     # read; without it, it makes exactly the one documented read (mask.sum()).
@@ -314,7 +454,7 @@ def test_triton_no_host_sync_given_counts(layout, Kc, triton_on_meta):
     kw = dict(cross_sample_negatives=Kc, padding_mask=pad, layout=layout, seed=5, backend="triton")
     out = sslfast.sample_negatives(mask, 7, num_masked=48, **kw)
     assert out.device.type == "meta" and out.shape == ((48, 7 + Kc) if layout == "packed" else (4, 30, 7 + Kc))
-    assert triton_on_meta.names == ["_scan_kernel", "_draw_kernel"]
+    assert triton_on_meta.names == expected
     if layout == "packed":
         with pytest.raises((RuntimeError, NotImplementedError)):
             sslfast.sample_negatives(mask, 7, **kw)

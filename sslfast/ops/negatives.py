@@ -60,11 +60,17 @@ def _output(mask, K, Kc, layout, num_masked):
 
 @_dispatch.register(_OP, "cuda")
 def _cuda(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-1):
+    # One launch and no workspace for the packed layout, and for the hf layout without
+    # cross-sample negatives up to the module's row limit; two launches and workspaces for
+    # the rest of the hf layout (csrc/negatives_cuda.cu says why).
     B, T = mask.shape
+    mod = _ext.cuda_module()
     out, n_rows = _output(mask, K, Kc, layout, num_masked)
-    ws32 = torch.empty(3 * B * T, dtype=torch.int32, device=mask.device)
-    ws64 = torch.empty(4 * B + 1, dtype=torch.int64, device=mask.device)
-    _ext.cuda_module().sample_negatives(
+    ws32 = ws64 = None
+    if layout == "hf" and (Kc > 0 or T > mod.negatives_hf_one_pass_max_t):
+        ws32 = torch.empty(3 * B * T, dtype=torch.int32, device=mask.device)
+        ws64 = torch.empty(4 * B + 1, dtype=torch.int64, device=mask.device)
+    mod.sample_negatives(
         _ext.ptr(mask), _ext.ptr(padding_mask), B, T, K, Kc, int(from_masked_only), int(layout == "hf"), seed,
         _ext.ptr(ws32), _ext.ptr(ws64), n_rows, _ext.ptr(out), _ext.stream(mask.device),
     )
@@ -73,6 +79,8 @@ def _cuda(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=
 
 @_dispatch.register(_OP, "triton")
 def _triton(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-1):
+    # One launch for the packed layout and for the hf layout without cross-sample negatives;
+    # two for the hf layout with them (kernels/negatives.py says why).
     from ..kernels import negatives as kn
 
     out, n_rows = _output(mask, K, Kc, layout, num_masked)
@@ -140,6 +148,14 @@ def sample_negatives(
             count must be known on the host: pass it to avoid the one host sync (and to
             capture the call in a CUDA graph); it is trusted, not checked.
         backend: None, "reference", "cpu", "triton" or "cuda".
+
+    On a GPU (triton and cuda backends) the packed layout is one kernel launch, with no
+    workspace: each program derives its output rows and candidate offsets from the masks
+    itself. The hf layout is one launch without cross-sample negatives for rows of up to
+    4096 frames (triton) or 12288 frames (cuda; the row's candidate table in shared memory),
+    and two launches otherwise (a scan, then the draws: a cross-sample draw maps through
+    another row's table). None of them syncs with the host once the output's size is known
+    (``num_masked`` above).
 
     Differences on purpose: fairseq's cross-sample negatives do not exclude the positive for
     rows b > 0; ours always do. A row (or batch) with a single candidate returns the
