@@ -102,38 +102,26 @@ void gumbel_row_fast(uint64_t seed, int64_t n, int64_t begin, int64_t count, flo
   for (int64_t i = 0; i < count; ++i) out[i] = -fast_log(out[i]);
 }
 
-// The three tile products (the backward's a = C_g grad_q, the soft output soft @ C_g and the
-// soft codebook-gradient partial soft^T grad_q) are y[k] += a * x[k] loops without a reduction
+// The tile products (the backward's a = C_g grad_q and the soft output soft @ C_g, both
+// tile_matmul, and the soft codebook-gradient partial soft^T grad_q) are y[k] += a * x[k] loops without a reduction
 // across k, so a wider vector gives the same bits. Each is compiled for the baseline ISA and
 // once more for AVX2 without FMA (no contraction: bit-identical, cpu_isa.h's rule) and chosen
 // at run time by cpu_isa().
 #define GQ_INLINE inline __attribute__((always_inline))
 
-// a[f * V + v] = sum_k gq[f * D + k] ct[k * V + v] for the nt frames of a tile (ct: C_g^T).
-GQ_INLINE void a_tile_body(const float* __restrict gq, int64_t nt, const float* __restrict ct, int64_t V, int64_t D,
-                           float* __restrict a) {
-  std::fill(a, a + nt * V, 0.0f);
-  for (int64_t k = 0; k < D; ++k) {
-    const float* row = ct + k * V;
+// c[f * N + j] = sum_k a[f * lda + k] m[k * N + j] for the nt frames of a tile, k ascending:
+// the backward's a = grad_q C_g^T (a: grad_q, m: C_g^T) and the soft output soft @ C_g
+// (a: soft probabilities, m: C_g, whose rows are read once per tile; the (N, G*V, d)
+// product is never formed).
+GQ_INLINE void tile_matmul_body(const float* __restrict a, int64_t lda, int64_t nt, const float* __restrict m,
+                                int64_t K, int64_t N, float* __restrict c) {
+  std::fill(c, c + nt * N, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* row = m + k * N;
     for (int64_t f = 0; f < nt; ++f) {
-      const float gk = gq[f * D + k];
-      float* af = a + f * V;
-      for (int64_t v = 0; v < V; ++v) af[v] += gk * row[v];
-    }
-  }
-}
-
-// acc[f * D + k] = sum_v soft[f * stride + v] C_g[v, k]: the soft output of a tile, codebook
-// rows read once per tile (the (N, G*V, d) product is never formed).
-GQ_INLINE void soft_product_body(const float* __restrict soft, int64_t stride, int64_t nt,
-                                 const float* __restrict cb_g, int64_t V, int64_t D, float* __restrict acc) {
-  std::fill(acc, acc + nt * D, 0.0f);
-  for (int64_t v = 0; v < V; ++v) {
-    const float* row = cb_g + v * D;
-    for (int64_t f = 0; f < nt; ++f) {
-      const float pf = soft[f * stride + v];
-      float* a = acc + f * D;
-      for (int64_t k = 0; k < D; ++k) a[k] += pf * row[k];
+      const float x = a[f * lda + k];
+      float* cf = c + f * N;
+      for (int64_t j = 0; j < N; ++j) cf[j] += x * row[j];
     }
   }
 }
@@ -166,11 +154,8 @@ GQ_INLINE void soft_partial_body(const float* __restrict soft, int64_t nt, const
   void name params { name##_body args; }
 #endif
 
-GQ_ISA_VARIANTS(a_tile, (const float* gq, int64_t nt, const float* ct, int64_t V, int64_t D, float* a),
-                (gq, nt, ct, V, D, a))
-GQ_ISA_VARIANTS(soft_product,
-                (const float* soft, int64_t stride, int64_t nt, const float* cb_g, int64_t V, int64_t D, float* acc),
-                (soft, stride, nt, cb_g, V, D, acc))
+GQ_ISA_VARIANTS(tile_matmul, (const float* a, int64_t lda, int64_t nt, const float* m, int64_t K, int64_t N, float* c),
+                (a, lda, nt, m, K, N, c))
 GQ_ISA_VARIANTS(soft_partial, (const float* soft, int64_t nt, const float* gq, int64_t V, int64_t D, float* part),
                 (soft, nt, gq, V, D, part))
 
@@ -261,7 +246,7 @@ void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p,
         if (soft) {
           const int64_t nt = t_end - t0;
           for (int64_t g = 0; g < G; ++g) {
-            soft_product(soft_tile.data() + g * V, G * V, nt, cbf + g * V * D, V, D, q_tile.data());
+            tile_matmul(soft_tile.data() + g * V, G * V, nt, cbf + g * V * D, V, D, q_tile.data());
             for (int64_t f = 0; f < nt; ++f)
               for (int64_t k = 0; k < D; ++k)
                 store_float(quant, ((t0 + f) * G + g) * D + k, cdtype, q_tile[f * D + k]);
@@ -334,7 +319,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
               for (int64_t f = 0; f < nt; ++f)
                 for (int64_t k = 0; k < D; ++k)
                   gq_tile[f * D + k] = load_float(grad_q, ((n0 + f) * G + g) * D + k, gdtype);
-              a_tile(gq_tile.data(), nt, cbt + g * D * V, V, D, a_buf.data());
+              tile_matmul(gq_tile.data(), D, nt, cbt + g * D * V, D, V, a_buf.data());
             }
             for (int64_t f = 0; f < nt; ++f) {
               const int64_t n = n0 + f;

@@ -59,6 +59,28 @@ __device__ __forceinline__ gq::MaxArg warp_maxarg(gq::MaxArg a) {
   return a;
 }
 
+// One warp: buf[v] = tempered_weight(l_v + g_v) of Gumbel-noised row (n, g) (unnormalised
+// soft probabilities, the row's V logits from `base`); sets *ym to the row's max of l + g and
+// returns 1 / sum of the weights.
+__device__ __forceinline__ float tempered_row(const void* logits, int ldtype, int64_t base, int64_t V, int64_t n,
+                                              int64_t g, float tau, uint64_t seed, int lane, float* buf, float* ym) {
+  float m = -INFINITY;
+  for (int64_t v = lane; v < V; v += 32) {
+    const float y = load_float(logits, base + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
+    buf[v] = y;
+    m = fmaxf(m, y);
+  }
+  m = warp_max(m);
+  float z = 0.0f;
+  for (int64_t v = lane; v < V; v += 32) {
+    const float e = gq::tempered_weight(buf[v], m, tau);
+    buf[v] = e;
+    z += e;
+  }
+  *ym = m;
+  return 1.0f / warp_sum(z);
+}
+
 __global__ void forward_kernel(const void* logits, int ldtype, const char* codebook, int esize, int64_t N, int64_t G,
                                int64_t V, int64_t D, bool training, bool gather, uint64_t seed, const uint8_t* mask,
                                char* quant, int64_t* codes, float* partial) {
@@ -157,20 +179,8 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
   float* gq_row = acc + V;
 
   if (training) {
-    float ym = -INFINITY;
-    for (int64_t v = lane; v < V; v += 32) {
-      const float y = load_float(logits, base + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
-      s_buf[v] = y;
-      ym = fmaxf(ym, y);
-    }
-    ym = warp_max(ym);
-    float z = 0.0f;
-    for (int64_t v = lane; v < V; v += 32) {
-      const float e = gq::tempered_weight(s_buf[v], ym, tau);
-      s_buf[v] = e;
-      z += e;
-    }
-    const float inv_z = 1.0f / warp_sum(z);
+    float ym;
+    const float inv_z = tempered_row(logits, ldtype, base, V, n, g, tau, seed, lane, s_buf, &ym);
     if (soft_stats != nullptr && lane == 0) {
       soft_stats[row * 2] = ym;
       soft_stats[row * 2 + 1] = inv_z;
@@ -268,20 +278,8 @@ __global__ void soft_forward_kernel(const void* logits, int ldtype, const void* 
     const int64_t n = n0 + t;
     const int64_t base = n * G * V + g * V;
     float* p = s_p + t * V;
-    float ym = -INFINITY;
-    for (int64_t v = lane; v < V; v += 32) {
-      const float y = load_float(logits, base + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
-      p[v] = y;
-      ym = fmaxf(ym, y);
-    }
-    ym = warp_max(ym);
-    float z = 0.0f;
-    for (int64_t v = lane; v < V; v += 32) {
-      const float e = gq::tempered_weight(p[v], ym, tau);
-      p[v] = e;
-      z += e;
-    }
-    const float inv_z = 1.0f / warp_sum(z);
+    float ym;
+    const float inv_z = tempered_row(logits, ldtype, base, V, n, g, tau, seed, lane, p, &ym);
     for (int64_t v = lane; v < V; v += 32) p[v] *= inv_z;
   }
   __syncthreads();
