@@ -314,14 +314,16 @@ struct Avx512Isa {
           }
         }
         const int32_t v0 = static_cast<int32_t>(g * kGroup);
+        __m512i vidx[4];  // first codeword of each vector, shared by the rows
+        for (int u = 0; u < 4; ++u) vidx[u] = _mm512_set1_epi32(v0 + 16 * u);
         for (int r = 0; r < kRows; ++r) {  // rows past n update spare slots (see run_isa)
           // Lowest-index maximum per lane: vectors in index order, strictly greater replaces.
           __m512 m = acc[r][0];
-          __m512i mi = _mm512_set1_epi32(v0);
+          __m512i mi = vidx[0];
           for (int u = 1; u < 4; ++u) {
             const __mmask16 gt = _mm512_cmp_ps_mask(acc[r][u], m, _CMP_GT_OQ);
             m = _mm512_mask_mov_ps(m, gt, acc[r][u]);
-            mi = _mm512_mask_mov_epi32(mi, gt, _mm512_set1_epi32(v0 + 16 * u));
+            mi = _mm512_mask_mov_epi32(mi, gt, vidx[u]);
           }
           float* bp = best + (r0 + r) * kLanes;
           int32_t* ip = base + (r0 + r) * kLanes;
