@@ -15,8 +15,9 @@
 // one chain of correctly rounded fused multiply-adds in a fixed order:
 //     y[r][c]   = fma(x[r][F*k-1], P[F*k-1][c], ... fma(x[r][0], P[0][c], 0))
 //     score_v   = fma(y[d-1], c'_v[d-1], ... fma(y[0], c'_v[0], b_v))
-// with c'_v = a_v * c_v and (a_v, b_v) from codeword_coeffs() (cosine: c / |c|, b = 0; l2:
-// 2c, b = -|c|^2, so score = 2 y.c - |c|^2). The SIMD paths use the hardware FMA; the scalar
+// with the coefficients of codeword_coeffs() folded into the panels: cosine c'_v =
+// c_v / max(|c_v|, eps) (F.normalize's division), b_v = 0; l2 c'_v = 2 c_v (exact), b_v =
+// -|c_v|^2, so score = 2 y.c - |c|^2. The SIMD paths use the hardware FMA; the scalar
 // path (the SSE2 baseline has none) emulates it exactly (fma_exact below). Everything else
 // (loading, LayerNorm, norms, the panels) is baseline code shared by every path. So every
 // path computes the same fp32 score bits for every (row, codeword), and the label rule
