@@ -78,16 +78,54 @@ inline float fma_exact(float a, float b, float c) {
   const double s = p + cd;
   const double bv = s - p;
   const double e = (p - (s - bv)) + (cd - bv);
-  if (e != 0.0 && std::isfinite(s)) {
-    uint64_t u = dbits(s);
-    // s is the nearest double; an inexact sum lies between s and its neighbour toward e,
-    // one of which is odd: keep s if odd, else step to the neighbour (away from zero when e
-    // has s's sign).
-    if ((u & 1u) == 0) u = ((e > 0.0) == (s > 0.0)) ? u + 1 : u - 1;
-    return static_cast<float>(from_dbits(u));
-  }
-  return static_cast<float>(s);
+  // s is the nearest double; an inexact sum lies between s and its neighbour toward e, one
+  // of which is odd: keep s if odd, else step to the neighbour (+1 ulp of magnitude when e
+  // has s's sign, -1 otherwise). Written without branches so loops over it vectorise (SSE2).
+  const uint64_t u = dbits(s);
+  const bool adjust = (e != 0.0) & ((u & 1u) == 0) & (s - s == 0.0);  // s - s == 0: s finite
+  const uint64_t step = ((u ^ dbits(e)) >> 63) != 0 ? ~uint64_t(0) : uint64_t(1);
+  return static_cast<float>(from_dbits(u + (adjust ? step : 0)));
 }
+
+#if SSLFAST_X86_SIMD
+// fma_exact on 4 lanes with SSE2 (the baseline ISA): the same operations as fma_exact on two
+// pairs of doubles, so the same bits.
+inline __m128d fma_exact_pd(__m128d a, __m128d b, __m128d c) {
+  const __m128d p = _mm_mul_pd(a, b);
+  const __m128d s = _mm_add_pd(p, c);
+  const __m128d bv = _mm_sub_pd(s, p);
+  const __m128d e = _mm_add_pd(_mm_sub_pd(p, _mm_sub_pd(s, bv)), _mm_sub_pd(c, bv));
+  const __m128d zero = _mm_setzero_pd();
+  const __m128i one = _mm_set_epi64x(1, 1);
+  const __m128i u = _mm_castpd_si128(s);
+  // (u & 1) == 0 per 64-bit lane: compare the low dwords, copy the result to the high ones.
+  const __m128i even =
+      _mm_shuffle_epi32(_mm_cmpeq_epi32(_mm_and_si128(u, one), _mm_setzero_si128()), _MM_SHUFFLE(2, 2, 0, 0));
+  const __m128i adjust = _mm_and_si128(
+      _mm_and_si128(_mm_castpd_si128(_mm_cmpneq_pd(e, zero)), _mm_castpd_si128(_mm_cmpeq_pd(_mm_sub_pd(s, s), zero))),
+      even);
+  // all ones (-1) where e and s differ in sign, else +1
+  const __m128i differ =
+      _mm_shuffle_epi32(_mm_srai_epi32(_mm_xor_si128(u, _mm_castpd_si128(e)), 31), _MM_SHUFFLE(3, 3, 1, 1));
+  const __m128i step = _mm_or_si128(differ, one);
+  return _mm_castsi128_pd(_mm_add_epi64(u, _mm_and_si128(adjust, step)));
+}
+
+// acc[v] = fma_exact(a, b[v], acc[v]) for v < n (n a multiple of 4).
+inline void fma_exact_row(float a, const float* b, float* acc, int64_t n) {
+  const __m128d ad = _mm_set1_pd(a);
+  for (int64_t v = 0; v < n; v += 4) {
+    const __m128 bv = _mm_loadu_ps(b + v), cv = _mm_loadu_ps(acc + v);
+    const __m128d lo = fma_exact_pd(ad, _mm_cvtps_pd(bv), _mm_cvtps_pd(cv));
+    const __m128d hi = fma_exact_pd(ad, _mm_cvtps_pd(_mm_movehl_ps(bv, bv)), _mm_cvtps_pd(_mm_movehl_ps(cv, cv)));
+    _mm_storeu_ps(acc + v, _mm_movelh_ps(_mm_cvtpd_ps(lo), _mm_cvtpd_ps(hi)));
+  }
+}
+#else
+inline void fma_exact_row(float a, const float* b, float* acc, int64_t n) {
+  for (int64_t v = 0; v < n; ++v) acc[v] = fma_exact(a, b[v], acc[v]);
+}
+#endif
 
 // ------------------------------------------------------------------ shared (baseline) code
 
@@ -221,24 +259,32 @@ struct ScalarIsa {
       for (int64_t i = 0; i < in_dim; ++i) {
         const float xi = xr[i];
         const float* pi = P + i * HD;
-        for (int64_t c = 0; c < HD; ++c) yr[c] = fma_exact(xi, pi[c], yr[c]);
+        const int64_t n4 = HD / 4 * 4;
+        fma_exact_row(xi, pi, yr, n4);
+        for (int64_t c = n4; c < HD; ++c) yr[c] = fma_exact(xi, pi[c], yr[c]);
       }
     }
   }
   static void score(const float* y, int64_t ldy, int64_t nrows, int64_t d, const float* panels, int64_t g0,
                     int64_t g1, float* best, int32_t* base) {
     const int64_t gf = (d + 1) * kGroup;
+    float acc[kGroup];
     for (int64_t r = 0; r < nrows; ++r) {
       const float* yr = y + r * ldy;
       float b = best[r];
       int32_t bi = base[r];
       for (int64_t g = g0; g < g1; ++g) {
         const float* panel = panels + g * gf;
+        // j outer, the panel's codewords inner (contiguous): the emulated fmas vectorise.
+        for (int64_t v = 0; v < kGroup; ++v) acc[v] = panel[d * kGroup + v];
+        for (int64_t j = 0; j < d; ++j) {
+          const float yj = yr[j];
+          const float* cj = panel + j * kGroup;
+          fma_exact_row(yj, cj, acc, kGroup);
+        }
         for (int64_t v = 0; v < kGroup; ++v) {
-          float acc = panel[d * kGroup + v];
-          for (int64_t j = 0; j < d; ++j) acc = fma_exact(yr[j], panel[j * kGroup + v], acc);
-          if (acc > b) {
-            b = acc;
+          if (acc[v] > b) {
+            b = acc[v];
             bi = static_cast<int32_t>(g * kGroup + v);
           }
         }
@@ -576,9 +622,18 @@ void bind_rp_quantize(py::module_& m) {
   m.def(
       "rp_quantize_fma_exact",
       [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t out, int64_t n) {
-        for (int64_t i = 0; i < n; ++i)
-          as_ptr<float>(out)[i] = rpq::fma_exact(as_ptr<const float>(a)[i], as_ptr<const float>(b)[i],
-                                                 as_ptr<const float>(c)[i]);
+        // even elements: the scalar emulation; odd elements: the 4-lane one (lane i / 2 % 4)
+        for (int64_t i = 0; i < n; ++i) {
+          const float ai = as_ptr<const float>(a)[i], ci = as_ptr<const float>(c)[i];
+          const float* bi = as_ptr<const float>(b) + i;
+          if (i % 2 == 0) {
+            as_ptr<float>(out)[i] = rpq::fma_exact(ai, *bi, ci);
+          } else {
+            float bq[4] = {*bi, *bi, *bi, *bi}, acc[4] = {ci, ci, ci, ci};
+            rpq::fma_exact_row(ai, bq, acc, 4);
+            as_ptr<float>(out)[i] = acc[i / 2 % 4];
+          }
+        }
       },
       py::arg("a"), py::arg("b"), py::arg("c"), py::arg("out"), py::arg("n"));
 }

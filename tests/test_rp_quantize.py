@@ -326,9 +326,10 @@ def _round_to_f32(z):
 
 @pytest.mark.cpu
 def test_cpu_scalar_fma_is_correctly_rounded():
-    # The scalar path's fma emulation against exact rational arithmetic, on random values and
+    # The scalar path's fma emulation (the hook checks its one-value form on even elements,
+    # its 4-lane SSE2 form on odd ones) against exact rational arithmetic, on random values and
     # on products that land on (or within 2^-40 of) an fp32 rounding midpoint, where rounding
-    # a*b + c in fp64 first and then to fp32 would be wrong.
+    # a*b + c in fp64 first and then to fp32 is wrong (62 of these 3000 cases).
     if not HAS_CPU:
         pytest.skip("CPU extension not built")
     from fractions import Fraction
