@@ -195,12 +195,14 @@ void build_panels(const Problem& p, int64_t h, int64_t g0, int64_t g1, const Pan
   }
 }
 
-// Loads the block's rows into xb (nrows, in_dim), with LayerNorm when asked.
-void load_rows(const Problem& p, const int64_t* rows, int64_t nrows, float* xb) {
+// Loads the block's rows into xb (nrows, in_dim), with LayerNorm when asked. Templated on the
+// storage type so the conversion loop vectorises.
+template <int kDtype>
+void load_rows_t(const Problem& p, const int64_t* rows, int64_t nrows, float* xb) {
   for (int64_t r = 0; r < nrows; ++r) {
     float* xr = xb + r * p.in_dim;
     const int64_t off = stacked_row_offset(rows[r], p.rows_per_seq, p.T, p.F, p.k);
-    for (int64_t i = 0; i < p.in_dim; ++i) xr[i] = load_float(p.x, off + i, p.x_dtype);
+    for (int64_t i = 0; i < p.in_dim; ++i) xr[i] = load_float(p.x, off + i, kDtype);
     if (p.layernorm) {
       float sum = 0.0f;
       for (int64_t i = 0; i < p.in_dim; ++i) sum += xr[i];
@@ -210,6 +212,17 @@ void load_rows(const Problem& p, const int64_t* rows, int64_t nrows, float* xb) 
       const float rstd = layernorm_rstd(m2, p.in_dim, kLayerNormEps);
       for (int64_t i = 0; i < p.in_dim; ++i) xr[i] = (xr[i] - mean) * rstd;
     }
+  }
+}
+
+void load_rows(const Problem& p, const int64_t* rows, int64_t nrows, float* xb) {
+  switch (p.x_dtype) {
+    case static_cast<int>(DType::f16):
+      return load_rows_t<static_cast<int>(DType::f16)>(p, rows, nrows, xb);
+    case static_cast<int>(DType::bf16):
+      return load_rows_t<static_cast<int>(DType::bf16)>(p, rows, nrows, xb);
+    default:
+      return load_rows_t<static_cast<int>(DType::f32)>(p, rows, nrows, xb);
   }
 }
 
