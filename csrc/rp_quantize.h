@@ -7,6 +7,8 @@
 // with (a_v, b_v) from codeword_coeffs(|c_v|^2): cosine a = 1 / max(|c_v|, eps), b = 0 (y is
 // unit-normalised first), l2 a = 2, b = -|c_v|^2 (argmin |y - c|^2 without the constant |y|^2),
 // and keeps the running best with better(): the highest score, ties to the lowest index.
+// (The CPU kernel folds a_v into its transposed codeword panels and starts each dot product at
+// b_v: the same score up to fp32 rounding, see rp_quantize_cpu.cpp.)
 // One formula for both metrics keeps a later soft path (softmax of score / tau over V) on the
 // same tiles.
 #pragma once

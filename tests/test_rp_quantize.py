@@ -182,21 +182,175 @@ def test_cpu_labels_match_fp64(shape, metric, input_norm, dtype):
     _check(got, scores, dtype, ref_labels)
 
 
-@pytest.mark.cpu
-@pytest.mark.parametrize("isa", [0, 1, 2])
-def test_cpu_every_compiled_isa_agrees(isa):
+# ------------------------------------------------- cpu backend: every SIMD path
+# The C++ kernel has a scalar, an AVX2 and an AVX-512 path (sslfast._C.set_cpu_isa picks one).
+# Each computes every score as the same chain of correctly rounded fmas (the scalar path
+# emulates the fma), so the paths must agree label for label, near-ties included.
+
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.fixture
+def force_isa():
+    """force_isa(name): run the C++ kernels on that SIMD path from now on (skips the test when
+    the CPU lacks it); the level in effect before the test is restored afterwards."""
+    if not HAS_CPU:
+        pytest.skip("CPU extension not built")
     mod = _ext.cpu_module()
-    x, P, CB = make_problem(2, 61, 20, 4, 3, 517, 16, seed=5)
-    want = rpq(x, P, CB, stack=4, backend="cpu")
+    prev = mod.cpu_isa()
+
+    def force(name):
+        if ISAS.index(name) > ISAS.index(mod.cpu_isa_supported()):
+            pytest.skip(f"this CPU cannot run the {name} path (best: {mod.cpu_isa_supported()})")
+        assert mod.set_cpu_isa(name) == name
+
     try:
-        mod.rp_quantize_force_isa(isa)
-        if mod.rp_quantize_isa() != isa:
-            pytest.skip(f"this CPU cannot run scoring variant {isa}")
-        got = rpq(x, P, CB, stack=4, backend="cpu")
+        yield force
     finally:
-        mod.rp_quantize_force_isa(-1)
+        mod.set_cpu_isa(prev)
+
+
+ISA_SHAPES = [  # (B, T, F, k, H, V, d): V, d, F*k and the row count off every vector / block width
+    (1, 7, 5, 3, 1, 1, 1),
+    (2, 37, 13, 3, 3, 67, 7),
+    (3, 29, 23, 1, 2, 517, 17),
+    (1, 150, 80, 4, 1, 449, 16),  # d = 16 (the unrolled AVX-512 loop), 37 rows, V past a 448-codeword tile
+    (2, 45, 9, 5, 2, 130, 33),
+    (1, 40, 20, 2, 16, 65, 16),
+]
+
+
+def _labels_on(force, isa, fn):
+    force(isa)
+    return fn()
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", ISA_SHAPES)
+@pytest.mark.parametrize("metric,input_norm,dtype", [
+    ("cosine", None, torch.float32), ("l2", "layernorm", torch.float32), ("cosine", "layernorm", torch.bfloat16),
+])
+def test_cpu_isa_paths_agree_and_match_fp64(force_isa, isa, shape, metric, input_norm, dtype):
+    B, T, Fdim, k, H, V, d = shape
+    x, P, CB = make_problem(B, T, Fdim, k, H, V, d, dtype=dtype, seed=sum(shape) + 3)
+    run = lambda: rpq(x, P, CB, stack=k, input_norm=input_norm, metric=metric, backend="cpu")  # noqa: E731
+    want = _labels_on(force_isa, "scalar", run)
+    got = _labels_on(force_isa, isa, run)
     assert torch.equal(got, want)
-    _check(got, rpq_scores64(x, P, CB, stack=4), torch.float32)
+    scores = rpq_scores64(x, P, CB, stack=k, input_norm=input_norm, metric=metric)
+    ref_labels = rpq(x, P, CB, stack=k, input_norm=input_norm, metric=metric, backend="reference")
+    _check(got, scores, dtype, ref_labels)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("D,V", [(1, 3), (129, 70), (5, 2000), (768, 37)])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cpu_isa_paths_nearest_codeword(force_isa, isa, D, V, metric):
+    g = torch.Generator().manual_seed(D * V)
+    x = torch.randn(45, D, generator=g) + 0.25
+    C = torch.randn(V, D, generator=g)
+    run = lambda: ncw(x, C, metric=metric, backend="cpu")  # noqa: E731
+    want = _labels_on(force_isa, "scalar", run)
+    got = _labels_on(force_isa, isa, run)
+    assert torch.equal(got, want)
+    if metric == "l2":
+        scores = kmeans_scores64(x, C)
+    else:
+        scores = rpq_scores64(x, torch.eye(D, dtype=torch.float64), C.double().unsqueeze(0)).squeeze(-2)
+    _check(got, scores, torch.float32, ncw(x, C, metric=metric, backend="reference"))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [16, 5])
+def test_cpu_isa_paths_ties_and_zero_rows(force_isa, isa, d):
+    force_isa(isa)
+    g = torch.Generator().manual_seed(40 + d)
+    V = 1100
+    C = torch.randn(V, d, generator=g)
+    u = torch.randn(d, generator=g)
+    # exact copies of u in other lanes (8, 16), vectors, 64-codeword panels and 448-codeword tiles
+    for i in (37, 45, 53, 101, 485, 549, 1037):
+        C[i] = u
+    C[600] = 2 * u  # the same cosine as u exactly (power-of-two scale), a worse l2 score
+    C[9] = 4 * u
+    rows = torch.randn(37, d, generator=g)
+    rows[::2] = u  # rows of u at every position of the register blocks
+    rows[5] = 0.0
+    cb, eye = C.unsqueeze(0), torch.eye(d)
+    cos = rpq(rows, eye, cb, backend="cpu").squeeze(-1)
+    l2 = rpq(rows, eye, cb, metric="l2", backend="cpu").squeeze(-1)
+    assert cos[::2].eq(9).all() and l2[::2].eq(37).all()
+    assert cos[5] == 0  # an all-zero row scores 0 everywhere: label 0
+    assert torch.equal(cos, rpq(rows, eye, cb, backend="reference").squeeze(-1))
+    assert torch.equal(l2, rpq(rows, eye, cb, metric="l2", backend="reference").squeeze(-1))
+    # every codeword identical: every score ties, label 0
+    same = u.expand(1, V, d).contiguous()
+    assert rpq(rows, eye, same, backend="cpu").eq(0).all()
+    assert rpq(rows, eye, same, metric="l2", backend="cpu").eq(0).all()
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cpu_isa_paths_exact_ties_on_a_grid(force_isa, isa, metric):
+    # Integer inputs and codewords in {-1, 0, 1}^3: l2 scores are exact integers and repeated
+    # codewords give bit-equal cosines, so most rows have many exactly tied codewords; the
+    # label must be the first maximum of the fp64 scores, on every path.
+    force_isa(isa)
+    g = torch.Generator().manual_seed(41)
+    C = torch.randint(-1, 2, (1, 301, 3), generator=g).float()
+    x = torch.randint(-3, 4, (2, 67, 3), generator=g).float()
+    got = rpq(x, torch.eye(3), C, metric=metric, backend="cpu")
+    want = rpq_scores64(x, torch.eye(3), C, metric=metric).argmax(-1)
+    assert torch.equal(got, want)
+
+
+def _round_to_f32(z):
+    """The fp32 nearest to the rational z, ties to even."""
+    import numpy as np
+    from fractions import Fraction
+
+    f = np.float32(float(z))
+    cands = [f, np.nextafter(f, np.float32(np.inf)), np.nextafter(f, np.float32(-np.inf))]
+    cands = [c for c in cands if np.isfinite(c)]
+
+    def key(c):
+        even = int(np.array(c, dtype=np.float32).view(np.uint32)) & 1
+        return (abs(Fraction(float(c)) - z), even)
+
+    return min(cands, key=key)
+
+
+@pytest.mark.cpu
+def test_cpu_scalar_fma_is_correctly_rounded():
+    # The scalar path's fma emulation (the hook checks its one-value form on even elements,
+    # its 4-lane SSE2 form on odd ones) against exact rational arithmetic, on random values and
+    # on products that land on (or within 2^-40 of) an fp32 rounding midpoint, where rounding
+    # a*b + c in fp64 first and then to fp32 is wrong (62 of these 3000 cases).
+    if not HAS_CPU:
+        pytest.skip("CPU extension not built")
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(42)
+    n = 3000
+    a = torch.randn(n, generator=g)
+    b = torch.randn(n, generator=g)
+    c = torch.randn(n, generator=g) * 4
+    hard = torch.arange(1000)
+    k1 = torch.randint(1, 4096, (1000,), generator=g).double()
+    k2 = torch.randint(1, 4096, (1000,), generator=g).double()
+    a[hard] = (1 + k1 * 2.0**-12).float()
+    b[hard] = (1 + k2 * 2.0**-12).float() * torch.where(hard % 2 == 0, 1.0, -1.0)
+    tiny = 2.0 ** torch.randint(-75, -40, (1000,), generator=g).double()
+    c[hard] = (tiny * torch.where(hard % 3 == 0, 1.0, -1.0)).float() * (hard % 5 != 0)
+    out = torch.empty(n)
+    _ext.cpu_module().rp_quantize_fma_exact(a.data_ptr(), b.data_ptr(), c.data_ptr(), out.data_ptr(), n)
+    for i in range(n):
+        z = Fraction(a[i].item()) * Fraction(b[i].item()) + Fraction(c[i].item())
+        assert out[i].item() == float(_round_to_f32(z)), (a[i].item(), b[i].item(), c[i].item())
 
 
 @pytest.mark.cpu

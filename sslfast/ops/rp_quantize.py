@@ -28,9 +28,9 @@ Labels are integers, so nothing here is differentiable. Non-finite inputs give u
 (but in-range) labels: a NaN score never wins in the kernels, while the reference's argmax
 takes it.
 
-Backends: reference (sslfast.reference.rp_quantize), cpu (C++/OpenMP, AVX2 when the CPU has
-it), triton (projected head width d <= 256), cuda (F*stack + H*d <= 12288 floats staged in
-shared memory per row).
+Backends: reference (sslfast.reference.rp_quantize), cpu (C++ on std::threads; AVX-512,
+AVX2+FMA or SSE2 picked at run time, every path returning the same labels), triton (projected
+head width d <= 256), cuda (F*stack + H*d <= 12288 floats staged in shared memory per row).
 """
 from __future__ import annotations
 
