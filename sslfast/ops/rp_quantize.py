@@ -269,9 +269,12 @@ def random_projection_quantize(
         return ref.random_projection_quantize(
             x, projection, codebooks, stack=stack, input_norm=input_norm, metric=metric, mask=mask
         )
-    return torch.ops.sslfast.random_projection_quantize(
-        x, projection, codebooks, stack, input_norm == "layernorm", _METRIC_CODE[metric], mask, name
-    )
+    args = (x, projection, codebooks, stack, input_norm == "layernorm", _METRIC_CODE[metric], mask)
+    if torch.compiler.is_compiling():
+        return torch.ops.sslfast.random_projection_quantize(*args, name)
+    # Eager calls skip the custom-op dispatch (~0.15 ms on a CPU, 10% of the H=1 BEST-RQ
+    # case; labels have no autograd to route); traced calls go through the op above.
+    return _dispatch.get(OP_RPQ, name)(*args)
 
 
 def nearest_codeword(
@@ -294,4 +297,6 @@ def nearest_codeword(
     name, _ = _dispatch.resolve(OP_NC, backend, x.device)
     if name == "reference":
         return ref.nearest_codeword(x, centroids, metric=metric)
-    return torch.ops.sslfast.nearest_codeword(x, centroids, _METRIC_CODE[metric], name)
+    if torch.compiler.is_compiling():
+        return torch.ops.sslfast.nearest_codeword(x, centroids, _METRIC_CODE[metric], name)
+    return _dispatch.get(OP_NC, name)(x, centroids, _METRIC_CODE[metric])  # eager: as above
