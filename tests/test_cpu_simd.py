@@ -40,35 +40,45 @@ def test_philox_bulk_matches_one_block_at_a_time(cpu_isa, n):
     assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, expected)
 
 
-def _check_selection(keys: np.ndarray, k: int):
+def _check_selection(words: np.ndarray, live, k: int, smallest: bool):
+    """_select_extreme against a sort of the keys (word << 31 | position) of the live positions."""
     mod = _ext.cpu_module()
-    t = torch.from_numpy(keys.astype(np.int64).copy())
-    mod._select_smallest(t.data_ptr(), t.numel(), k)
-    got = t.numpy()
-    assert sorted(got.tolist()) == sorted(keys.tolist())  # a permutation
-    if 0 < k < len(keys):
-        assert got[:k].max() < got[k:].min()
-        assert sorted(got[:k].tolist()) == sorted(np.sort(keys)[:k].tolist())
+    n = len(words)
+    w = torch.from_numpy(words.astype(np.uint32).view(np.int32).copy())
+    lv = None if live is None else torch.from_numpy(live.astype(np.uint8))
+    out = torch.full((max(k, 1),), -1, dtype=torch.int64)
+    mod._select_extreme(w.data_ptr(), 0 if lv is None else lv.data_ptr(), n, k, smallest, out.data_ptr())
+    keys = (words.astype(np.int64) << 31) | np.arange(n)
+    if live is not None:
+        keys = keys[live.astype(bool)]
+    ordered = np.sort(keys)
+    k_eff = min(k, len(keys))
+    want = ordered[:k_eff] if smallest else ordered[len(keys) - k_eff:]
+    assert sorted(out[:k_eff].tolist()) == sorted(want.tolist())
 
 
-@pytest.mark.parametrize("n,k", [(771, 50), (771, 0), (771, 771), (771, 1), (380, 370), (380, 342), (40, 20),
-                                 (1000, 499), (1000, 501), (5, 2)])
-def test_select_smallest_uniform_keys(n, k):
-    # keys as the samplers build them: (uniform 32-bit word << 31) | position
+@pytest.mark.parametrize("smallest", [True, False])
+@pytest.mark.parametrize("n,k", [(771, 50), (771, 0), (771, 771), (771, 1), (380, 370), (380, 38), (40, 20),
+                                 (1000, 499), (1000, 501), (5, 2), (17, 3)])
+@pytest.mark.parametrize("with_live", [False, True])
+def test_select_extreme_uniform_words(cpu_isa, n, k, smallest, with_live):
+    # words as the samplers draw them (uniform 32-bit); live: about half the positions, in spans
     rng = np.random.default_rng(1000 * n + k)
     words = rng.integers(0, 2**32, size=n, dtype=np.int64)
-    _check_selection((words << 31) | np.arange(n), k)
+    live = (np.arange(n) // 7 % 2 == 0) if with_live else None
+    _check_selection(words, live, k, smallest)
 
 
-@pytest.mark.parametrize("low", [True, False])
-def test_select_smallest_falls_back_when_the_threshold_misses(low):
-    # Words all near the top (or the bottom) defeat the threshold guess: the fallback must
-    # still select exactly.
+@pytest.mark.parametrize("smallest", [True, False])
+def test_select_extreme_falls_back_when_the_threshold_misses(cpu_isa, smallest):
+    # Words all near the top (for the smallest) or the bottom (for the largest) defeat the
+    # threshold guess: the fallback must still select exactly.
     n = 600
     rng = np.random.default_rng(7)
-    base = (2**32 - 2**20) if low else 0
+    base = (2**32 - 2**20) if smallest else 0
     words = base + rng.integers(0, 2**20, size=n, dtype=np.int64)
-    _check_selection((words << 31) | np.arange(n), 30 if low else n - 30)
+    _check_selection(words, None, 30, smallest)
+    _check_selection(words, np.arange(n) % 3 != 0, 30, smallest)
 
 
 @pytest.mark.parametrize("layout", ["packed", "hf"])
