@@ -40,32 +40,38 @@ def triton_device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-def _cpu_isa_levels():
+CPU_ISAS = ["scalar", "avx2", "avx512"]  # the SIMD levels of the C++ kernels, lowest first
+
+
+@pytest.fixture
+def force_cpu_isa():
+    """force_cpu_isa(name): run the C++ kernels on that SIMD level from now on (forced with
+    sslfast._C.set_cpu_isa; skips the test when this CPU lacks the level). The level in
+    effect before the test is restored afterwards."""
     from sslfast import _ext
 
-    mod = _ext.cpu_module() if _ext._C is not None else None
-    if mod is None:
-        return []
-    order = ["scalar", "avx2", "avx512"]
-    best = order.index(mod.cpu_isa_supported())
-    return [pytest.param(isa, marks=() if i <= best else pytest.mark.skip(reason=f"this CPU has no {isa}"))
-            for i, isa in enumerate(order)]
-
-
-@pytest.fixture(params=_cpu_isa_levels())
-def cpu_isa(request):
-    """Runs the test once per SIMD level of the C++ kernels ('scalar', 'avx2', 'avx512'),
-    forced with sslfast._C.set_cpu_isa; a level this CPU lacks is skipped, not passed."""
-    from sslfast import _ext
-
+    if _ext._C is None:
+        pytest.skip("C++ extension not built")
     mod = _ext.cpu_module()
     before = mod.cpu_isa()
-    assert mod.set_cpu_isa(request.param) == request.param
+
+    def force(name):
+        if CPU_ISAS.index(name) > CPU_ISAS.index(mod.cpu_isa_supported()):
+            pytest.skip(f"this CPU cannot run the {name} path (best: {mod.cpu_isa_supported()})")
+        assert mod.set_cpu_isa(name) == name
+
     try:
-        yield request.param
+        yield force
     finally:
-        mod.set_cpu_isa("avx512")  # back to the uncapped default...
-        mod.set_cpu_isa(before)  # ...then to whatever cap was in effect
+        mod.set_cpu_isa(before)
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request, force_cpu_isa):
+    """Runs the test once per SIMD level of the C++ kernels; a level this CPU lacks is
+    skipped, not passed."""
+    force_cpu_isa(request.param)
+    return request.param
 
 
 class TritonLaunches:

@@ -191,23 +191,8 @@ ISAS = ["scalar", "avx2", "avx512"]
 
 
 @pytest.fixture
-def force_isa():
-    """force_isa(name): run the C++ kernels on that SIMD path from now on (skips the test when
-    the CPU lacks it); the level in effect before the test is restored afterwards."""
-    if not HAS_CPU:
-        pytest.skip("CPU extension not built")
-    mod = _ext.cpu_module()
-    prev = mod.cpu_isa()
-
-    def force(name):
-        if ISAS.index(name) > ISAS.index(mod.cpu_isa_supported()):
-            pytest.skip(f"this CPU cannot run the {name} path (best: {mod.cpu_isa_supported()})")
-        assert mod.set_cpu_isa(name) == name
-
-    try:
-        yield force
-    finally:
-        mod.set_cpu_isa(prev)
+def force_isa(force_cpu_isa):  # conftest.py: forces a SIMD level, restores the previous one
+    return force_cpu_isa
 
 
 ISA_SHAPES = [  # (B, T, F, k, H, V, d): V, d, F*k and the row count off every vector / block width
