@@ -43,6 +43,17 @@ def _word_at(seed, row, c, stream):
 
 
 @triton.jit
+def _rank(krow, key, n, offs, BLOCK_S: tl.constexpr):
+    """How many of the keys krow[0, n) are smaller than each of ``key`` (ranking by counting:
+    the k smallest keys are those of rank < k)."""
+    rank = key * 0
+    for j0 in range(0, n, BLOCK_S):
+        other = tl.load(krow + j0 + offs, mask=j0 + offs < n, other=_FAR)
+        rank += tl.sum((other[None, :] < key[:, None]).to(tl.int64), 1)
+    return rank
+
+
+@triton.jit
 def _key(seed, row, pos, stream):
     return (_word_at(seed, row, pos, stream) << 31) | pos
 
@@ -117,10 +128,7 @@ def _mask_rows_kernel(lengths_ptr, pad_ptr, thr_ptr, lens_ptr, keys_ptr, ends_pt
         for s0 in range(0, T, BLOCK_S):
             s = s0 + offs_s
             key = tl.load(krow + s, mask=s < R, other=_FAR)
-            rank = s * 0
-            for j0 in range(0, R, BLOCK_S):
-                other = tl.load(krow + j0 + offs_s, mask=j0 + offs_s < R, other=_FAR)
-                rank += tl.sum((other[None, :] < key[:, None]).to(tl.int64), 1)
+            rank = _rank(krow, key, R, offs_s, BLOCK_S)
             chosen = (s < R) & (rank < n)
             length = tl.load(lens_row + rank, mask=chosen, other=0)
             tl.store(erow + s, tl.where(chosen, tl.minimum(s + length, sz), 0), mask=s < T)
@@ -245,10 +253,7 @@ def _keep_smallest(out_row, krow, seed, b, T, keep, stream, BLOCK_S: tl.constexp
     for t0 in range(0, T, BLOCK_S):
         t = t0 + offs
         key = tl.load(krow + t, mask=t < T, other=_FAR)
-        rank = t * 0
-        for j0 in range(0, T, BLOCK_S):
-            other = tl.load(krow + j0 + offs, mask=j0 + offs < T, other=_FAR)
-            rank += tl.sum((other[None, :] < key[:, None]).to(tl.int64), 1)
+        rank = _rank(krow, key, T, offs, BLOCK_S)
         drop = (key != _FAR) & (rank >= keep)
         tl.store(out_row + t, tl.zeros([BLOCK_S], dtype=tl.int1), mask=(t < T) & drop)
     tl.debug_barrier()
