@@ -37,29 +37,44 @@ SSLFAST_HD void box_muller(uint32_t w_radius, uint32_t w_angle, float* c, float*
   *s = r * sn;
 }
 
-// The four N(0, 1) values of Philox block q of frame (b, t): channels 4q .. 4q + 3.
-SSLFAST_HD void normal4(uint64_t seed, int64_t b, int64_t t, int64_t blocks_per_frame, int64_t q, float z[4]) {
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(t * blocks_per_frame + q), static_cast<uint32_t>(b),
-                                  kStreamMaskNoise, 0u, seed);
-  box_muller(r.w[0], r.w[1], &z[0], &z[1]);
-  box_muller(r.w[2], r.w[3], &z[2], &z[3]);
+// The four N(0, 1) values of one Philox block's words w[0..3] (channels 4q .. 4q + 3 of the
+// block's frame).
+SSLFAST_HD void normal4_from(const uint32_t w[4], float z[4]) {
+  box_muller(w[0], w[1], &z[0], &z[1]);
+  box_muller(w[2], w[3], &z[2], &z[3]);
+}
+
+// The words of Philox block q of frame (b, t).
+SSLFAST_HD Philox4 noise_block(uint64_t seed, int64_t b, int64_t t, int64_t blocks_per_frame, int64_t q) {
+  return philox4x32_10(static_cast<uint32_t>(t * blocks_per_frame + q), static_cast<uint32_t>(b), kStreamMaskNoise,
+                       0u, seed);
+}
+
+// Channels [4q, min(4q + 4, D)) of one masked frame from the block's words: noise std * z.
+// `row` points at the frame's channel 0, channels `stride` elements apart.
+template <class S>
+SSLFAST_HD void noise_block_store(typename S::T* row, int64_t stride, int64_t D, int64_t q, const uint32_t w[4],
+                                  float std) {
+  const int64_t d0 = 4 * q;
+  const int n = D - d0 < 4 ? static_cast<int>(D - d0) : 4;
+  float z[4];
+  normal4_from(w, z);
+  for (int k = 0; k < n; ++k) row[(d0 + k) * stride] = S::store(z[k] * std);
 }
 
 // Channels [4q, min(4q + 4, D)) of one masked frame: noise std * z (fill == nullptr) or the
-// embedding (already in x's dtype, so a copy). `row` points at the frame's channel 0,
-// channels `stride` elements apart.
+// embedding (already in x's dtype, so a copy).
 template <class S>
 SSLFAST_HD void fill_block(typename S::T* row, int64_t stride, int64_t D, int64_t q, const typename S::T* fill,
                            float std, uint64_t seed, int64_t b, int64_t t) {
-  const int64_t d0 = 4 * q;
-  const int n = D - d0 < 4 ? static_cast<int>(D - d0) : 4;
   if (fill != nullptr) {
+    const int64_t d0 = 4 * q;
+    const int n = D - d0 < 4 ? static_cast<int>(D - d0) : 4;
     for (int k = 0; k < n; ++k) row[(d0 + k) * stride] = fill[d0 + k];
     return;
   }
-  float z[4];
-  normal4(seed, b, t, (D + 3) / 4, q, z);
-  for (int k = 0; k < n; ++k) row[(d0 + k) * stride] = S::store(z[k] * std);
+  const Philox4 r = noise_block(seed, b, t, (D + 3) / 4, q);
+  noise_block_store<S>(row, stride, D, q, r.w, std);
 }
 
 // Strides of a (B, T, D) tensor in elements.

@@ -9,9 +9,11 @@
 
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 #include "apply_mask.h"
 #include "sslfast/bind.h"
+#include "sslfast/philox_cpu.h"
 
 namespace py = pybind11;
 
@@ -25,18 +27,26 @@ void forward_cpu(const typename S::T* x, Strides sx, typename S::T* out, Strides
                  const typename S::T* fill, int64_t B, int64_t T, int64_t D, float std, uint64_t seed, bool inplace) {
   using E = typename S::T;
   const int64_t n = B * T, qb = (D + 3) / 4;
-#pragma omp parallel for schedule(static, 16) if (n * D > 65536)
-  for (int64_t f = 0; f < n; ++f) {
-    const int64_t b = f / T, t = f % T;
-    E* o = out + b * so.b + t * so.t;
-    if (mask[f]) {
-      for (int64_t q = 0; q < qb; ++q) apply_mask::fill_block<S>(o, so.d, D, q, fill, std, seed, b, t);
-    } else if (!inplace) {
-      const E* xi = x + b * sx.b + t * sx.t;
-      if (sx.d == 1 && so.d == 1) {
-        std::memcpy(o, xi, static_cast<size_t>(D) * sizeof(E));
-      } else {
-        for (int64_t d = 0; d < D; ++d) o[d * so.d] = xi[d * sx.d];
+#pragma omp parallel if (n * D > 65536)
+  {
+    std::vector<uint32_t> words(fill == nullptr ? 4 * qb : 0);
+#pragma omp for schedule(static, 16)
+    for (int64_t f = 0; f < n; ++f) {
+      const int64_t b = f / T, t = f % T;
+      E* o = out + b * so.b + t * so.t;
+      if (mask[f] && fill == nullptr) {  // the frame's Philox blocks in one bulk call
+        philox_range(static_cast<uint32_t>(t * qb), qb, static_cast<uint32_t>(b), apply_mask::kStreamMaskNoise, seed,
+                     words.data());
+        for (int64_t q = 0; q < qb; ++q) apply_mask::noise_block_store<S>(o, so.d, D, q, words.data() + 4 * q, std);
+      } else if (mask[f]) {
+        for (int64_t q = 0; q < qb; ++q) apply_mask::fill_block<S>(o, so.d, D, q, fill, std, seed, b, t);
+      } else if (!inplace) {
+        const E* xi = x + b * sx.b + t * sx.t;
+        if (sx.d == 1 && so.d == 1) {
+          std::memcpy(o, xi, static_cast<size_t>(D) * sizeof(E));
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d * so.d] = xi[d * sx.d];
+        }
       }
     }
   }
