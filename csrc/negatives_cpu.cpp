@@ -21,10 +21,10 @@ struct Positive {
   int64_t* out;    // its output row (K + Kc entries)
 };
 
-// out[j] = start + shifted_draw(w[j], n, own) for j in [0, count): the within-row draws of the
-// packed layout, the bulk of the work.
+// The within-row draws of the packed layout (negatives.h's packed_index with cross = 0, i.e.
+// start + shifted_draw(w[j], n, own)) for j in [0, count): the bulk of the work.
 void map_within(const uint32_t* w, int64_t count, int64_t n, int64_t own, int64_t start, int64_t* out) {
-  for (int64_t j = 0; j < count; ++j) out[j] = start + negatives::shifted_draw(w[j], n, own);
+  for (int64_t j = 0; j < count; ++j) out[j] = negatives::packed_index(start, n, 0, own, 0, w[j]);
 }
 
 #if SSLFAST_X86_SIMD
