@@ -1,0 +1,114 @@
+"""The ``compile`` tier, Triton half: every Triton kernel, at every launch configuration the
+ops choose for the shape classes of ``tests/compile_cases.py``, compiled for sm_80 and sm_90
+with no GPU (``tests/triton_stub.py``), and what each launch would demand checked against the
+target: it compiles, its shared memory fits the block opt-in limit, its grid fits, its
+registers fit a block of its threads, and it spills no more than its budget below.
+
+The compile runs in a child process (``tests/compile_worker.py``): this session runs Triton
+in the interpreter. ``SSLFAST_TRITON_PYTHON`` names another interpreter to run it with (CI
+uses it to compile again with the oldest supported Triton, in a second virtual environment).
+Compiled kernels land in Triton's cache (``TRITON_CACHE_DIR``, default ~/.triton/cache), so a
+second run compiles only what changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.compile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+triton = pytest.importorskip("triton", reason="compile tier: triton is not installed")
+import compile_cases  # noqa: E402
+import triton_stub  # noqa: E402
+
+# Bytes of stack (spill slots and local arrays) each kernel may use per thread. The aim is
+# none: a spill is a round trip to local memory (L1, then L2) inside the hot loop, and a
+# kernel that spills heavily also takes minutes in ptxas. A kernel listed here says why.
+SPILL_BUDGET: dict[str, int] = {}
+
+PYTHON = os.environ.get("SSLFAST_TRITON_PYTHON") or sys.executable
+TIMEOUT_S = 1500
+
+
+def _cuobjdump_reason():
+    try:
+        triton_stub._cuobjdump()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            reason = _cuobjdump_reason()
+            if reason:
+                pytest.skip(f"compile tier: {reason}")
+            out = tmp_path_factory.mktemp("compile") / f"{family}.json"
+            env = dict(os.environ)
+            env.pop("TRITON_INTERPRET", None)
+            env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+            proc = subprocess.run([PYTHON, os.path.join(HERE, "compile_worker.py"), family, str(out)], env=env,
+                                  capture_output=True, text=True, timeout=TIMEOUT_S)
+            assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            with open(out) as f:
+                cache[family] = json.load(f)
+        return cache[family]
+
+    return get
+
+
+def _problems(report):
+    """Every launch that would fail, or spill past its budget, on its target."""
+    bad = []
+    for e in report["errors"]:
+        bad.append(f"[sm_{e['arch']}] {e['label']}: {e['error']}")
+    for c in report["cases"]:
+        if c["launches"] == 0:
+            bad.append(f"[sm_{c['arch']}] {c['label']}: launched no Triton kernel (nothing was checked)")
+    for ln in report["launches"]:
+        lim = triton_stub.LIMITS[ln["arch"]]
+        where = f"[sm_{ln['arch']}] {ln['label']}: {ln['kernel']} (num_warps={ln['num_warps']})"
+        threads = 32 * ln["num_warps"]
+        if ln["shared"] > lim["max_shared"]:
+            bad.append(f"{where}: {ln['shared']} B of shared memory > {lim['max_shared']}")
+        if threads > lim["max_threads"]:
+            bad.append(f"{where}: {threads} threads per block > {lim['max_threads']}")
+        if ln["regs"] > lim["max_regs_per_thread"] or ln["regs"] * threads > lim["regs_per_sm"]:
+            bad.append(f"{where}: {ln['regs']} registers x {threads} threads do not fit {lim['regs_per_sm']}")
+        if any(g > m for g, m in zip(ln["grid"], triton_stub.GRID_LIMITS)):
+            bad.append(f"{where}: grid {ln['grid']} exceeds {triton_stub.GRID_LIMITS}")
+        budget = SPILL_BUDGET.get(ln["kernel"], 0)
+        if max(ln["stack"], ln["local"]) > budget:
+            bad.append(f"{where}: {ln['stack']} B stack / {ln['local']} B local per thread > budget {budget}")
+    return sorted(set(bad))
+
+
+@pytest.mark.parametrize("family", sorted(compile_cases.FAMILIES))
+def test_triton_kernels_compile_and_fit(family, reports):
+    report = reports(family)
+    assert set(report["archs"]) == set(triton_stub.ARCHS)
+    assert report["launches"], f"{family}: no launch was recorded"
+    problems = _problems(report)
+    assert not problems, f"{family} (triton {report['triton']}):\n" + "\n".join(problems[:60])
+
+
+def test_problems_catch_each_limit():
+    """The checks above can fail: one made-up launch per limit."""
+    ok = dict(label="x", kernel="k", arch=90, grid=(1, 1, 1), num_warps=4, shared=0, regs=32, stack=0, local=0)
+    base = dict(archs=[90], errors=[], cases=[dict(label="x", arch=90, launches=1)])
+    assert _problems(dict(base, launches=[ok])) == []
+    for change in (dict(shared=232449), dict(regs=256), dict(num_warps=8, regs=255), dict(grid=(1, 65536, 1)),
+                   dict(stack=8), dict(num_warps=64)):
+        assert _problems(dict(base, launches=[dict(ok, **change)])), change
+    assert _problems(dict(base, launches=[ok], cases=[dict(label="y", arch=90, launches=0)]))
