@@ -10,8 +10,8 @@
 //     negatives_one_pass_kernel<true>: the block scans its own row into a rank -> frame table
 //     in shared memory (4 T bytes, beyond 48 KB with the opt-in) and maps its within-row draws
 //     through it. The row limit is the device's opt-in maximum less the kernel's static shared
-//     memory (negatives_launch::hf_one_pass_max_t, csrc/sslfast/launch.h: 40912 frames on
-//     A100, 57296 on H100 with the ~3.3 KB of static tables).
+//     memory (negatives_launch::hf_one_pass_max_t, csrc/sslfast/launch.h: 40952 frames on
+//     A100, 57336 on H100 with the 3104 bytes of static tables ptxas reports).
 //   hf layout otherwise: TWO. Cross-sample draws map through other rows' tables:
 //     1. negatives_scan_kernel (one block): per-row candidate ranks, masked ranks and the
 //        candidate-position table (scan_row of csrc/negatives.h), then the row prefixes.

@@ -154,7 +154,7 @@ def sample_negatives(
     workspace: each program derives its output rows and candidate offsets from the masks
     itself. The hf layout is one launch without cross-sample negatives for rows of up to
     4096 frames (triton) or as long as the row's candidate table (4 bytes a frame) fits the
-    device's shared memory (cuda: 40912 frames on A100, 57296 on H100),
+    device's shared memory (cuda: 40952 frames on A100, 57336 on H100),
     and two launches otherwise (a scan, then the draws: a cross-sample draw maps through
     another row's table). None of them syncs with the host once the output's size is known
     (``num_masked`` above).
