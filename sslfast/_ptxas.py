@@ -73,32 +73,55 @@ def kernel_name(demangled: str) -> str:
 
 
 def parse(text: str, source: str) -> list[dict]:
-    """One dict per (kernel, arch) of ptxas ``--resource-usage`` output of ``source`` (a file
-    name): mangled name, kernel (see kernel_name), arch, registers, stack, spill_stores,
-    spill_loads, smem (static shared memory, bytes)."""
-    rows, cur = [], None
+    """One dict per (function, arch) of ptxas ``--resource-usage`` output of ``source`` (a
+    file name): file, mangled, kernel (see kernel_name), arch, entry (True for a kernel,
+    False for a device function ptxas kept as a call), registers (kernels), stack,
+    spill_stores, spill_loads, smem (static shared memory, bytes), cumulative_stack."""
+    rows, cur, props, arch = [], None, None, None
     for line in text.splitlines():
         m = _ENTRY.search(line)
         if m:
-            cur = {"file": source, "mangled": m.group(1), "arch": m.group(2), "registers": None, "stack": None,
-                   "spill_stores": None, "spill_loads": None, "smem": 0}
+            arch = m.group(2)
+            cur = _row(source, m.group(1), arch, True)
             rows.append(cur)
             continue
-        if cur is None:
+        m = re.search(r"ptxas info\s*: (?:Compiling|Function properties for) (\S+)", line)
+        if m and "Compiling" not in line:
+            props = m.group(1)
             continue
+        m = re.search(r"ptxas info\s*: Compiling for '(sm_\w+)'|for '(sm_\w+)'", line)
+        if m:
+            arch = m.group(1) or m.group(2)
         m = _PROPS.search(line)
         if m:
-            cur["stack"], cur["spill_stores"], cur["spill_loads"] = map(int, m.groups())
+            target = cur if cur is not None and props == cur["mangled"] else None
+            if target is None and props is not None:  # a called function's own frame
+                target = _row(source, props, arch, False)
+                rows.append(target)
+            if target is not None:
+                target["stack"], target["spill_stores"], target["spill_loads"] = map(int, m.groups())
+            props = None
             continue
         m = _USED.search(line)
-        if m:
+        if m and cur is not None:
             cur["registers"] = int(m.group(1))
             s = re.search(r"(\d+) bytes smem", m.group(2))
             cur["smem"] = int(s.group(1)) if s else 0
+            c = re.search(r"(\d+) bytes cumulative stack size", m.group(2))
+            cur["cumulative_stack"] = int(c.group(1)) if c else 0
             cur = None
+    nxt = None  # a function listed before any kernel belongs to the arch of the next one
+    for row in reversed(rows):
+        row["arch"] = row["arch"] or nxt
+        nxt = row["arch"]
     for row, name in zip(rows, demangle([r["mangled"] for r in rows])):
         row["kernel"] = kernel_name(name)
     return rows
+
+
+def _row(source, mangled, arch, entry):
+    return {"file": source, "mangled": mangled, "arch": arch, "entry": entry, "registers": None, "stack": 0,
+            "spill_stores": 0, "spill_loads": 0, "smem": 0, "cumulative_stack": 0}
 
 
 def include_dirs(csrc: str, cuda_include: str | None = None) -> list[str]:
@@ -122,7 +145,10 @@ def compile_report(nvcc: str, csrc: str, arch: str, jobs: int = 1) -> list[dict]
             proc = subprocess.run([nvcc, "-cubin", src, "-o", out, *flags], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"nvcc -cubin {src} failed:\n{proc.stdout}{proc.stderr}")
-            return parse(proc.stdout + proc.stderr, os.path.basename(src))
+            rows = parse(proc.stdout + proc.stderr, os.path.basename(src))
+            for r in rows:
+                r["arch"] = r["arch"] or f"sm_{arch}"
+            return rows
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             return [row for rows in pool.map(one, srcs) for row in rows]

@@ -88,7 +88,7 @@ def target(request):
 def _rows_of(rows, file, kernel):
     """The report rows of `kernel` in `file`: an exact name, or every instantiation of a
     template named without arguments."""
-    found = [r for r in rows if r["file"] == file and (r["kernel"] == kernel or
+    found = [r for r in rows if r["entry"] and r["file"] == file and (r["kernel"] == kernel or
                                                        ("<" not in kernel and r["kernel"].split("<")[0] == kernel))]
     assert found, f"{kernel} of {file} is not in ptxas's report"
     return found
@@ -118,9 +118,12 @@ def check_fits(limits, rows, fn, plan):
 def test_no_spills_and_no_local_memory(target):
     arch, _, rows = target
     assert rows, "empty report"
-    bad = [(r["file"], r["kernel"], r["stack"], r["spill_stores"], r["spill_loads"]) for r in rows
-           if r["stack"] or r["spill_stores"] or r["spill_loads"]]
-    assert not bad, f"sm_{arch}: kernels with a stack frame or spills (file, kernel, stack, stores, loads): {bad}"
+    # every kernel and every device function ptxas kept as a call: no stack frame (local
+    # memory), no spills, no cumulative stack through calls
+    bad = [(r["file"], r["kernel"], r["stack"], r["spill_stores"], r["spill_loads"], r["cumulative_stack"])
+           for r in rows if r["stack"] or r["spill_stores"] or r["spill_loads"] or r["cumulative_stack"]]
+    assert not bad, f"sm_{arch}: stack frames or spills (file, function, stack, stores, loads, cumulative): {bad}"
+    assert all(r["registers"] for r in rows if r["entry"])
 
 
 def test_every_kernel_has_a_launch_configuration(target, launch):
@@ -148,7 +151,7 @@ def test_every_kernel_has_a_launch_configuration(target, launch):
         for l in plan:
             for r in _rows_of(rows, FILE_OF[fn], l["kernel"]):
                 named.add((r["file"], r["kernel"]))
-    reported = {(r["file"], r["kernel"]) for r in rows}
+    reported = {(r["file"], r["kernel"]) for r in rows if r["entry"]}
     assert reported == named, f"kernels without a checked launch: {sorted(reported - named)}"
 
 
