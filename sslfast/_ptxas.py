@@ -22,6 +22,7 @@ import subprocess
 import sysconfig
 
 REPORT_NAME = "_C_cuda.ptxas.json"
+FORMAT = 2  # of the JSON; a report of another format is made again
 _ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '([^']+)' for '(sm_\w+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"ptxas info\s*: Used (\d+) registers(.*)")
@@ -156,7 +157,7 @@ def compile_report(nvcc: str, csrc: str, arch: str, jobs: int = 1) -> list[dict]
 
 def write(path: str, digest: str, archs: list[str], rows: list[dict]) -> None:
     with open(path, "w") as f:
-        json.dump({"sources_sha256": digest, "archs": sorted(archs), "kernels": rows}, f, indent=1)
+        json.dump({"format": FORMAT, "sources_sha256": digest, "archs": sorted(archs), "kernels": rows}, f, indent=1)
 
 
 def load(path: str) -> dict | None:
@@ -175,7 +176,8 @@ def report(csrc: str, arch: str, built: str | None, cache_dir: str, nvcc: str | 
     sm = f"sm_{arch}"
     for path in ([built] if built else []) + [os.path.join(cache_dir, f"{digest[:16]}-{sm}.json")]:
         data = load(path)
-        if data and data.get("sources_sha256") == digest and sm in {r["arch"] for r in data["kernels"]}:
+        if (data and data.get("format") == FORMAT and data.get("sources_sha256") == digest
+                and sm in {r["arch"] for r in data["kernels"]}):
             return [r for r in data["kernels"] if r["arch"] == sm]
     if not nvcc:
         raise RuntimeError(f"no ptxas report for {sm} of the current sources and no nvcc to make one")
