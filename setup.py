@@ -8,7 +8,7 @@ build needs only setuptools and pybind11 and the result works with any torch 2.x
 
 Objects are kept in a persistent build directory (build/ under the repository, not pip's
 temporary one), so a second ``pip install -e .`` recompiles only the sources that changed
-since (a header change recompiles every source). ``pip install -v`` shows each compile as
+since, and those including a changed header. ``pip install -v`` shows each compile as
 "[N/M] file". The CUDA build also keeps ptxas's resource report of every kernel and
 architecture in ``sslfast/_C_cuda.ptxas.json`` beside the module (sslfast/_ptxas.py; the
 compile test tier reads it).
@@ -154,20 +154,32 @@ def _parallel_compile(compiler, headers, force):
         macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
             output_dir, macros, include_dirs, sources, depends, extra_postargs)
         cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
-        todo = [obj for obj in objects if force or _newer(obj, [build[obj][0]] + headers + [__file__])]
+        todo = [obj for obj in objects if force or _newer(obj, [build[obj][0]] + _deps(obj, headers) + [__file__])]
         print(f"sslfast: {len(todo)} of {len(objects)} C++ source(s) to compile", flush=True)
         counter = itertools.count(1)
 
         def one(obj):
             src, ext = build[obj]
             _progress("c++", next(counter), len(todo), src)
-            compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+            # -MMD: the headers this source includes, for the next build's up-to-date check
+            compiler._compile(obj, src, ext, cc_args, extra_postargs + ["-MMD", "-MF", obj + ".d"], pp_opts)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=_build_jobs()) as pool:
             list(pool.map(one, todo))
         return objects
 
     compiler.compile = compile
+
+
+def _deps(obj, headers):
+    """The headers `obj` was compiled from (its -MMD file), or every header when unknown."""
+    try:
+        with open(obj + ".d") as f:
+            text = f.read().replace("\\\n", " ")
+    except OSError:
+        return headers
+    deps = text.split(":", 1)[1].split() if ":" in text else []
+    return [d if os.path.isabs(d) else os.path.join(HERE, d) for d in deps] or headers
 
 
 def _newer(target, deps):
@@ -230,8 +242,9 @@ class BuildExt(build_ext):
         for src in ext.sources:
             obj = os.path.join(obj_dir, os.path.basename(src) + ".o")
             objects.append(obj)
-            if self.force or _newer(obj, [src] + headers + [__file__]) or _newer(obj + ".ptxas.json", [obj]):
-                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "--resource-usage",
+            if self.force or _newer(obj, [src] + _deps(obj, headers) + [__file__]) or _newer(obj + ".ptxas.json", [obj]):
+                cmd = [nvcc, "-c", src, "-o", obj, "-MD", "-MF", obj + ".d", "-O3", "-std=c++17",
+                       "--expt-relaxed-constexpr", "--resource-usage",
                        "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", define, *gencode]
                 cmd += [f"-I{d}" for d in include_dirs]
                 jobs.append((src, obj, cmd))

@@ -31,15 +31,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline Launch make_launch(const char* kernel, int64_t gx, int64_t gy, int64_t gz, int64_t threads, int64_t dyn = 0,
                           bool opt_in = false) {
-  Launch l;
-  l.kernel = kernel;
-  l.grid_x = gx;
-  l.grid_y = gy;
-  l.grid_z = gz;
-  l.threads = threads;
-  l.dyn_smem = dyn;
-  l.opt_in = opt_in;
-  return l;
+  return Launch{kernel, gx, gy, gz, threads, dyn, opt_in};
 }
 
 // ---- random (random_cuda.cu)
