@@ -152,9 +152,9 @@ def guard_log(monkeypatch):
 def test_device_guard_enters_the_tensors_device_and_its_stream(guard_log, backend):
     # Tensors on cuda:1 (whatever device is current): the launch runs inside
     # torch.cuda.device(cuda:1) and the stream handle is cuda:1's current stream.
-    def impl(x, y=None):
+    def impl(x, y=None):  # an op's implementation: launches on the stream of its CUDA tensor
         guard_log.append(("launch", None))
-        return _ext.stream(x.device)
+        return _ext.stream((x if y is None else y).device)
 
     _dispatch.register(OP, backend)(impl)
     x = torch.Tensor._make_subclass(_OnCuda1, torch.zeros(2))
