@@ -22,7 +22,6 @@ namespace {
 
 using apply_mask::Strides;
 
-constexpr int kThreads = apply_mask_launch::kThreads;
 
 template <class S>
 __global__ void apply_mask_forward_kernel(const typename S::T* x, Strides sx, typename S::T* out, Strides so,
