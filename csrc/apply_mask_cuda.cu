@@ -22,7 +22,6 @@ namespace {
 
 using apply_mask::Strides;
 
-
 template <class S>
 __global__ void apply_mask_forward_kernel(const typename S::T* x, Strides sx, typename S::T* out, Strides so,
                                           const uint8_t* mask, const typename S::T* fill, int64_t T, int64_t D,
