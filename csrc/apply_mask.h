@@ -24,12 +24,14 @@ constexpr int64_t kGradChunk = 64;
 // One Box-Muller pair from a radius word and an angle word: (r cos a, r sin a).
 SSLFAST_HD void box_muller(uint32_t w_radius, uint32_t w_angle, float* c, float* s) {
   const float u = uint_to_open_uniform(w_radius, kOpenLo);
-  const float a = uint_to_uniform(w_angle) * kTwoPi;
   const float r = sqrtf(-2.0f * logf(u));
   float sn, cs;
 #if defined(__CUDA_ARCH__)
-  sincosf(a, &sn, &cs);
+  // sincospif of the angle in half turns: no large-argument reduction, whose local array
+  // gave the kernels a stack frame (sincosf cannot know the angle is below 2 pi)
+  sincospif(2.0f * uint_to_uniform(w_angle), &sn, &cs);
 #else
+  const float a = uint_to_uniform(w_angle) * kTwoPi;
   sn = std::sin(a);
   cs = std::cos(a);
 #endif
@@ -59,7 +61,12 @@ SSLFAST_HD void noise_block_store(typename S::T* row, int64_t stride, int64_t D,
   const int n = D - d0 < 4 ? static_cast<int>(D - d0) : 4;
   float z[4];
   normal4_from(w, z);
-  for (int k = 0; k < n; ++k) row[(d0 + k) * stride] = S::store(z[k] * std);
+  // a fixed trip count, unrolled: z stays in registers (a runtime bound put it on the stack)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < 4; ++k)
+    if (k < n) row[(d0 + k) * stride] = S::store(z[k] * std);
 }
 
 // Channels [4q, min(4q + 4, D)) of one masked frame: noise std * z (fill == nullptr) or the

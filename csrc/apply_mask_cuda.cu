@@ -13,6 +13,7 @@
 #include "apply_mask.h"
 #include "sslfast/bind.h"
 #include "sslfast/cuda_check.h"
+#include "sslfast/launch_cuda.h"
 
 namespace py = pybind11;
 
@@ -20,8 +21,6 @@ namespace sslfast {
 namespace {
 
 using apply_mask::Strides;
-
-constexpr int kThreads = 256;
 
 template <class S>
 __global__ void apply_mask_forward_kernel(const typename S::T* x, Strides sx, typename S::T* out, Strides so,
@@ -78,8 +77,8 @@ void forward_launch(std::uintptr_t x, Strides sx, std::uintptr_t out, Strides so
                     cudaStream_t stream) {
   using E = typename S::T;
   const int64_t work = B * T * ((D + 3) / 4);
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  apply_mask_forward_kernel<S><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  const Launch l = apply_mask_launch::forward(B, T, D)[0];
+  apply_mask_forward_kernel<S><<<grid_of(l), l.threads, l.dyn_smem, stream>>>(
       as_ptr<const E>(x), sx, as_ptr<E>(out), so, as_ptr<const uint8_t>(mask), as_ptr<const E>(fill), T, D, work, std,
       seed, x == out);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
@@ -90,13 +89,13 @@ void backward_launch(std::uintptr_t g, Strides sg, std::uintptr_t gx, std::uintp
                      int64_t D, std::uintptr_t partial, std::uintptr_t gfill, cudaStream_t stream) {
   using E = typename S::T;
   const int64_t n = B * T, chunks = (n + apply_mask::kGradChunk - 1) / apply_mask::kGradChunk;
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>((D + kThreads - 1) / kThreads));
-  apply_mask_backward_kernel<S><<<grid, kThreads, 0, stream>>>(as_ptr<const E>(g), sg, as_ptr<E>(gx),
+  const Launches plan = apply_mask_launch::backward(B, T, D, gfill != 0, apply_mask::kGradChunk);
+  apply_mask_backward_kernel<S><<<grid_of(plan[0]), plan[0].threads, plan[0].dyn_smem, stream>>>(as_ptr<const E>(g), sg, as_ptr<E>(gx),
                                                                as_ptr<const uint8_t>(mask), T, D, n,
                                                                as_ptr<float>(partial));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
-  if (gfill == 0) return;
-  apply_mask_sum_partials_kernel<<<static_cast<unsigned>((D + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  if (plan.size() < 2) return;
+  apply_mask_sum_partials_kernel<<<grid_of(plan[1]), plan[1].threads, plan[1].dyn_smem, stream>>>(
       as_ptr<const float>(partial), chunks, D, as_ptr<float>(gfill));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }

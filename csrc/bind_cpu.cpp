@@ -13,6 +13,8 @@ void bind_rp_quantize(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_gumbel_quantize(py::module_& m);
 void bind_apply_mask(py::module_& m);
+void bind_launch(py::module_& m);
+void bind_testing(py::module_& m);
 }  // namespace sslfast
 
 PYBIND11_MODULE(_C, m) {
@@ -31,4 +33,6 @@ PYBIND11_MODULE(_C, m) {
   sslfast::bind_contrastive(m);
   sslfast::bind_gumbel_quantize(m);
   sslfast::bind_apply_mask(m);
+  sslfast::bind_launch(m);
+  sslfast::bind_testing(m);
 }

@@ -14,6 +14,7 @@
 #include "contrastive.h"
 #include "sslfast/bind.h"
 #include "sslfast/cuda_check.h"
+#include "sslfast/launch_cuda.h"
 
 namespace py = pybind11;
 
@@ -21,8 +22,8 @@ namespace sslfast {
 namespace contrastive {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 4;
+constexpr int kWarp = contrastive_launch::kWarp;
+constexpr int kWarpsPerBlock = contrastive_launch::kWarpsPerBlock;
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -184,8 +185,6 @@ __global__ void segments_kernel(const typename S::T* __restrict__ x, const typen
   }
 }
 
-unsigned grid_for(int64_t rows) { return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
-
 void forward_cuda(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int neg_itype, std::uintptr_t pos,
                   int pos_itype, std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t correct, int64_t N, int64_t M,
                   int64_t D, int64_t K, int dtype, double temperature, int neg_mode, int precision,
@@ -194,7 +193,8 @@ void forward_cuda(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int ne
   by_dtype(dtype, [&](auto s) {
     using S = decltype(s);
     const Args<S> a = make_args<S>(x, y, neg, neg_itype, pos, pos_itype, N, M, D, K, temperature, neg_mode, precision);
-    forward_kernel<S><<<grid_for(N), kWarp * kWarpsPerBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+    const Launch l = contrastive_launch::forward(N);
+    forward_kernel<S><<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream)>>>(
         a, as_ptr<float>(loss), as_ptr<float>(lse), as_ptr<bool>(correct));
   });
   SSLFAST_CUDA_CHECK(cudaGetLastError());
@@ -209,7 +209,8 @@ void backward_rows_cuda(std::uintptr_t grad_rows, std::uintptr_t x, std::uintptr
   by_dtype(dtype, [&](auto s) {
     using S = decltype(s);
     const Args<S> a = make_args<S>(x, y, neg, neg_itype, pos, pos_itype, N, M, D, K, temperature, neg_mode, precision);
-    backward_rows_kernel<S><<<grid_for(N), kWarp * kWarpsPerBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+    const Launch l = contrastive_launch::backward_rows(N);
+    backward_rows_kernel<S><<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream)>>>(
         a, as_ptr<const float>(grad_rows), as_ptr<const float>(lse), as_ptr<typename S::T>(grad_x),
         as_ptr<float>(alpha), beta ? as_ptr<float>(beta) : nullptr, gy_acc ? as_ptr<float>(gy_acc) : nullptr);
   });
@@ -223,7 +224,8 @@ void backward_segments_cuda(std::uintptr_t x, std::uintptr_t y, std::uintptr_t a
   by_dtype(dtype, [&](auto s) {
     using S = decltype(s);
     using T = typename S::T;
-    segments_kernel<S><<<grid_for(M), kWarp * kWarpsPerBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+    const Launch l = contrastive_launch::segments(M);
+    segments_kernel<S><<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream)>>>(
         as_ptr<const T>(x), as_ptr<const T>(y), as_ptr<const float>(alpha), as_ptr<const float>(beta),
         as_ptr<const int64_t>(order), as_ptr<const int64_t>(offsets), M, D, K + 1, as_ptr<T>(grad_y));
   });

@@ -34,7 +34,7 @@ SSLFAST_HD float gumbel_from_word(uint32_t w) {
 SSLFAST_HD float gumbel_at(uint64_t seed, int64_t row, int64_t pos) {
   const Philox4 r = philox4x32_10(static_cast<uint32_t>(pos >> 2), static_cast<uint32_t>(row), kStreamGumbel, 0u,
                                   seed);
-  return gumbel_from_word(r.w[pos & 3]);
+  return gumbel_from_word(philox_word(r, pos & 3));
 }
 
 // Running (max, first argmax) of a row: a later equal value never replaces the first.

@@ -30,14 +30,15 @@
 #include "gumbel_quantize.h"
 #include "sslfast/bind.h"
 #include "sslfast/cuda_check.h"
+#include "sslfast/launch_cuda.h"
 
 namespace py = pybind11;
 
 namespace sslfast {
 namespace {
 
-constexpr int kChunk = 32;
-constexpr int kForwardWarps = 8;
+using gumbel_launch::kChunk;
+using gumbel_launch::kForwardWarps;
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -223,7 +224,7 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
   for (int64_t v = lane; v < V; v += 32) store_float(grad_logits, base + v, ldtype, acc[v]);
 }
 
-constexpr int kCodebookThreads = 128;
+using gumbel_launch::kCodebookThreads;
 
 __global__ void backward_codebook_kernel(const void* grad_q, int gdtype, const int64_t* codes, int64_t N, int64_t G,
                                          int64_t V, int64_t D, void* grad_cb, int cdtype) {
@@ -258,12 +259,10 @@ __global__ void backward_codebook_kernel(const void* grad_q, int gdtype, const i
   if (k < D) store_float(grad_cb, j * D + k, cdtype, acc);
 }
 
-constexpr int kSoftThreads = 256;
-constexpr int64_t kSoftRows = 16;        // frames per soft_forward_kernel block (fewer for large V)
-constexpr int64_t kSoftMaxSmem = 8192;   // floats of probabilities per soft_forward_kernel block
-constexpr int kSoftCbRows = 32;          // frames per step of soft_codebook_kernel
-constexpr int kSoftCbVars = kSoftThreads / 32;  // codewords per soft_codebook_kernel block
-constexpr int kSoftCbDims = 128;         // dims per soft_codebook_kernel block, 4 per lane
+using gumbel_launch::kSoftThreads;
+using gumbel_launch::kSoftCbRows;  // frames per step of soft_codebook_kernel
+using gumbel_launch::kSoftCbVars;  // codewords per soft_codebook_kernel block
+using gumbel_launch::kSoftCbDims;  // dims per soft_codebook_kernel block, 4 per lane
 
 __global__ void soft_forward_kernel(const void* logits, int ldtype, const void* codebook, int cdtype, int64_t N,
                                     int64_t G, int64_t V, int64_t D, int64_t rows, float tau, uint64_t seed,
@@ -353,7 +352,7 @@ __global__ void reduce_chunks_kernel(const float* partial, int64_t n_chunks, int
   store_float(out, j, dtype, acc);
 }
 
-int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+int64_t num_chunks(int64_t n) { return gumbel_launch::num_chunks(n); }
 
 // Floats of the soft backward's workspace: (N, G, 2) row statistics, then the chunk partials.
 int64_t soft_workspace(int64_t N, int64_t G, int64_t V, int64_t D) {
@@ -364,30 +363,28 @@ void forward_cuda(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p
                   int64_t V, int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t mask_p,
                   std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t partial_p, std::uintptr_t sums_p,
                   std::uintptr_t stream_h) {
-  if (N == 0) return;
-  if (G > 65535) throw std::invalid_argument("sslfast gumbel_quantize (cuda): groups must be <= 65535");
+  const Launches plan = gumbel_launch::forward(N, G, V, training, hard);
+  if (plan.empty()) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_h);
   const bool soft = training && !hard;
   const int64_t chunks = num_chunks(N);
-  forward_kernel<<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(G)), kForwardWarps * 32, 0, stream>>>(
+  const Launch& fw = plan[0];
+  forward_kernel<<<grid_of(fw), fw.threads, fw.dyn_smem, stream>>>(
       as_ptr<const void>(logits_p), ldtype, as_ptr<const char>(codebook_p), cdtype == 0 ? 4 : 2, N, G, V, D,
       training, !soft, seed, as_ptr<const uint8_t>(mask_p), as_ptr<char>(quant_p), as_ptr<int64_t>(codes_p),
       as_ptr<float>(partial_p));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
   if (soft) {
-    const int64_t rows = V * kSoftRows <= kSoftMaxSmem ? kSoftRows : (kSoftMaxSmem / V > 0 ? kSoftMaxSmem / V : 1);
-    const size_t smem = static_cast<size_t>(rows * V) * sizeof(float);
-    if (smem > 48 * 1024)
-      throw std::invalid_argument("sslfast gumbel_quantize (cuda): hard=False needs num_vars <= 12288, got " +
-                                  std::to_string(V));
-    soft_forward_kernel<<<dim3(static_cast<unsigned>((N + rows - 1) / rows), static_cast<unsigned>(G)), kSoftThreads,
-                          smem, stream>>>(as_ptr<const void>(logits_p), ldtype, as_ptr<const void>(codebook_p), cdtype,
-                                          N, G, V, D, rows, static_cast<float>(tau), seed, as_ptr<void>(quant_p));
+    const Launch& sf = plan[1];
+    soft_forward_kernel<<<grid_of(sf), sf.threads, sf.dyn_smem, stream>>>(
+        as_ptr<const void>(logits_p), ldtype, as_ptr<const void>(codebook_p), cdtype, N, G, V, D,
+        gumbel_launch::soft_rows(V), static_cast<float>(tau), seed, as_ptr<void>(quant_p));
     SSLFAST_CUDA_CHECK(cudaGetLastError());
   }
   const int64_t width = 2 * G * V;
-  reduce_partials_kernel<<<static_cast<unsigned>((width + 255) / 256), 256, 0, stream>>>(
-      as_ptr<const float>(partial_p), chunks, width, as_ptr<float>(sums_p));
+  const Launch& red = plan.back();
+  reduce_partials_kernel<<<grid_of(red), red.threads, red.dyn_smem, stream>>>(as_ptr<const float>(partial_p), chunks,
+                                                                            width, as_ptr<float>(sums_p));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -401,38 +398,33 @@ void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p,
   if (soft && workspace_p == 0)
     throw std::invalid_argument("sslfast gumbel_quantize (cuda): hard=False needs the soft workspace");
   float* stats = soft ? as_ptr<float>(workspace_p) : nullptr;
-  const size_t per_warp = static_cast<size_t>(2 * V + D) * sizeof(float);
-  const size_t limit = 48 * 1024;  // no opt-in to larger dynamic shared memory
-  if (per_warp > limit)
-    throw std::invalid_argument("sslfast gumbel_quantize (cuda): 2*num_vars + dim must be <= 12288 (shared memory), got " +
-                                std::to_string(2 * V + D));
-  const int warps = per_warp * 4 <= limit ? 4 : 1;
-  const int64_t rows = N * G;
-  backward_logits_kernel<<<static_cast<unsigned>((rows + warps - 1) / warps), warps * 32, per_warp * warps, stream>>>(
+  const int64_t n_chunks = gq::soft_num_chunks(N, kSoftCbRows);
+  const Launches plan = gumbel_launch::backward(N, G, V, D, training, hard, n_chunks,
+                                                static_smem(backward_logits_kernel), smem_optin());
+  const Launch& bl = plan[0];
+  prepare(backward_logits_kernel, bl);
+  backward_logits_kernel<<<grid_of(bl), bl.threads, bl.dyn_smem, stream>>>(
       as_ptr<const void>(grad_q_p), gdtype, as_ptr<const void>(logits_p), ldtype, as_ptr<const float>(cbt_p),
       as_ptr<const uint8_t>(mask_p), as_ptr<const float>(w_p), N, G, V, D, training, static_cast<float>(tau), seed,
       as_ptr<void>(grad_logits_p), stats);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
   if (soft) {
     const int64_t chunk_rows = gq::soft_chunk_rows(N, kSoftCbRows);
-    const int64_t n_chunks = gq::soft_num_chunks(N, kSoftCbRows);
     float* partial = stats + N * G * 2;
-    const int64_t v_tiles = (V + kSoftCbVars - 1) / kSoftCbVars;
-    if (G * v_tiles > 65535) throw std::invalid_argument("sslfast gumbel_quantize (cuda): groups * num_vars too large");
-    soft_codebook_kernel<<<dim3(static_cast<unsigned>(n_chunks), static_cast<unsigned>(G * v_tiles),
-                                static_cast<unsigned>((D + kSoftCbDims - 1) / kSoftCbDims)),
-                           kSoftThreads, 0, stream>>>(as_ptr<const void>(grad_q_p), gdtype, as_ptr<const void>(logits_p),
-                                                      ldtype, stats, N, G, V, D, chunk_rows, static_cast<float>(tau),
-                                                      seed, partial);
+    const Launch& sc = plan[1];
+    soft_codebook_kernel<<<grid_of(sc), sc.threads, sc.dyn_smem, stream>>>(
+        as_ptr<const void>(grad_q_p), gdtype, as_ptr<const void>(logits_p), ldtype, stats, N, G, V, D, chunk_rows,
+        static_cast<float>(tau), seed, partial);
     SSLFAST_CUDA_CHECK(cudaGetLastError());
     const int64_t width = G * V * D;
-    reduce_chunks_kernel<<<static_cast<unsigned>((width + 255) / 256), 256, 0, stream>>>(
-        partial, n_chunks, width, as_ptr<void>(grad_cb_p), cdtype);
+    const Launch& rc = plan[2];
+    reduce_chunks_kernel<<<grid_of(rc), rc.threads, rc.dyn_smem, stream>>>(partial, n_chunks, width,
+                                                                         as_ptr<void>(grad_cb_p), cdtype);
     SSLFAST_CUDA_CHECK(cudaGetLastError());
     return;
   }
-  const unsigned d_blocks = static_cast<unsigned>((D + kCodebookThreads - 1) / kCodebookThreads);
-  backward_codebook_kernel<<<dim3(static_cast<unsigned>(G * V), d_blocks), kCodebookThreads, 0, stream>>>(
+  const Launch& bc = plan[1];
+  backward_codebook_kernel<<<grid_of(bc), bc.threads, bc.dyn_smem, stream>>>(
       as_ptr<const void>(grad_q_p), gdtype, as_ptr<const int64_t>(codes_p), N, G, V, D, as_ptr<void>(grad_cb_p),
       cdtype);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
@@ -441,6 +433,9 @@ void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p,
 }  // namespace
 
 void bind_gumbel_quantize(py::module_& m) {
+  // Largest 2 * num_vars + dim the backward takes on the current device.
+  m.def("gumbel_quantize_backward_max_floats",
+        [] { return gumbel_launch::backward_max_floats(static_smem(backward_logits_kernel), smem_optin()); });
   m.def("gumbel_quantize_num_chunks", &num_chunks, py::arg("n"));
   m.def("gumbel_quantize_soft_workspace", &soft_workspace, py::arg("n"), py::arg("groups"), py::arg("num_vars"),
         py::arg("dim"));

@@ -16,16 +16,17 @@
 #include "info_nce.h"
 #include "sslfast/bind.h"
 #include "sslfast/cuda_check.h"
+#include "sslfast/launch_cuda.h"
 
 namespace py = pybind11;
 
 namespace sslfast {
 namespace {
 
-constexpr int BM = 64;        // rows of a block (and of a tile of the other side)
-constexpr int BK = 16;        // feature slice staged in shared memory
-constexpr int DV = 128;       // gradient features per program
-constexpr int THREADS = 256;  // 16 x 16 threads, 4 x 4 scores each
+using info_nce_launch::BM;       // rows of a block (and of a tile of the other side)
+using info_nce_launch::BK;       // feature slice staged in shared memory
+using info_nce_launch::DV;       // gradient features per program
+using info_nce_launch::THREADS;  // 16 x 16 threads, 4 x 4 scores each
 
 struct TileSmem {
   // +4: the loads write a column of 16 consecutive k per row; with rows 64 floats apart
@@ -157,8 +158,8 @@ void info_nce_forward_cuda(std::uintptr_t a, std::uintptr_t b, int dtype, int64_
                            std::uintptr_t scale, int64_t pos_shift, int64_t pos_mod, bool exclude_self,
                            std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t stream) {
   if (M == 0) return;
-  const unsigned blocks = static_cast<unsigned>((M + BM - 1) / BM);
-  info_nce_forward_kernel<<<blocks, THREADS, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  const Launch l = info_nce_launch::forward(M)[0];
+  info_nce_forward_kernel<<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream)>>>(
       as_ptr<const void>(a), as_ptr<const void>(b), dtype, M, C, D, as_ptr<const float>(scale), pos_shift, pos_mod,
       exclude_self, as_ptr<float>(loss), as_ptr<float>(lse));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
@@ -170,7 +171,8 @@ void info_nce_backward_cuda(std::uintptr_t a, std::uintptr_t b, int dtype, int64
                             std::uintptr_t db, std::uintptr_t stream) {
   if (M == 0) return;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const unsigned d_blocks = static_cast<unsigned>((D + DV - 1) / DV);
+  const Launches plan = info_nce_launch::backward(M, n_grad_cols, D);  // one per pass with rows
+  size_t next = 0;
   struct Pass {
     std::uintptr_t x, y, dx;
     int64_t n_x, n_y;
@@ -179,8 +181,8 @@ void info_nce_backward_cuda(std::uintptr_t a, std::uintptr_t b, int dtype, int64
   const Pass passes[2] = {{a, b, da, M, C, false}, {b, a, db, n_grad_cols, M, true}};
   for (const Pass& p : passes) {
     if (p.n_x == 0) continue;
-    const dim3 grid(static_cast<unsigned>((p.n_x + BM - 1) / BM), d_blocks);
-    info_nce_backward_kernel<<<grid, THREADS, 0, s>>>(
+    const Launch& l = plan[next++];
+    info_nce_backward_kernel<<<grid_of(l), l.threads, l.dyn_smem, s>>>(
         as_ptr<const void>(p.x), as_ptr<const void>(p.y), dtype, p.n_x, p.n_y, D, as_ptr<const float>(scale),
         as_ptr<const float>(lse), as_ptr<const float>(grad), pos_shift, pos_mod, exclude_self, p.col_side,
         as_ptr<float>(p.dx));

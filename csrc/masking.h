@@ -39,12 +39,27 @@ struct Params {
 // Word c % 4 of philox(c / 4, row, stream): draw number c of a row's stream.
 SSLFAST_HD uint32_t word_at(uint64_t seed, int64_t row, int64_t c, uint32_t stream) {
   const Philox4 r = philox4x32_10(static_cast<uint32_t>(c >> 2), static_cast<uint32_t>(row), stream, 0u, seed);
-  return r.w[c & 3];
+  return philox_word(r, c & 3);
+}
+
+// Sort key of position `pos` with Philox word `w`: smaller keys are picked first, positions
+// break ties in the word.
+SSLFAST_HD uint64_t key_of(uint32_t w, int64_t pos) {
+  return (static_cast<uint64_t>(w) << kPosBits) | static_cast<uint64_t>(pos);
 }
 
 // Sort key of position `pos` for "the k smallest keys" selections: (word, position).
 SSLFAST_HD uint64_t rank_key(uint64_t seed, int64_t row, int64_t pos, uint32_t stream) {
-  return (static_cast<uint64_t>(word_at(seed, row, pos, stream)) << kPosBits) | static_cast<uint64_t>(pos);
+  return key_of(word_at(seed, row, pos, stream), pos);
+}
+
+// Rank of keys[i] among keys[0, n) (keys distinct; ~0 entries, the CUDA kernel's "not a
+// candidate", rank last): the CUDA kernels select "the k smallest" by counting.
+SSLFAST_HD int64_t rank_in(const uint64_t* keys, int64_t n, int64_t i) {
+  const uint64_t k = keys[i];
+  int64_t r = 0;
+  for (int64_t j = 0; j < n; ++j) r += keys[j] < k ? 1 : 0;
+  return r;
 }
 
 // Step 1: the row's span count (probabilistic rounding in fp64, then min_masks and HF's caps).
@@ -72,6 +87,20 @@ SSLFAST_HD int64_t span_length(const Params& p, int64_t b, int64_t i) {
 
 // fairseq: if every span has length 0, span 0 gets min(L, sz - 1).
 SSLFAST_HD int64_t zero_length_fix(const Params& p, int64_t sz) { return p.L < sz - 1 ? p.L : sz - 1; }
+
+// Step 2 for a whole row of n > 0 spans: lens[0, n) (span_length, then zero_length_fix when
+// every span has length 0); returns the shortest.
+SSLFAST_HD int64_t span_lengths(const Params& p, int64_t b, int64_t sz, int64_t n, int64_t* lens) {
+  bool all_zero = true;
+  for (int64_t i = 0; i < n; ++i) {
+    lens[i] = span_length(p, b, i);
+    all_zero = all_zero && lens[i] == 0;
+  }
+  if (n > 0 && all_zero) lens[0] = zero_length_fix(p, sz);
+  int64_t min_len = INT64_MAX;
+  for (int64_t i = 0; i < n; ++i) min_len = lens[i] < min_len ? lens[i] : min_len;
+  return min_len;
+}
 
 // Step 3: the number R of candidate starts [0, R) given the shortest span `min_len`.
 SSLFAST_HD int64_t start_range(const Params& p, int64_t sz, int64_t n, int64_t min_len) {
@@ -156,6 +185,95 @@ SSLFAST_HD void sort_desc(int64_t* a, int64_t n) {
     }
     a[j + 1] = v;
   }
+}
+
+// ---- The CUDA kernels' phases (masking_cuda.cu), one block per row: each phase is what one
+// thread `tid` of `nt` does between two barriers, so the host can run a block by calling a
+// phase for every tid in turn (sslfast._C._testing runs them against the reference).
+
+constexpr uint64_t kFar = ~uint64_t(0);  // "not a candidate" key: ranks last
+
+// What thread 0 of mask_rows_kernel decides for row b of length sz: the span count n, the
+// span lengths lens[0, n), and the range R of candidate starts, or, with no_overlap, the
+// painted row (R = 0). `scratch` holds 2 (n + 1) intervals.
+struct RowPlan {
+  int64_t n, R, sz;
+};
+
+SSLFAST_HD RowPlan row_plan(const Params& p, int64_t b, int64_t sz, int64_t* lens, int64_t* scratch, uint8_t* row) {
+  const int64_t n = span_count(p, b, sz);
+  const int64_t min_len = span_lengths(p, b, sz, n, lens);
+  RowPlan plan{n, n > 0 ? start_range(p, sz, n, min_len) : 0, sz};
+  if (p.no_overlap) {  // sequential by nature (fairseq's interval list): one thread per row
+    sort_desc(lens, n);
+    no_overlap_row(p, b, sz, n, lens, min_len, scratch, scratch + n + 1, row);
+    plan.R = 0;
+  }
+  return plan;
+}
+
+// keys[s] = rank_key of every candidate start s < R of this thread.
+SSLFAST_HD void row_keys(const Params& p, int64_t b, int64_t R, uint64_t* keys, int64_t tid, int64_t nt) {
+  for (int64_t s = tid; s < R; s += nt) keys[s] = rank_key(p.seed, b, s, kStreamStart);
+}
+
+// Paints the span of every start of this thread whose key ranks among the n smallest (span
+// i of the i-th smallest key); overlapping spans write the same byte.
+SSLFAST_HD void row_paint(const RowPlan& plan, const uint64_t* keys, const int64_t* lens, uint8_t* row, int64_t tid,
+                          int64_t nt) {
+  for (int64_t s = tid; s < plan.R; s += nt) {
+    const int64_t r = rank_in(keys, plan.R, s);
+    if (r < plan.n) {
+      const int64_t e = s + lens[r] < plan.sz ? s + lens[r] : plan.sz;
+      for (int64_t t = s; t < e; ++t) row[t] = 1;
+    }
+  }
+}
+
+// Clears the padded frames of this thread (pad_row may be null) and returns how many of its
+// frames stay masked.
+SSLFAST_HD int64_t row_unpad_count(uint8_t* row, const uint8_t* pad_row, int64_t T, int64_t tid, int64_t nt) {
+  int64_t c = 0;
+  for (int64_t t = tid; t < T; t += nt) {
+    if (pad_row && pad_row[t]) row[t] = 0;
+    c += row[t];
+  }
+  return c;
+}
+
+// Smallest of the B row counts (thread 0 of mask_equalize_kernel).
+SSLFAST_HD int64_t min_count(const int64_t* counts, int64_t B) {
+  int64_t m = counts[0];
+  for (int64_t i = 1; i < B; ++i) m = counts[i] < m ? counts[i] : m;
+  return m;
+}
+
+// keep_smallest, phase 1: the keys of this thread's masked frames (kFar elsewhere).
+SSLFAST_HD void keep_keys(const Params& p, int64_t b, const uint8_t* row, uint64_t* keys, uint32_t stream, int64_t tid,
+                          int64_t nt) {
+  for (int64_t t = tid; t < p.T; t += nt) keys[t] = row[t] ? rank_key(p.seed, b, t, stream) : kFar;
+}
+
+// keep_smallest, phase 2: unmask this thread's frames whose key is not among the `keep` smallest.
+SSLFAST_HD void keep_drop(const Params& p, const uint64_t* keys, int64_t keep, uint8_t* row, int64_t tid, int64_t nt) {
+  for (int64_t t = tid; t < p.T; t += nt)
+    if (keys[t] != kFar && rank_in(keys, p.T, t) >= keep) row[t] = 0;
+}
+
+// The `keep` values of mask_equalize_kernel for a row of `count` masked frames given the
+// batch minimum: the equalise step (require_same_masks; -1: none), then mask_dropout's (-1: none).
+struct KeepPlan {
+  int64_t equalize, dropout;
+};
+
+SSLFAST_HD KeepPlan keep_plan(const Params& p, int64_t count, int64_t batch_min) {
+  KeepPlan k{-1, -1};
+  if (p.require_same && count > batch_min) {
+    k.equalize = batch_min;
+    count = batch_min;
+  }
+  if (p.dropout > 0.0) k.dropout = dropout_keep(p, count);
+  return k;
 }
 
 }  // namespace masking

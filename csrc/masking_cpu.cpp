@@ -28,11 +28,7 @@ void row_words(uint64_t seed, int64_t b, uint32_t stream, int64_t n, std::vector
   philox_range(0u, blocks, static_cast<uint32_t>(b), stream, seed, words.data());
 }
 
-// The sort key of position pos with Philox word w: smaller keys are picked first; positions
-// break ties in the word.
-inline uint64_t key_of(uint32_t w, int64_t pos) {
-  return (static_cast<uint64_t>(w) << masking::kPosBits) | static_cast<uint64_t>(pos);
-}
+using masking::key_of;
 
 // Writes to out the keys of the live positions in [first, n) whose word is below `thr`
 // (below = true) or at least `thr` (below = false); returns how many. live == nullptr: all
@@ -120,16 +116,9 @@ void mask_row(const Params& p, int64_t b, int64_t sz, uint8_t* out, std::vector<
   const int64_t n = masking::span_count(p, b, sz);
   if (n <= 0) return;
   lens.resize(n);
-  int64_t min_len = INT64_MAX;
-  bool all_zero = true;
-  for (int64_t i = 0; i < n; ++i) {
-    lens[i] = masking::span_length(p, b, i);
-    all_zero = all_zero && lens[i] == 0;
-  }
-  if (all_zero) lens[0] = masking::zero_length_fix(p, sz);
-  for (int64_t i = 0; i < n; ++i) min_len = std::min(min_len, lens[i]);
+  const int64_t min_len = masking::span_lengths(p, b, sz, n, lens.data());
   if (p.no_overlap) {
-    std::sort(lens.begin(), lens.end(), [](int64_t a, int64_t c) { return a > c; });
+    masking::sort_desc(lens.data(), n);  // the CUDA kernel's sort (n is a few dozen)
     std::vector<int64_t> parts(2 * (n + 1));
     masking::no_overlap_row(p, b, sz, n, lens.data(), min_len, parts.data(), parts.data() + n + 1, out);
     return;

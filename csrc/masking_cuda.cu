@@ -10,6 +10,7 @@
 #include "masking.h"
 #include "sslfast/bind.h"
 #include "sslfast/cuda_check.h"
+#include "sslfast/launch_cuda.h"
 
 namespace py = pybind11;
 
@@ -17,80 +18,41 @@ namespace sslfast {
 namespace {
 
 using masking::Params;
-constexpr int kThreads = 256;
-constexpr uint64_t kFar = ~uint64_t(0);
 
-// Rank of keys[i] among keys[0, n) (keys distinct, kFar entries rank last).
-__device__ int64_t rank_in(const uint64_t* keys, int64_t n, int64_t i) {
-  const uint64_t k = keys[i];
-  int64_t r = 0;
-  for (int64_t j = 0; j < n; ++j) r += keys[j] < k ? 1 : 0;
-  return r;
-}
-
+// One block per row; the phases are csrc/masking.h's, separated by barriers.
 __global__ void mask_rows_kernel(Params p, const int64_t* lengths, const uint8_t* pad, int64_t n_cap, int64_t r_cap,
                                  int64_t* lens_ws, uint64_t* keys_ws, int64_t* counts, uint8_t* out) {
   const int64_t b = blockIdx.x;
   const int64_t T = p.T;
+  const int64_t tid = threadIdx.x, nt = blockDim.x;
   uint8_t* row = out + b * T;
   int64_t* lens = lens_ws + b * n_cap;
   uint64_t* keys = keys_ws + b * r_cap;
-  __shared__ int64_t s_n, s_R, s_sz;
+  __shared__ masking::RowPlan s_plan;
   __shared__ unsigned long long s_count;
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) row[t] = 0;
+  for (int64_t t = tid; t < T; t += nt) row[t] = 0;
   __syncthreads();  // no_overlap paints the row from thread 0 below
-  if (threadIdx.x == 0) {
-    const int64_t sz = lengths[b];
-    const int64_t n = masking::span_count(p, b, sz);
-    int64_t min_len = INT64_MAX;
-    bool all_zero = true;
-    for (int64_t i = 0; i < n; ++i) {
-      lens[i] = masking::span_length(p, b, i);
-      all_zero = all_zero && lens[i] == 0;
-    }
-    if (n > 0 && all_zero) lens[0] = masking::zero_length_fix(p, sz);
-    for (int64_t i = 0; i < n; ++i) min_len = lens[i] < min_len ? lens[i] : min_len;
-    s_n = n;
-    s_sz = sz;
-    s_R = n > 0 ? masking::start_range(p, sz, n, min_len) : 0;
-    if (p.no_overlap) {  // sequential by nature (fairseq's interval list): one thread per row
-      masking::sort_desc(lens, n);
-      int64_t* parts = reinterpret_cast<int64_t*>(keys);
-      masking::no_overlap_row(p, b, sz, n, lens, min_len, parts, parts + n + 1, row);
-      s_R = 0;
-    }
+  if (tid == 0) {
+    s_plan = masking::row_plan(p, b, lengths[b], lens, reinterpret_cast<int64_t*>(keys), row);
     s_count = 0;
   }
   __syncthreads();
-  const int64_t n = s_n, R = s_R, sz = s_sz;
-  for (int64_t s = threadIdx.x; s < R; s += blockDim.x) keys[s] = masking::rank_key(p.seed, b, s, masking::kStreamStart);
+  const masking::RowPlan plan = s_plan;
+  masking::row_keys(p, b, plan.R, keys, tid, nt);
   __syncthreads();
-  for (int64_t s = threadIdx.x; s < R; s += blockDim.x) {
-    const int64_t r = rank_in(keys, R, s);
-    if (r < n) {
-      const int64_t e = s + lens[r] < sz ? s + lens[r] : sz;
-      for (int64_t t = s; t < e; ++t) row[t] = 1;  // overlapping spans write the same byte
-    }
-  }
+  masking::row_paint(plan, keys, lens, row, tid, nt);
   __syncthreads();
-  unsigned long long c = 0;
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-    if (pad && pad[b * T + t]) row[t] = 0;
-    c += row[t];
-  }
-  atomicAdd(&s_count, c);
+  atomicAdd(&s_count, static_cast<unsigned long long>(masking::row_unpad_count(row, pad ? pad + b * T : nullptr, T, tid, nt)));
   __syncthreads();
-  if (threadIdx.x == 0) counts[b] = static_cast<int64_t>(s_count);
+  if (tid == 0) counts[b] = static_cast<int64_t>(s_count);
 }
 
 // Keep the `keep` masked frames of the row with the smallest keys of `stream`.
 __device__ void keep_smallest(const Params& p, int64_t b, uint8_t* row, uint64_t* keys, int64_t keep,
                               uint32_t stream) {
-  for (int64_t t = threadIdx.x; t < p.T; t += blockDim.x)
-    keys[t] = row[t] ? masking::rank_key(p.seed, b, t, stream) : kFar;
+  masking::keep_keys(p, b, row, keys, stream, threadIdx.x, blockDim.x);
   __syncthreads();
-  for (int64_t t = threadIdx.x; t < p.T; t += blockDim.x)
-    if (keys[t] != kFar && rank_in(keys, p.T, t) >= keep) row[t] = 0;
+  masking::keep_drop(p, keys, keep, row, threadIdx.x, blockDim.x);
   __syncthreads();
 }
 
@@ -99,18 +61,11 @@ __global__ void mask_equalize_kernel(Params p, const int64_t* counts, int64_t r_
   uint8_t* row = out + b * p.T;
   uint64_t* keys = keys_ws + b * r_cap;
   __shared__ int64_t s_min;
-  if (threadIdx.x == 0) {
-    int64_t m = counts[0];
-    for (int64_t i = 1; i < p.B; ++i) m = counts[i] < m ? counts[i] : m;
-    s_min = m;
-  }
+  if (threadIdx.x == 0) s_min = masking::min_count(counts, p.B);
   __syncthreads();
-  int64_t c = counts[b];
-  if (p.require_same && c > s_min) {
-    keep_smallest(p, b, row, keys, s_min, masking::kStreamEqualize);
-    c = s_min;
-  }
-  if (p.dropout > 0.0) keep_smallest(p, b, row, keys, masking::dropout_keep(p, c), masking::kStreamDropout);
+  const masking::KeepPlan k = masking::keep_plan(p, counts[b], s_min);
+  if (k.equalize >= 0) keep_smallest(p, b, row, keys, k.equalize, masking::kStreamEqualize);
+  if (k.dropout >= 0) keep_smallest(p, b, row, keys, k.dropout, masking::kStreamDropout);
 }
 
 void compute_mask_indices_cuda(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr, int64_t B, int64_t T,
@@ -122,12 +77,13 @@ void compute_mask_indices_cuda(std::uintptr_t lengths_ptr, std::uintptr_t pad_pt
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const Params p{B, T, mask_prob, L, vmin, as_ptr<const int64_t>(thr_ptr), n_thr, min_masks, require_same,
                  dropout, hf, seed, no_overlap, min_space};
-  mask_rows_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+  const Launches plan = masking_launch::plan(B, T, hf, require_same, dropout);
+  mask_rows_kernel<<<grid_of(plan[0]), plan[0].threads, plan[0].dyn_smem, stream>>>(
       p, as_ptr<const int64_t>(lengths_ptr), as_ptr<const uint8_t>(pad_ptr), n_cap, r_cap, as_ptr<int64_t>(lens_ws),
       as_ptr<uint64_t>(keys_ws), as_ptr<int64_t>(counts_ws), as_ptr<uint8_t>(out_ptr));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
-  if (hf || (!require_same && dropout <= 0.0)) return;
-  mask_equalize_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+  if (plan.size() < 2) return;
+  mask_equalize_kernel<<<grid_of(plan[1]), plan[1].threads, plan[1].dyn_smem, stream>>>(
       p, as_ptr<const int64_t>(counts_ws), r_cap, as_ptr<uint64_t>(keys_ws), as_ptr<uint8_t>(out_ptr));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }

@@ -4,6 +4,7 @@
 
 #include "sslfast/bind.h"
 #include "sslfast/cuda_check.h"
+#include "sslfast/launch_cuda.h"
 #include "sslfast/philox.h"
 
 namespace py = pybind11;
@@ -22,9 +23,8 @@ __global__ void philox_fill_kernel(int64_t* out, int64_t n, int64_t c0_start, in
 static void philox_fill_cuda(std::uintptr_t out_ptr, int64_t n, int64_t c0_start, int64_t row, int64_t stream,
                              uint64_t seed, std::uintptr_t stream_handle) {
   if (n == 0) return;
-  const int threads = 256;
-  const int64_t blocks = (n + threads - 1) / threads;
-  philox_fill_kernel<<<static_cast<unsigned>(blocks), threads, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
+  const Launch l = random_launch::philox_fill(n);
+  philox_fill_kernel<<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
       as_ptr<int64_t>(out_ptr), n, c0_start, row, stream, seed);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }

@@ -20,6 +20,7 @@
 #include "rp_quantize.h"
 #include "sslfast/bind.h"
 #include "sslfast/cuda_check.h"
+#include "sslfast/launch_cuda.h"
 
 namespace py = pybind11;
 
@@ -27,8 +28,7 @@ namespace sslfast {
 namespace rpq {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int64_t kMaxSmemFloats = 12288;  // 48 KB of static-limit shared memory
+constexpr int kWarp = rp_quantize_launch::kWarp;
 constexpr int64_t kNoIndex = INT64_MAX;
 
 
@@ -119,15 +119,10 @@ void rp_quantize_cuda(std::uintptr_t x, int x_dtype, int64_t B, int64_t T, int64
                       std::uintptr_t cb, int cb_dtype, int64_t H, int64_t V, int64_t d, bool layernorm, int metric,
                       std::uintptr_t mask, std::uintptr_t out, std::uintptr_t stream) {
   const Problem p = make_problem(x, x_dtype, B, T, F, k, proj, cb, cb_dtype, H, V, d, layernorm, metric, mask, out);
-  if (p.smem_per_warp > kMaxSmemFloats) {
-    throw std::invalid_argument("sslfast rp_quantize (cuda): F*k + H*d must be <= 12288");
-  }
-  if (p.rows == 0) return;
-  const int warps = p.smem_per_warp * 4 <= kMaxSmemFloats ? 4 : 1;
-  const int64_t blocks = (p.rows + warps - 1) / warps;
-  if (blocks > 2147483647LL) throw std::invalid_argument("sslfast rp_quantize (cuda): too many rows for one launch");
-  const size_t smem = static_cast<size_t>(warps * p.smem_per_warp) * sizeof(float);
-  rp_quantize_kernel<<<static_cast<unsigned>(blocks), warps * kWarp, smem, reinterpret_cast<cudaStream_t>(stream)>>>(p);
+  const Launches plan = rp_quantize_launch::plan(p.rows, p.smem_per_warp);
+  if (plan.empty()) return;
+  const Launch& l = plan[0];
+  rp_quantize_kernel<<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream)>>>(p);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -6,6 +6,11 @@ available or a ``BackendUnavailableError`` says what is missing and how to get i
 ``backend=None`` takes ``SSLFAST_BACKEND`` if set, else the first available backend of the
 device's preference order (CUDA tensors: cuda, triton, reference; CPU tensors: cpu,
 reference; Triton runs on CPU tensors only when asked for, under ``TRITON_INTERPRET=1``).
+
+Every cuda and triton implementation runs under a device guard (``get`` below): the CUDA
+device of its first CUDA tensor argument is made current for the call, so the CUDA kernels
+launch in that device's context on that device's current stream (``_ext.stream``) and Triton
+compiles and launches for that device, whichever device the caller had current.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from . import _ext
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_GPU_BACKENDS = ("triton", "cuda")  # launched under the tensors' device guard
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 _ORDER: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -34,7 +41,7 @@ def register(op: str, backend: str):
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def deco(fn):
-        _REGISTRY.setdefault(op, {})[backend] = fn
+        _REGISTRY.setdefault(op, {})[backend] = _device_guarded(fn) if backend in _GPU_BACKENDS else fn
         return fn
 
     return deco
@@ -51,6 +58,32 @@ def registered_ops() -> list[str]:
 
 def implemented_backends(op: str) -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
+
+
+def launch_device(args, kwargs=None) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor among ``args`` and ``kwargs`` values (looking
+    one level into lists and tuples), None when there is none (CPU tensors, the interpreter)."""
+    for a in (*args, *(kwargs or {}).values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                return t.device
+    return None
+
+
+def _device_guarded(fn: Callable) -> Callable:
+    """``fn`` run with the device of its CUDA tensors current (``torch.cuda.device``): the
+    one device guard of every cuda and triton launch."""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        device = launch_device(args, kwargs)
+        if device is None:
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    guarded.unguarded = fn
+    return guarded
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +157,8 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
 
 def get(op: str, backend: str) -> Callable:
     """The registered implementation of ``op`` on ``backend`` (no availability check: the
-    public function resolved it already; custom ops call this with the resolved name)."""
+    public function resolved it already; custom ops call this with the resolved name). For
+    the cuda and triton backends it runs under the device guard of its tensors."""
     try:
         return _REGISTRY[op][backend]
     except KeyError:

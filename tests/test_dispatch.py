@@ -111,3 +111,72 @@ def test_validation_messages_name_the_argument():
     a, b = torch.zeros(1), torch.zeros(1, device="meta")
     with pytest.raises(ValueError, match="one device"):
         _validation.check_same_device(a=a, b=b)
+
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (the device guard reads only ``.device``)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+@pytest.fixture
+def guard_log(monkeypatch):
+    """Replaces torch.cuda.device and torch.cuda.current_stream by recorders: the list gets
+    ("enter", device), ("stream", device) and ("exit", device) in call order."""
+    import contextlib
+    import types
+
+    log = []
+
+    @contextlib.contextmanager
+    def device(d):
+        log.append(("enter", torch.device(d)))
+        try:
+            yield
+        finally:
+            log.append(("exit", torch.device(d)))
+
+    def current_stream(d=None):
+        log.append(("stream", None if d is None else torch.device(d)))
+        return types.SimpleNamespace(cuda_stream=4242)
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    return log
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_device_guard_enters_the_tensors_device_and_its_stream(guard_log, backend):
+    # Tensors on cuda:1 (whatever device is current): the launch runs inside
+    # torch.cuda.device(cuda:1) and the stream handle is cuda:1's current stream.
+    def impl(x, y=None):  # an op's implementation: launches on the stream of its CUDA tensor
+        guard_log.append(("launch", None))
+        return _ext.stream((x if y is None else y).device)
+
+    _dispatch.register(OP, backend)(impl)
+    x = torch.Tensor._make_subclass(_OnCuda1, torch.zeros(2))
+    assert _dispatch.get(OP, backend)(torch.zeros(1), y=x) == 4242  # found among kwargs too
+    cuda1 = torch.device("cuda", 1)
+    assert guard_log == [("enter", cuda1), ("launch", None), ("stream", cuda1), ("exit", cuda1)]
+    # CPU tensors (the Triton interpreter) launch with no guard
+    guard_log.clear()
+    _dispatch.get(OP, backend)(torch.zeros(1))
+    assert guard_log == [("launch", None), ("stream", torch.device("cpu"))]
+
+
+@pytest.mark.cpu
+def test_every_gpu_implementation_is_guarded():
+    # Every cuda and triton implementation the ops register goes through the one guard;
+    # reference and cpu ones are left as they are.
+    import sslfast  # noqa: F401  (registers every op)
+
+    seen = 0
+    for op in _dispatch.registered_ops():
+        for backend, fn in _dispatch._REGISTRY[op].items():
+            guarded = hasattr(fn, "unguarded")
+            assert guarded == (backend in ("cuda", "triton")), (op, backend)
+            seen += guarded
+    assert seen >= 10

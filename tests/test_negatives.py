@@ -316,14 +316,14 @@ def test_triton_num_masked_hint(triton_device):
 @pytest.mark.parametrize("layout,Kc", [("packed", 10), ("packed", 0), ("hf", 10), ("hf", 0)])
 @pytest.mark.parametrize("fmo", [True, False])
 @pytest.mark.parametrize("B,T", [(16, 781), (64, 781), (3, 13000)])
-def test_gpu_bit_identical_to_cpu(backend, layout, Kc, fmo, B, T):
+def test_gpu_bit_identical_to_reference(backend, layout, Kc, fmo, B, T):
     # (64, 781): wav2vec 2.0 base, many blocks re-reading the batch; (3, 13000): rows past
     # the cuda hf one-pass limit (two launches there).
     if backend not in _dispatch.implemented_backends("sample_negatives"):
         pytest.skip(f"sample_negatives has no {backend} backend in this build")
     mask, pad = _batch(B, T, p=0.49, pad_frac=0.3, seed=1)
     kw = dict(cross_sample_negatives=Kc, padding_mask=pad, from_masked_only=fmo, layout=layout, seed=31337)
-    ref = sslfast.sample_negatives(mask, 100, backend="cpu", **kw)
+    ref = sslfast.sample_negatives(mask, 100, backend="reference", **kw)  # not the C++ backend (shared header)
     kw["padding_mask"] = pad.cuda()
     out = sslfast.sample_negatives(mask.cuda(), 100, backend=backend, **kw)
     assert torch.equal(out.cpu(), ref)
@@ -343,7 +343,7 @@ def test_gpu_unaligned_and_odd_masks(backend):
     for mask, p in ((big[1:], pad[1:]), (big[:, 3:], pad[:, 3:]), (big[:, :1], None)):
         for layout, Kc in (("packed", 7), ("hf", 0), ("hf", 7)):
             kw = dict(cross_sample_negatives=Kc, from_masked_only=False, layout=layout, seed=9)
-            ref = sslfast.sample_negatives(mask, 11, padding_mask=p, backend="cpu", **kw)
+            ref = sslfast.sample_negatives(mask, 11, padding_mask=p, backend="reference", **kw)
             pd = None if p is None else p.cuda()
             out = sslfast.sample_negatives(mask.cuda(), 11, padding_mask=pd, backend=backend, **kw)
             assert torch.equal(out.cpu(), ref)
@@ -379,7 +379,7 @@ def test_gpu_cuda_graph_capture(backend, layout, Kc):
     graph.replay()
     torch.cuda.synchronize()
     del kw["num_masked"], kw["backend"]
-    assert torch.equal(out.cpu(), sslfast.sample_negatives(mask.cpu(), 20, backend="cpu", **kw))
+    assert torch.equal(out.cpu(), sslfast.sample_negatives(mask.cpu(), 20, backend="reference", **kw))
 
 
 @pytest.mark.gpu

@@ -45,6 +45,12 @@ SSLFAST_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
   return Philox4{{c0, c1, c2, c3}};
 }
 
+// Word k (0..3) of r. Selects instead of indexing: a runtime index into r.w would put r in
+// local memory (a stack frame) in CUDA kernels.
+SSLFAST_HD uint32_t philox_word(const Philox4& r, int64_t k) {
+  return k == 0 ? r.w[0] : (k == 1 ? r.w[1] : (k == 2 ? r.w[2] : r.w[3]));
+}
+
 // A 32-bit word to a float in [0, 1), the way Triton's tl.rand does it: reinterpret as
 // int32, complement negatives, scale by 4.6566127342e-10. The result can be exactly 0.
 SSLFAST_HD float uint_to_uniform(uint32_t x) {

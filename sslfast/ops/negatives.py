@@ -61,13 +61,14 @@ def _output(mask, K, Kc, layout, num_masked):
 @_dispatch.register(_OP, "cuda")
 def _cuda(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-1):
     # One launch and no workspace for the packed layout, and for the hf layout without
-    # cross-sample negatives up to the module's row limit; two launches and workspaces for
-    # the rest of the hf layout (csrc/negatives_cuda.cu says why).
+    # cross-sample negatives up to the device's row limit (the row's table in shared memory);
+    # two launches and workspaces for the rest of the hf layout (csrc/negatives_cuda.cu says
+    # why). The device guard of _dispatch makes mask's device the one the limit is read on.
     B, T = mask.shape
     mod = _ext.cuda_module()
     out, n_rows = _output(mask, K, Kc, layout, num_masked)
     ws32 = ws64 = None
-    if layout == "hf" and (Kc > 0 or T > mod.negatives_hf_one_pass_max_t):
+    if layout == "hf" and (Kc > 0 or T > mod.negatives_hf_one_pass_max_t()):
         ws32 = torch.empty(3 * B * T, dtype=torch.int32, device=mask.device)
         ws64 = torch.empty(4 * B + 1, dtype=torch.int64, device=mask.device)
     mod.sample_negatives(
@@ -152,7 +153,8 @@ def sample_negatives(
     On a GPU (triton and cuda backends) the packed layout is one kernel launch, with no
     workspace: each program derives its output rows and candidate offsets from the masks
     itself. The hf layout is one launch without cross-sample negatives for rows of up to
-    4096 frames (triton) or 12288 frames (cuda; the row's candidate table in shared memory),
+    4096 frames (triton) or as long as the row's candidate table (4 bytes a frame) fits the
+    device's shared memory (cuda: 40952 frames on A100, 57336 on H100),
     and two launches otherwise (a scan, then the draws: a cross-sample draw maps through
     another row's table). None of them syncs with the host once the output's size is known
     (``num_masked`` above).
