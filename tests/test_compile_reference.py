@@ -75,6 +75,7 @@ def test_reference_random_ops_compile_fullgraph_in_bounded_time(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _CHILD, *OPS], capture_output=True, text=True, env=env,
                           timeout=COMPILE_BOUND_S * len(OPS))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    print(proc.stdout)  # per-op compile seconds (pytest -rA shows them)
     seconds = dict(line.split() for line in proc.stdout.splitlines())
     assert set(seconds) == set(OPS)
     for name, s in seconds.items():

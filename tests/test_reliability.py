@@ -282,3 +282,60 @@ def test_wav2vec2_loss_no_sync_on_gpu(backend, convention):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item()
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+
+def _pool_team():
+    from sslfast import _ext
+
+    return _ext.cpu_module()._last_parallel_threads()  # (used, asked for)
+
+
+@pytest.mark.cpu
+@cpu_built
+def test_cpu_threads_follow_torch_set_num_threads_and_threshold():
+    mask = sslfast.compute_mask_indices((16, 781), None, 0.65, 10, seed=0, backend="cpu")
+    before = torch.get_num_threads()
+    try:
+        outs = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs[n] = sslfast.sample_negatives(mask, 100, layout="hf", seed=1, backend="cpu")
+            used, asked = _pool_team()
+            assert asked == n  # 16 rows, 640k draws: above the threshold, one thread per torch thread
+            assert 1 <= used <= asked  # fewer only when the pool backs off under contention
+        assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[3])  # same bits on any team
+        torch.set_num_threads(2)
+        small = sslfast.compute_mask_indices((2, 50), None, 0.65, 10, seed=0, backend="cpu")
+        sslfast.sample_negatives(small, 10, seed=1, backend="cpu")
+        assert _pool_team() == (1, 1)  # below the work threshold: the calling thread alone
+        big = sslfast.compute_mask_indices((64, 8192), None, 0.65, 10, seed=0, backend="cpu")
+        assert _pool_team()[1] == 2
+        torch.set_num_threads(1)
+        assert torch.equal(sslfast.compute_mask_indices((64, 8192), None, 0.65, 10, seed=0, backend="cpu"), big)
+        assert _pool_team() == (1, 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.cpu
+@cpu_built
+def test_cpu_pool_works_in_a_forked_child():
+    # data-loader workers fork the process after the pool's threads exist
+    import os
+
+    mask = sslfast.compute_mask_indices((16, 781), None, 0.65, 10, seed=0, backend="cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = sslfast.sample_negatives(mask, 100, layout="hf", seed=1, backend="cpu")  # starts the pool
+        pid = os.fork()
+        if pid == 0:  # child: same result, on a fresh pool, then exit without running pytest's teardown
+            ok = torch.equal(sslfast.sample_negatives(mask, 100, layout="hf", seed=1, backend="cpu"), want)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        torch.set_num_threads(before)
