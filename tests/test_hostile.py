@@ -21,8 +21,17 @@ from sslfast import _dispatch  # noqa: E402
 CPU = pytest.param("cpu", marks=pytest.mark.cpu)
 TRITON = pytest.param("triton", marks=pytest.mark.interpreter)
 SIZES = st.sampled_from([0, 1, 2, 3, 7, 13])  # 0, 1, primes
-FEW = settings(max_examples=15)
-FEWER = settings(max_examples=6)  # the Triton interpreter runs one program per Python call
+
+
+def hostile(max_examples):
+    """A property test over st.data(), once per backend (cpu, and triton under the interpreter)."""
+    def deco(fn):
+        fn = settings(max_examples=max_examples)(given(data=st.data())(fn))
+        return pytest.mark.parametrize("backend", [CPU, TRITON])(fn)
+    return deco
+
+
+FEW, FEWER = 15, 6  # examples per backend; the Triton interpreter runs one program per Python call
 
 
 def _available(op, backend):
@@ -78,9 +87,7 @@ def _layout_variant(t, how):
 # ----------------------------------------------------------------------------- samplers
 
 
-@pytest.mark.parametrize("backend", [CPU, TRITON])
-@given(data=st.data())
-@FEW
+@hostile(FEW)
 def test_sample_negatives_hostile(backend, data):
     _available("sample_negatives", backend)
     B, T = data.draw(SIZES), data.draw(SIZES)
@@ -112,9 +119,7 @@ def test_sample_negatives_hostile(backend, data):
         assert (got[~mask] == -1).all()
 
 
-@pytest.mark.parametrize("backend", [CPU, TRITON])
-@given(data=st.data())
-@FEW
+@hostile(FEW)
 def test_compute_mask_indices_hostile(backend, data):
     _available("compute_mask_indices", backend)
     B, T = data.draw(SIZES), data.draw(st.sampled_from([0, 1, 2, 7, 13, 31]))
@@ -142,9 +147,7 @@ def test_compute_mask_indices_hostile(backend, data):
 # ----------------------------------------------------------------------------- apply_mask
 
 
-@pytest.mark.parametrize("backend", [CPU, TRITON])
-@given(data=st.data())
-@FEWER
+@hostile(FEWER)
 def test_apply_mask_hostile(backend, data):
     _available("apply_mask", backend)
     B, T, D = data.draw(SIZES), data.draw(SIZES), data.draw(st.sampled_from([1, 3, 7]))
@@ -181,9 +184,7 @@ def _rows(data, n, d, kind, scale):
     return x
 
 
-@pytest.mark.parametrize("backend", [CPU, TRITON])
-@given(data=st.data())
-@FEWER
+@hostile(FEWER)
 def test_contrastive_loss_hostile(backend, data):
     _available("contrastive_loss", backend)
     N, M, D = data.draw(SIZES), data.draw(st.sampled_from([1, 2, 7, 13])), data.draw(st.sampled_from([1, 3, 17]))
@@ -213,9 +214,7 @@ def test_contrastive_loss_hostile(backend, data):
             sslfast.contrastive_loss(x, y, neg + M, backend=backend)  # one past the end
 
 
-@pytest.mark.parametrize("backend", [CPU, TRITON])
-@given(data=st.data())
-@FEWER
+@hostile(FEWER)
 def test_info_nce_hostile(backend, data):
     _available("info_nce", backend)
     N, D = data.draw(SIZES), data.draw(st.sampled_from([1, 3, 17]))
@@ -237,9 +236,7 @@ def test_info_nce_hostile(backend, data):
 # ----------------------------------------------------------------------------- quantizers
 
 
-@pytest.mark.parametrize("backend", [CPU, TRITON])
-@given(data=st.data())
-@FEWER
+@hostile(FEWER)
 def test_gumbel_vector_quantize_hostile(backend, data):
     _available("gumbel_vector_quantize", backend)
     N, G, V, d = data.draw(SIZES), data.draw(st.sampled_from([1, 2])), data.draw(st.sampled_from([1, 2, 7])), 3
@@ -265,9 +262,7 @@ def test_gumbel_vector_quantize_hostile(backend, data):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * G)  # fp32 sums of N*G*V terms
 
 
-@pytest.mark.parametrize("backend", [CPU, TRITON])
-@given(data=st.data())
-@FEWER
+@hostile(FEWER)
 def test_nearest_codeword_hostile(backend, data):
     _available("nearest_codeword", backend)
     # small integers: every score is exact in fp32, so the labels (ties to the lowest index)
