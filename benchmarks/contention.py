@@ -4,7 +4,9 @@
 
 Starts ``--busy`` processes that spin (each stops by itself after ``--max-seconds``, and all
 are terminated at the end), then times each case with ``torch.set_num_threads(n)`` for every
-n in ``--threads``, the thread counts interleaved call by call so that both see the same load.
+n in ``--threads``, in blocks of ``--block`` calls per thread count, the blocks interleaved so
+that every count sees the same load (call-by-call interleaving measured the scheduler: a call
+right after another thread count's call starts on a fresh time slice or on none).
 Prints median and p20-p80 per case and thread count, and the ratio of the slowest
 multi-thread median to the one-thread median (the claim: at most noise above 1).
 Cases: sample_negatives (B=16, T=781, K=100, hf layout; the data-loader shape of issue 12)
@@ -44,6 +46,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--busy", type=int, default=3)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--block", type=int, default=20)
     ap.add_argument("--max-seconds", type=float, default=120.0, help="the busy processes stop by then at the latest")
     args = ap.parse_args(argv)
 
@@ -61,12 +64,13 @@ def main(argv=None) -> dict:
             for n in args.threads:  # warm-up
                 torch.set_num_threads(n)
                 fn()
-            for _ in range(args.reps):
+            for _ in range(max(1, args.reps // args.block)):
                 for n in args.threads:
                     torch.set_num_threads(n)
-                    t0 = time.perf_counter()
-                    fn()
-                    times[n].append(time.perf_counter() - t0)
+                    for _ in range(args.block):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[n].append(time.perf_counter() - t0)
             results[name] = times
     finally:
         torch.set_num_threads(before)
