@@ -14,6 +14,7 @@
 #include "apply_mask.h"
 #include "sslfast/bind.h"
 #include "sslfast/philox_cpu.h"
+#include "sslfast/parallel.h"
 
 namespace py = pybind11;
 
@@ -27,7 +28,7 @@ void forward_cpu(const typename S::T* x, Strides sx, typename S::T* out, Strides
                  const typename S::T* fill, int64_t B, int64_t T, int64_t D, float std, uint64_t seed, bool inplace) {
   using E = typename S::T;
   const int64_t n = B * T, qb = (D + 3) / 4;
-#pragma omp parallel if (n * D > 65536)
+#pragma omp parallel if (parallel::use_threads(n * D, parallel::kMinApplyMaskElements))
   {
     std::vector<uint32_t> words(fill == nullptr ? 4 * qb : 0);
 #pragma omp for schedule(static, 16)
@@ -57,7 +58,7 @@ void backward_cpu(const typename S::T* g, Strides sg, typename S::T* gx, const u
                   int64_t D, float* partial, float* gfill) {
   using E = typename S::T;
   const int64_t n = B * T, chunks = (n + apply_mask::kGradChunk - 1) / apply_mask::kGradChunk;
-#pragma omp parallel for schedule(static) if (n * D > 65536)
+#pragma omp parallel for schedule(static) if (parallel::use_threads(n * D, parallel::kMinApplyMaskElements))
   for (int64_t c = 0; c < chunks; ++c) {
     float* acc = partial ? partial + c * D : nullptr;
     if (acc) std::memset(acc, 0, static_cast<size_t>(D) * sizeof(float));
@@ -80,7 +81,7 @@ void backward_cpu(const typename S::T* g, Strides sg, typename S::T* gx, const u
     }
   }
   if (!gfill) return;
-#pragma omp parallel for schedule(static) if (chunks * D > 65536)
+#pragma omp parallel for schedule(static) if (parallel::use_threads(chunks * D, parallel::kMinApplyMaskElements))
   for (int64_t d = 0; d < D; ++d) {
     float s = 0.0f;
     for (int64_t c = 0; c < chunks; ++c) s += partial[c * D + d];

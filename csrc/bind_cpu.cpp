@@ -1,6 +1,8 @@
 // The CPU extension module sslfast._C: one bind_<family> per op family (csrc/<family>_cpu.cpp).
 #include <pybind11/pybind11.h>
 
+#include "sslfast/parallel.h"
+
 namespace py = pybind11;
 
 namespace sslfast {
@@ -24,6 +26,11 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("openmp") = false;
 #endif
+  m.def("_last_parallel_threads", [] {
+    auto& pool = sslfast::parallel::Pool::get();
+    return py::make_tuple(pool.last_threads(), pool.last_requested());
+  }, "(team size used, team size asked for) of the last call through sslfast/parallel.h's pool (tests).");
+  m.def("_max_threads", &sslfast::parallel::max_threads, "The thread count the kernels may use.");
   sslfast::bind_random(m);
   sslfast::bind_dtype(m);
   sslfast::bind_negatives(m);

@@ -19,6 +19,7 @@
 
 #include "contrastive.h"
 #include "sslfast/bind.h"
+#include "sslfast/parallel.h"
 
 namespace py = pybind11;
 
@@ -232,7 +233,7 @@ bool use_avx2() {
 template <class S>
 void y_sq_norms(const Args<S>& a, float* ysq) {
   const bool v = use_avx2();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel::use_threads(a.M * a.D, parallel::kMinContrastiveMacs))
   for (int64_t j = 0; j < a.M; ++j)
     ysq[j] = v ? sq_norm_avx2<S>(a.y + j * a.D, a.D) : sq_norm_base<S>(a.y + j * a.D, a.D);
 }
@@ -241,7 +242,7 @@ template <class S>
 void forward_impl(const Args<S>& a, float* ysq, float* loss, float* lse, bool* correct) {
   y_sq_norms<S>(a, ysq);
   const bool v = use_avx2();
-#pragma omp parallel
+#pragma omp parallel if (parallel::use_threads(a.N * (a.K + 1) * a.D, parallel::kMinContrastiveMacs))
   {
     std::vector<float> xf(static_cast<size_t>(a.D));
     // Dynamic chunks: on a shared machine a descheduled thread's rows get taken by the others
@@ -261,7 +262,7 @@ void backward_rows_impl(const Args<S>& a, float* ysq, const float* grad_rows, co
                         typename S::T* grad_x, float* alpha, float* beta) {
   y_sq_norms<S>(a, ysq);
   const bool v = use_avx2();
-#pragma omp parallel
+#pragma omp parallel if (parallel::use_threads(a.N * (a.K + 1) * a.D, parallel::kMinContrastiveMacs))
   {
     std::vector<float> xf(static_cast<size_t>(a.D)), gx(static_cast<size_t>(a.D));
 #pragma omp for schedule(dynamic, 16)
@@ -279,7 +280,7 @@ void segments_impl(const typename S::T* x, const typename S::T* y, const float* 
                    const int64_t* order, const int64_t* offsets, int64_t M, int64_t D, int64_t K1,
                    typename S::T* grad_y) {
   const bool v = use_avx2();
-#pragma omp parallel
+#pragma omp parallel if (parallel::use_threads(M * K1 * D, parallel::kMinContrastiveMacs))
   {
     std::vector<float> acc(static_cast<size_t>(D));
     // Targets differ in how many candidates point at them: balance dynamically.

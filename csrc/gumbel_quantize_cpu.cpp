@@ -23,6 +23,7 @@
 #include "gumbel_quantize.h"
 #include "sslfast/bind.h"
 #include "sslfast/cpu_isa.h"
+#include "sslfast/parallel.h"
 
 namespace py = pybind11;
 
@@ -178,7 +179,7 @@ void forward_cpu(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p,
   const int64_t n_blocks = (N + kFrameBlock - 1) / kFrameBlock;
   std::vector<float> partial(static_cast<size_t>(n_blocks) * 2 * GV, 0.0f);
 
-#pragma omp parallel
+#pragma omp parallel if (parallel::use_threads(N * G * (V + D), parallel::kMinGumbelElements))
   {
     std::vector<float> l(V), noise(V);
     std::vector<float> soft_tile(soft ? static_cast<size_t>(kGradTile * G * V) : 0);
@@ -301,7 +302,7 @@ void backward_cpu(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, 
   const int64_t n_chunks = (N + chunk_rows - 1) / chunk_rows;
   std::vector<float> partial(soft_cb ? static_cast<size_t>(n_chunks * GV * D) : 0, 0.0f);
 
-#pragma omp parallel
+#pragma omp parallel if (parallel::use_threads(N * G * (V + D), parallel::kMinGumbelElements))
   {
     std::vector<float> l(V), y(V), p(V), grad(V), acc(D), a_buf(kGradTile * V), gq_tile(kGradTile * D),
         s_tile(soft_cb ? static_cast<size_t>(kGradTile * V) : 0);

@@ -17,6 +17,7 @@
 
 #include "info_nce.h"
 #include "sslfast/bind.h"
+#include "sslfast/parallel.h"
 
 namespace py = pybind11;
 
@@ -132,7 +133,7 @@ struct Problem {
 
 void forward(const Problem& p, float* loss, float* lse) {
   const int64_t n_blocks = (p.a.n + TILE - 1) / TILE;
-#pragma omp parallel
+#pragma omp parallel if (parallel::use_threads(p.a.n * p.b.n * p.Dp, parallel::kMinInfoNceMacs))
   {
     std::vector<float> s(TILE * TILE);
 #pragma omp for schedule(dynamic)
@@ -172,7 +173,7 @@ void backward_pass(const Problem& p, bool col_side, int64_t n_x, const float* ls
   const Side& Y = col_side ? p.a : p.b;
   const int64_t n_y = Y.n;
   const int64_t n_blocks = (n_x + TILE - 1) / TILE;
-#pragma omp parallel
+#pragma omp parallel if (parallel::use_threads(n_x * n_y * D, parallel::kMinInfoNceMacs))
   {
     std::vector<float> s(TILE * TILE), acc(TILE * p.Dp);
 #pragma omp for schedule(dynamic)

@@ -12,6 +12,7 @@
 #include "masking.h"
 #include "sslfast/bind.h"
 #include "sslfast/cpu_isa.h"
+#include "sslfast/parallel.h"
 #include "sslfast/philox_cpu.h"
 
 namespace py = pybind11;
@@ -162,15 +163,19 @@ void compute_mask_indices_cpu(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
   uint8_t* out = as_ptr<uint8_t>(out_ptr);
   std::vector<int64_t> counts(B);
-#pragma omp parallel if (B * T > 262144)
-  {
+  // Rows in parallel above the threshold (sslfast/parallel.h), scratch per worker.
+  const int threads = parallel::threads_for(B * T, parallel::kMinMaskFrames, B);
+  struct Scratch {
     std::vector<int64_t> lens;
     std::vector<uint32_t> words;
     std::vector<uint64_t> sel;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+  };
+  std::vector<Scratch> scratch(threads);
+  parallel::parallel_for(B, threads, 1, [&](int64_t b0, int64_t b1, int worker) {
+    Scratch& s = scratch[worker];
+    for (int64_t b = b0; b < b1; ++b) {
       uint8_t* row = out + b * T;
-      mask_row(p, b, lengths[b], row, lens, words, sel);
+      mask_row(p, b, lengths[b], row, s.lens, s.words, s.sel);
       int64_t c = 0;
       for (int64_t t = 0; t < T; ++t) {
         if (pad && pad[b * T + t]) row[t] = 0;
@@ -178,24 +183,22 @@ void compute_mask_indices_cpu(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr
       }
       counts[b] = c;
     }
-  }
+  });
   if (hf || (!require_same && dropout <= 0.0)) return;
   const int64_t min_count = *std::min_element(counts.begin(), counts.end());
-#pragma omp parallel if (B * T > 262144)
-  {
-    std::vector<uint32_t> words;
-    std::vector<uint64_t> sel;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+  parallel::parallel_for(B, threads, 1, [&](int64_t b0, int64_t b1, int worker) {
+    Scratch& s = scratch[worker];
+    for (int64_t b = b0; b < b1; ++b) {
       uint8_t* row = out + b * T;
       int64_t c = counts[b];
       if (require_same && c > min_count) {
-        keep_smallest(p, b, row, c, min_count, masking::kStreamEqualize, words, sel);
+        keep_smallest(p, b, row, c, min_count, masking::kStreamEqualize, s.words, s.sel);
         c = min_count;
       }
-      if (dropout > 0.0) keep_smallest(p, b, row, c, masking::dropout_keep(p, c), masking::kStreamDropout, words, sel);
+      if (dropout > 0.0)
+        keep_smallest(p, b, row, c, masking::dropout_keep(p, c), masking::kStreamDropout, s.words, s.sel);
     }
-  }
+  });
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "negatives.h"
+#include "sslfast/parallel.h"
 #include "sslfast/bind.h"
 #include "sslfast/cpu_isa.h"
 #include "sslfast/philox_cpu.h"
@@ -96,11 +97,12 @@ void sample_negatives_cpu(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int64
   int64_t* out = as_ptr<int64_t>(out_ptr);
   std::vector<int32_t> rank(B * T), mrank(B * T), pos(B * T);
   std::vector<int64_t> counts(B), mcounts(B), row_end(B), mstart(B);
-#pragma omp parallel for schedule(static) if (B * T > 262144)
-  for (int64_t b = 0; b < B; ++b) {
-    negatives::scan_row(mask + b * T, pad ? pad + b * T : nullptr, from_masked_only, T, &rank[b * T], &mrank[b * T],
-                        &pos[b * T], &counts[b], &mcounts[b]);
-  }
+  parallel::parallel_for(B, parallel::threads_for(B * T, parallel::kMinNegativeScanFrames, B), 1,
+                         [&](int64_t b0, int64_t b1, int) {
+    for (int64_t b = b0; b < b1; ++b)
+      negatives::scan_row(mask + b * T, pad ? pad + b * T : nullptr, from_masked_only, T, &rank[b * T],
+                          &mrank[b * T], &pos[b * T], &counts[b], &mcounts[b]);
+  });
   int64_t total = 0, masked = 0;
   for (int64_t b = 0; b < B; ++b) {
     mstart[b] = masked;
@@ -110,14 +112,19 @@ void sample_negatives_cpu(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int64
   }
   const negatives::Batch p{B, T, K, Kc, hf_layout, seed, pos.data(), counts.data(), row_end.data(), total};
   const int64_t width = K + Kc;
-  // Two threads pay off from about 64k draws (measured on the 2-core machine: below that the
-  // fork/join costs more than it saves).
-#pragma omp parallel if (masked * width > 65536 && B > 1)
-  {
+  // Rows handed out one at a time (sslfast/parallel.h: a descheduled worker's rows go to the
+  // others); scratch per worker.
+  const int threads = parallel::threads_for(masked * width, parallel::kMinNegativeDraws, B);
+  struct Scratch {
     std::vector<Positive> positives;
     std::vector<uint32_t> c0, words;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b) {
+  };
+  std::vector<Scratch> scratch(threads);
+  parallel::parallel_for(B, threads, 1, [&](int64_t b0, int64_t b1, int worker) {
+    std::vector<Positive>& positives = scratch[worker].positives;
+    std::vector<uint32_t>& c0 = scratch[worker].c0;
+    std::vector<uint32_t>& words = scratch[worker].words;
+    for (int64_t b = b0; b < b1; ++b) {
       positives.clear();
       for (int64_t t = 0; t < T; ++t) {
         const int64_t m = mrank[b * T + t];
@@ -132,7 +139,7 @@ void sample_negatives_cpu(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int64
       draw_row(p, b, positives.data(), n, 0, c0, words);
       draw_row(p, b, positives.data(), n, 1, c0, words);
     }
-  }
+  });
 }
 
 }  // namespace

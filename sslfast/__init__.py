@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from . import random  # noqa: F401
 from ._dispatch import BACKENDS, BackendUnavailableError  # noqa: F401
+from ._validation import check_finite, set_check_finite  # noqa: F401
 from .env import env_info, env_report  # noqa: F401
 from .ops.apply_mask import apply_mask  # noqa: F401
 from .ops.contrastive import ContrastiveStats, contrastive_loss, wav2vec2_contrastive_loss  # noqa: F401

@@ -78,3 +78,162 @@ def check_choice(name: str, value, choices: Iterable) -> object:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+# ----------------------------------------------------------------------------- masks
+# fairseq's padding_mask is bool, True at padding; Hugging Face's attention_mask is an
+# integer tensor, 1 at valid frames. The two are each other's complement, so passing one
+# where the other goes silently inverts the mask: a padding_mask must be bool, and the error
+# for an integer one names attention_mask=.
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def host_values_checkable(t: torch.Tensor) -> bool:
+    # Reading values is free on the CPU; on a device it is a host sync, and while tracing a
+    # graph break. Value checks run only where they are free.
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_zero_one(name: str, t: torch.Tensor) -> None:
+    """An integer mask holds only 0 and 1. Bool masks need no check; an integer one costs a
+    host sync on a GPU (skipped while torch.compile traces, and on meta tensors)."""
+    if t.dtype == torch.bool or t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    bad = (t != 0) & (t != 1)
+    if bool(bad.any()):
+        value = int(t[bad].reshape(-1)[0])
+        raise ValueError(f"{name} must hold only 0 and 1 (or be bool), got the value {value}")
+
+
+def as_bool_mask(name: str, t, shape: tuple | None = None) -> torch.Tensor:
+    """A frame mask given as bool or 0/1 integers (``mask``, ``attention_mask``), as a
+    contiguous bool tensor of ``shape``. Integer values other than 0 and 1 raise."""
+    check_tensor(name, t, dtypes=(torch.bool,) + _INT_DTYPES)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    check_zero_one(name, t)
+    return (t if t.dtype == torch.bool else t != 0).contiguous()
+
+
+def padding_from_masks(padding_mask, attention_mask, shape: tuple) -> torch.Tensor | None:
+    """The bool padding mask (True at padding) from either convention, or None.
+
+    ``padding_mask`` must be bool (fairseq); ``attention_mask`` (Hugging Face, 1 at valid
+    frames) may be bool or 0/1 integers; passing both raises."""
+    if padding_mask is not None and attention_mask is not None:
+        raise ValueError("pass padding_mask (bool, True at padding) or attention_mask (1 at valid frames), not both")
+    if attention_mask is not None:
+        return ~as_bool_mask("attention_mask", attention_mask, shape)
+    if padding_mask is None:
+        return None
+    if not isinstance(padding_mask, torch.Tensor):
+        raise TypeError(f"padding_mask must be a bool torch.Tensor, got {type(padding_mask).__name__}")
+    if padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"padding_mask must be a bool tensor, True at padding (fairseq's convention), got {padding_mask.dtype}. "
+            "A Hugging Face attention_mask (1 at valid frames) goes in attention_mask=, not padding_mask "
+            "(passing one for the other inverts the mask)")
+    if tuple(padding_mask.shape) != tuple(shape):
+        raise ValueError(f"padding_mask must have shape {tuple(shape)}, got {tuple(padding_mask.shape)}")
+    return padding_mask.contiguous()
+
+
+# ----------------------------------------------------------------------------- dtype policy
+# One policy for every op (README "Reliability"):
+# - floating inputs may be fp32, fp16, bf16 or fp64; math is fp32 in the kernels, and in the
+#   input dtype promoted with fp32 in the references (so fp64 stays fp64);
+# - fp64 runs on the reference backend only: backend=None picks it for fp64 inputs on any
+#   device, and an explicit kernel backend with an fp64 input raises TypeError;
+# - inputs combined arithmetically (contrastive x and y, info_nce query, key and queue) are
+#   promoted as torch promotes (torch.promote_types); outputs that continue an input (apply
+#   mask's x, the quantized codewords) keep that input's dtype.
+
+REFERENCE_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+KERNEL_FLOAT_DTYPES = FLOAT_DTYPES
+
+
+def resolve_backend(op: str, backend: str | None, device, **floats) -> str:
+    """The backend name for ``op`` under the dtype policy above (``floats``: the op's floating
+    input tensors by argument name, None ignored)."""
+    from . import _dispatch
+
+    wide = [n for n, t in floats.items() if t is not None and t.dtype not in KERNEL_FLOAT_DTYPES]
+    if wide and backend is None:
+        backend = "reference"
+    name, _ = _dispatch.resolve(op, backend, device)
+    if wide and name != "reference":
+        t = floats[wide[0]]
+        raise TypeError(f"{op}: {wide[0]} is {t.dtype}, which the {name} backend does not take (it takes "
+                        f"fp32, fp16 and bf16); {t.dtype} runs on backend='reference' (backend=None picks it)")
+    return name
+
+
+def promote_floats(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype torch's type promotion gives the floating tensors (None ignored)."""
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ----------------------------------------------------------------------------- finite check
+# Opt in with SSLFAST_CHECK_FINITE=1, sslfast.set_check_finite(True), or the context
+# manager sslfast.check_finite(). Each check reads one flag from the device (a host sync),
+# which is why it is off by default; it is skipped while torch.compile traces.
+
+_CHECK_FINITE: bool | None = None  # None: follow the environment variable
+
+
+def check_finite_enabled() -> bool:
+    if _CHECK_FINITE is not None:
+        return _CHECK_FINITE
+    import os
+
+    return os.environ.get("SSLFAST_CHECK_FINITE", "0") not in ("", "0")
+
+
+def set_check_finite(enabled: bool | None) -> None:
+    """Turn the non-finite input check on or off for every op (None: follow
+    ``SSLFAST_CHECK_FINITE``). When on, an op given a NaN or an infinity in a floating
+    input raises ValueError naming the op and the argument (one host sync per input)."""
+    global _CHECK_FINITE
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    _CHECK_FINITE = enabled
+
+
+class check_finite:
+    """``with sslfast.check_finite(): ...``: the non-finite input check on inside the block
+    (``check_finite(False)`` turns it off), the previous setting restored after."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def __enter__(self):
+        global _CHECK_FINITE
+        self._before = _CHECK_FINITE
+        set_check_finite(self.enabled)
+        return self
+
+    def __exit__(self, *exc):
+        global _CHECK_FINITE
+        _CHECK_FINITE = self._before
+        return False
+
+
+def check_inputs_finite(op: str, **tensors) -> None:
+    """With the check on, raise ValueError if a floating tensor among ``tensors`` holds a NaN
+    or an infinity (None and non-floating tensors ignored)."""
+    if not check_finite_enabled() or torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if t is None or not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            kinds = [k for k, m in (("NaN", torch.isnan(t)), ("inf", torch.isinf(t))) if bool(m.any())]
+            raise ValueError(f"{op}: {name} holds non-finite values ({' and '.join(kinds)}; first at index "
+                             f"{first}, {int(bad.sum())} of {t.numel()} elements)")

@@ -69,13 +69,22 @@ def philox4x32(
     """Philox4x32-10 on int64 tensors holding uint32 values; returns the four output words.
 
     The counters broadcast against each other; the results are int64 tensors in [0, 2^32).
+    Under ``torch.compile`` the draw is one opaque op (``sslfast::philox4x32``, run eagerly by
+    the compiled graph): inductor, fusing the ten rounds' int64 expressions, would otherwise
+    grow them past any time and memory bound.
     """
     seed = int(seed)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     ref = next((c for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
     device = ref.device if ref is not None else None
-    c = [torch.as_tensor(v, dtype=torch.int64, device=device) & _MASK32 for v in (c0, c1, c2, c3)]
-    c0, c1, c2, c3 = torch.broadcast_tensors(*c)
+    c = [torch.as_tensor(v, dtype=torch.int64, device=device) for v in (c0, c1, c2, c3)]
+    if torch.compiler.is_compiling():
+        return tuple(torch.ops.sslfast.philox4x32(*c, seed))
+    return _philox_rounds(*c, seed)
+
+
+def _philox_rounds(c0, c1, c2, c3, seed: int):
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(v & _MASK32 for v in (c0, c1, c2, c3)))
     for _ in range(10):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(_ROUND_A, c0)
@@ -83,6 +92,18 @@ def philox4x32(
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
     return c0, c1, c2, c3
+
+
+@torch.library.custom_op("sslfast::philox4x32", mutates_args=())
+def _philox_op(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_philox_rounds(c0, c1, c2, c3, seed))  # fresh tensors, never aliases
+
+
+@_philox_op.register_fake
+def _(c0, c1, c2, c3, seed):
+    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
+    return tuple(c0.new_empty(shape, dtype=torch.int64) for _ in range(4))
 
 
 def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,15 @@ except ImportError:
 
 import sslfast  # noqa: E402,F401  (after TRITON_INTERPRET is set)
 
+try:  # property-based tests (tests/test_hostile.py): derandomised, so CI sees the same examples every run
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("sslfast", derandomize=True, deadline=None, max_examples=20, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sslfast"))
+except ImportError:  # hypothesis is a test dependency; without it those tests are skipped
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="gpu tier: no CUDA device on this machine")

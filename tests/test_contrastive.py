@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import sslfast
 from sslfast import _ext
 from sslfast.reference import contrastive as ref
+from _tolerance import assert_error_rule
 
 try:
     from transformers.models.wav2vec2 import modeling_wav2vec2 as hf_w2v
@@ -20,10 +21,6 @@ except ImportError:  # pragma: no cover - transformers is a test dependency
 
 needs_hf = pytest.mark.skipif(hf_w2v is None, reason="transformers is not installed")
 
-# Storage dtypes a kernel is held to; fp32 uses a fixed tolerance, fp16/bf16 the 2x rule.
-FP32_TOL = {"loss_rtol": 2e-5, "grad_atol": 2e-5}
-# Absolute floor of the 2x rule for losses/grads whose reference error happens to be ~0.
-LOWP_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_problem(n, m, d, k, dtype=torch.float32, seed=0, positives="random", dup=True, itype=torch.int64):
@@ -54,16 +51,19 @@ def loss_and_grads(x, y, neg, pos, **kw):
     return loss.detach().double(), gx.double(), gy.double(), out.correct
 
 
-def check_error_rule(got, ref_lowp, truth, dtype, what, rtol=None):
-    err_got = (got - truth).abs().max().item() if got.numel() else 0.0
-    if dtype == torch.float32:
-        scale = truth.abs().max().item() if truth.numel() else 0.0
-        tol = (rtol or FP32_TOL["grad_atol"]) * max(scale, 1.0)
-        assert err_got <= tol, f"{what}: fp32 error {err_got:.3g} > {tol:.3g}"
-        return
-    err_ref = (ref_lowp - truth).abs().max().item() if ref_lowp.numel() else 0.0
-    floor = LOWP_FLOOR[dtype] * max(truth.abs().max().item() if truth.numel() else 0.0, 1.0)
-    assert err_got <= 2 * err_ref + floor, f"{what}: {dtype} error {err_got:.3g} > 2 * {err_ref:.3g} + {floor:.3g}"
+def check_losses_and_grads(got, ref, truth, dtype, what):
+    """The error rule (tests/_tolerance.py) on (loss, grad x, grad y): the loss is fp32, the
+    gradients are in the inputs' dtype."""
+    for i, (name, out_dtype) in enumerate((("loss", torch.float32), ("grad x", dtype), ("grad y", dtype))):
+        assert_error_rule(got[i], ref[i], truth[i], f"{what} {name}", out_dtype=out_dtype)
+
+
+def truth_hf(x, y, mask, sampled):
+    """fp64 loss and gradients of the hf convention on the stored values (the reference in fp64)."""
+    xd, yd = x.double().requires_grad_(), y.double().requires_grad_()
+    loss = sslfast.wav2vec2_contrastive_loss(xd, yd, mask, sampled.shape[-1], convention="hf", negatives=sampled,
+                                             backend="reference")
+    return (loss.detach(), *torch.autograd.grad(loss, [xd, yd]))
 
 
 def kernel_backends(device):
@@ -140,12 +140,10 @@ def test_matches_hugging_face_hf_precision(dtype, backend):
     yf = yf.clone().requires_grad_()
     got = sslfast.contrastive_loss(xm, yf, negm, flat, precision="hf", backend=backend)
     gxm, gy = torch.autograd.grad(got, [xm, yf])
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}[dtype]
-    assert torch.allclose(got, want, rtol=tol, atol=tol), (got.item(), want.item())
     gx = torch.zeros_like(x.reshape(-1, x.shape[-1])).index_copy(0, flat, gxm)
-    gtol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-    assert torch.allclose(gx.float(), gx_want.reshape(gx.shape).float(), atol=gtol, rtol=gtol)
-    assert torch.allclose(gy.float(), gy_want.reshape(gy.shape).float(), atol=gtol, rtol=gtol)
+    # Hugging Face in the same dtype is the reference of the error rule
+    check_losses_and_grads((got, gx.reshape(x.shape), gy.reshape(y.shape)), (want, gx_want, gy_want),
+                           truth_hf(x, y, mask, sampled), dtype, f"{backend} vs Hugging Face")
 
 
 @pytest.mark.cpu
@@ -155,8 +153,8 @@ def test_matches_fairseq_order(dtype, backend):
     x, y, neg, pos = make_problem(29, 31, 24, 9, dtype=dtype, seed=3)
     want, want_correct = fairseq_order_loss(x, y, neg, pos, 0.1)
     got = sslfast.contrastive_loss(x, y, neg, pos, precision="fairseq", return_stats=True, backend=backend)
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}[dtype]
-    assert torch.allclose(got.loss, want, rtol=tol, atol=tol)
+    truth = sslfast.contrastive_loss(x.double(), y.double(), neg, pos, backend="reference")
+    assert_error_rule(got.loss, want, truth, f"{backend} vs fairseq's order", out_dtype=torch.float32)
     assert int(got.correct) == want_correct and got.count == 29
 
 
@@ -219,9 +217,7 @@ def _check_backend(backend, shape, dtype, precision, neg_is_pos, reduction, ityp
     low = tuple(t.cpu() for t in loss_and_grads(x, y, neg, pos, backend="reference", **kw))
     got = tuple(t.cpu() for t in loss_and_grads(x, y, neg, pos, backend=backend, deterministic=deterministic, **kw))
     # truth: fp64 math on the same stored inputs; low: the reference in the op's dtype
-    for i, what in enumerate(("loss", "grad x", "grad y")):
-        check_error_rule(got[i], low[i], truth[i], dtype, f"{backend} {what}",
-                         rtol=FP32_TOL["loss_rtol"] if i == 0 else None)
+    check_losses_and_grads(got, low, truth, dtype, backend)
     assert int(got[3]) == int(low[3]), "correct count differs from the reference in the same dtype"
 
 
@@ -367,8 +363,10 @@ def test_validation_errors():
     f = sslfast.contrastive_loss
     with pytest.raises(TypeError, match="x must"):
         f(x.long(), y, neg)
-    with pytest.raises(TypeError, match="y must have the dtype"):
-        f(x, y.half(), neg)
+    with pytest.raises(TypeError, match="y must have dtype"):
+        f(x, y.long(), neg)
+    # mixed float dtypes promote as torch promotes (the dtype policy, sslfast/_validation.py)
+    assert torch.equal(f(x, y.half(), neg), f(x, y.half().float(), neg))
     with pytest.raises(ValueError, match="y must have shape"):
         f(x, y[:, :3], neg)
     with pytest.raises(ValueError, match="negatives must have shape"):
@@ -398,7 +396,7 @@ def test_validation_errors():
         f(x, y, neg, precision="fp16")
     with pytest.raises(TypeError, match="deterministic"):
         f(x, y, neg, deterministic=1)
-    with pytest.raises(TypeError, match="fp64 runs on backend='reference'"):
+    with pytest.raises(TypeError, match="runs on backend='reference'"):
         f(x.double(), y.double(), neg, backend="cpu")
     with pytest.raises(sslfast.BackendUnavailableError):
         f(x, y, neg, backend="cuda")
@@ -546,13 +544,11 @@ def test_wav2vec2_loss_reproduces_hugging_face(dtype, backend):
     want = hf_contrastive_loss(xr, yr, mask, sampled, 0.1)
     gx_want, gy_want = torch.autograd.grad(want, [xr, yr])
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    got = sslfast.wav2vec2_contrastive_loss(xs, ys, mask, convention="hf", negatives=sampled, backend=backend)
+    got = sslfast.wav2vec2_contrastive_loss(xs, ys, mask, sampled.shape[-1], convention="hf", negatives=sampled,
+                                            backend=backend)
     gx, gy = torch.autograd.grad(got, [xs, ys])
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
-    assert torch.allclose(got, want, rtol=tol, atol=tol)
-    gtol = {torch.float32: 1e-5, torch.float16: 4e-3}[dtype]
-    assert torch.allclose(gx.float(), gx_want.float(), atol=gtol) and torch.allclose(gy.float(), gy_want.float(),
-                                                                                      atol=gtol)
+    check_losses_and_grads((got, gx, gy), (want, gx_want, gy_want), truth_hf(x, y, mask, sampled), dtype,
+                           f"{backend} vs Hugging Face")
 
 
 @pytest.mark.cpu
@@ -568,8 +564,9 @@ def test_wav2vec2_loss_fairseq_convention(dtype):
     want, want_correct = fairseq_order_loss(x[mask], y[mask], neg, torch.arange(int(mask.sum())), 0.1)
     got = sslfast.wav2vec2_contrastive_loss(x, y, mask, k, cross_sample_negatives=kc, seed=123, backend="cpu",
                                             return_stats=True)
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
-    assert torch.allclose(got.loss, want, rtol=tol, atol=tol)
+    truth = sslfast.wav2vec2_contrastive_loss(x.double(), y.double(), mask, k, cross_sample_negatives=kc, seed=123,
+                                              backend="reference")
+    assert_error_rule(got.loss, want, truth, "cpu vs fairseq's order", out_dtype=torch.float32)
     assert int(got.correct) == want_correct and got.count == int(mask.sum())
     # the seed fixes the negatives: same seed, same loss, on every backend
     again = sslfast.wav2vec2_contrastive_loss(x, y, mask, k, cross_sample_negatives=kc, seed=123,
@@ -609,13 +606,13 @@ def test_wav2vec2_loss_validation_and_empty_mask():
         sslfast.wav2vec2_contrastive_loss(x, y, mask[:, :8])
     with pytest.raises(ValueError, match="convention"):
         sslfast.wav2vec2_contrastive_loss(x, y, mask, convention="speechbrain")
-    with pytest.raises(TypeError, match="mask must be bool"):
+    with pytest.raises(TypeError, match="mask must have dtype"):
         sslfast.wav2vec2_contrastive_loss(x, y, mask.float())
     mask[0, :3] = True
     with pytest.raises(ValueError, match="negatives must have shape"):
-        sslfast.wav2vec2_contrastive_loss(x, y, mask, negatives=torch.zeros(2, 5, dtype=torch.long))
+        sslfast.wav2vec2_contrastive_loss(x, y, mask, 5, negatives=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="negatives must index"):
-        sslfast.wav2vec2_contrastive_loss(x, y, mask, negatives=torch.full((3, 5), 3))
+        sslfast.wav2vec2_contrastive_loss(x, y, mask, 5, negatives=torch.full((3, 5), 3))
 
 
 @pytest.mark.gpu
@@ -629,10 +626,9 @@ def test_gpu_wav2vec2_loss_reproduces_hugging_face(backend, dtype):
     want = hf_contrastive_loss(xr, yr, mask, sampled, 0.1)
     gx_want, gy_want = torch.autograd.grad(want, [xr, yr])
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    got = sslfast.wav2vec2_contrastive_loss(xs, ys, mask, convention="hf", negatives=sampled, backend=backend)
+    got = sslfast.wav2vec2_contrastive_loss(xs, ys, mask, sampled.shape[-1], convention="hf", negatives=sampled,
+                                            backend=backend)
     gx, gy = torch.autograd.grad(got, [xs, ys])
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}[dtype]
-    assert torch.allclose(got, want, rtol=tol, atol=tol)
-    gtol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-    assert torch.allclose(gx.float(), gx_want.float(), atol=gtol, rtol=gtol)
-    assert torch.allclose(gy.float(), gy_want.float(), atol=gtol, rtol=gtol)
+    check_losses_and_grads((got, gx, gy), (want, gx_want, gy_want), truth_hf(x.cpu(), y.cpu(), mask.cpu(),
+                                                                              sampled.cpu()), dtype,
+                           f"{backend} vs Hugging Face")

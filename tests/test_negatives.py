@@ -90,7 +90,7 @@ def test_input_formats_and_strides():
     wide.copy_(mask.T)
     for m in (mask.to(torch.uint8), wide.T, mask.to(torch.int64)):
         for backend in ("reference", "cpu"):
-            out = sslfast.sample_negatives(m, 5, padding_mask=pad.to(torch.uint8), seed=11, backend=backend)
+            out = sslfast.sample_negatives(m, 5, attention_mask=(~pad).to(torch.uint8), seed=11, backend=backend)
             assert torch.equal(out, ref)
 
 
@@ -336,7 +336,7 @@ def test_gpu_bit_identical_to_reference(backend, layout, Kc, fmo, B, T):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_unaligned_and_odd_masks(backend):
     # A mask view starting at an odd byte (the cuda kernel's 16-byte loads fall back to
-    # bytes), one-frame rows, and uint8 masks holding values other than 0/1 (made bool first).
+    # bytes), one-frame rows, and uint8 masks holding values other than 0/1 (rejected).
     if backend not in _dispatch.implemented_backends("sample_negatives"):
         pytest.skip(f"sample_negatives has no {backend} backend in this build")
     big, pad = _batch(9, 301, pad_frac=0.3, seed=2)
@@ -348,8 +348,10 @@ def test_gpu_unaligned_and_odd_masks(backend):
             out = sslfast.sample_negatives(mask.cuda(), 11, padding_mask=pd, backend=backend, **kw)
             assert torch.equal(out.cpu(), ref)
     wide = big.to(torch.uint8) * 7
-    out = sslfast.sample_negatives(wide.cuda(), 5, padding_mask=(pad.to(torch.uint8) * 3).cuda(), from_masked_only=False,
-                                   seed=1, backend=backend)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        sslfast.sample_negatives(wide.cuda(), 5, from_masked_only=False, seed=1, backend=backend)
+    out = sslfast.sample_negatives(big.to(torch.uint8).cuda(), 5, attention_mask=(~pad).to(torch.uint8).cuda(),
+                                   from_masked_only=False, seed=1, backend=backend)
     ref = sslfast.sample_negatives(big, 5, padding_mask=pad, from_masked_only=False, seed=1, backend="cpu")
     assert torch.equal(out.cpu(), ref)
 

@@ -30,8 +30,6 @@ from ..reference import apply_mask as ref
 __all__ = ["apply_mask"]
 
 OP, OP_BWD = "apply_mask", "apply_mask_backward"
-_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64)
-_KERNEL_DTYPES = V.FLOAT_DTYPES
 
 
 # ----------------------------------------------------------------------------- backends
@@ -194,13 +192,6 @@ class _ApplyMaskInplace(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public API
 
-def _check_mask(mask, B: int, T: int) -> torch.Tensor:
-    V.check_tensor("mask", mask, dtypes=_MASK_DTYPES)
-    if tuple(mask.shape) != (B, T):
-        raise ValueError(f"mask must have shape (B, T) = {(B, T)} (x's first two dims), got {tuple(mask.shape)}")
-    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()
-
-
 def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = False, seed: int | None = None,
                backend: str | None = None) -> torch.Tensor:
     """Fill the masked frames of ``x`` (B, T, D) and return the result.
@@ -211,8 +202,10 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = Fal
     (std 0.1). Unmasked frames keep x's values bit for bit.
 
     Args:
-        x: (B, T, D) fp32, fp16 or bf16 (fp64 runs on the reference backend only); any strides.
-        mask: (B, T) bool (or 0/1 integers), True at the frames to fill.
+        x: (B, T, D) fp32, fp16 or bf16 (fp64 runs on the reference backend only, which
+            backend=None picks for it); any strides.
+        mask: (B, T) bool (or 0/1 integers; other values raise ValueError), True at the
+            frames to fill.
         fill: (D,) float tensor (cast to x's dtype; receives a gradient) or a float std.
         inplace: write into x and return it. Without autograd only masked frames are written.
             Under autograd it is recorded as an in-place op (as ``x[mask] = emb`` is), so x
@@ -235,10 +228,10 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = Fal
     from torch's global generator for the masked frames only; here the stream is explicit
     and per frame.
     """
-    floats = V.FLOAT_DTYPES + (torch.float64,)
+    floats = V.REFERENCE_FLOAT_DTYPES
     V.check_tensor("x", x, ndim=3, dtypes=floats)
     B, T, D = x.shape
-    mask = _check_mask(mask, B, T)
+    mask = V.as_bool_mask("mask", mask, (B, T))
     if isinstance(fill, torch.Tensor):
         V.check_tensor("fill", fill, shape=(D,), dtypes=floats)
         V.check_same_device(x=x, mask=mask, fill=fill)
@@ -263,14 +256,11 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = Fal
         raise RuntimeError("apply_mask(inplace=True): x is a leaf tensor that requires grad, which autograd "
                            "cannot modify in place; pass inplace=False, or x.detach() if no gradient is wanted")
 
-    if backend is None and x.dtype == torch.float64:
-        backend = "reference"  # the kernels take fp32/fp16/bf16; fp64 is for gradcheck
-    name, _ = _dispatch.resolve(OP, backend, x.device)
+    V.check_inputs_finite(OP, x=x, fill=fill_t)
+    # fill is cast to x's dtype (x[mask] = emb.to(x.dtype)), so only x's dtype picks the backend
+    name = V.resolve_backend(OP, backend, x.device, x=x)
     if name == "reference":
         return ref.apply_mask(x, mask, fill_t if fill_t is not None else std, inplace, seed)
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"x must be fp32, fp16 or bf16 for the {name} backend, got {x.dtype} "
-                        f"(backend='reference' takes fp64)")
 
     if inplace:
         if grad_on:

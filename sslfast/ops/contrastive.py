@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from .. import _dispatch, _ext
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_same_device, check_tensor
+from .. import _validation as V
+from .._validation import INDEX_DTYPES, check_choice, check_same_device, check_tensor
 from ..reference import contrastive as ref
 from ..reference.contrastive import ContrastiveStats
 
@@ -270,13 +271,15 @@ def contrastive_loss(
     precision: str = "fairseq",
     return_stats: bool = False,
     deterministic: bool = False,
+    check_indices: bool = True,
     backend: Optional[str] = None,
 ):
     """wav2vec 2.0 contrastive loss of predictions ``x`` against targets gathered from ``y``.
 
     Args:
-        x: (N, D) predictions (fp32, fp16 or bf16; math in fp32).
-        y: (M, D) targets, same dtype as x.
+        x: (N, D) predictions (fp32, fp16 or bf16, math in fp32; fp64 on the reference
+            backend, which backend=None picks for it).
+        y: (M, D) targets; x and y are promoted to their common dtype as torch promotes.
         negatives: (N, K) int32/int64 indices into y (K may exceed M; duplicates allowed).
         positives: (N,) indices into y, default ``arange(N)`` (needs M >= N).
         temperature: logits are cosine / temperature (wav2vec 2.0: 0.1).
@@ -293,6 +296,10 @@ def contrastive_loss(
             and ``count`` (N).
         deterministic: on CUDA/Triton, accumulate grad y with a segmented sum instead of fp32
             atomics (bit-reproducible). The CPU backend is always deterministic.
+        check_indices: check that negatives and positives lie in [0, M) (two host reads per
+            index tensor: a host sync on a GPU). False skips it (no host sync): the kernels
+            clamp an out-of-range index (a wrong row, never a fault); the reference backend
+            raises an IndexError on the CPU and a device-side assert on a GPU.
         backend: None (fastest for the device), "reference", "cpu", "triton" or "cuda".
 
     Returns the fp32 loss (or ``ContrastiveStats``). Differentiable in x and y; the kernels
@@ -301,13 +308,12 @@ def contrastive_loss(
     Differences on purpose: -inf for masked negatives everywhere (fairseq on XLA uses -2**30);
     Hugging Face's all-frames-with-ignore-index evaluation is left to the caller (pass the
     masked rows; ``wav2vec2_contrastive_loss`` does). Fails on indices outside [0, M) with a
-    ValueError (one host sync on CUDA; skipped under torch.compile, where kernels clamp).
+    ValueError (a host sync on CUDA; skipped with ``check_indices=False`` and under
+    torch.compile, where kernels clamp).
     Finite for fp32 inputs whose squared norms fit in fp32 (elements below about 1e18).
     """
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
-    check_tensor("y", y, ndim=2)
-    if y.dtype != x.dtype:
-        raise TypeError(f"y must have the dtype of x ({x.dtype}), got {y.dtype}")
+    check_tensor("x", x, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
+    check_tensor("y", y, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
     if y.shape[1] != x.shape[1]:
         raise ValueError(f"y must have shape (M, {x.shape[1]}) to match x (N, D), got {tuple(y.shape)}")
     n, m = x.shape[0], y.shape[0]
@@ -325,18 +331,21 @@ def contrastive_loss(
     check_choice("precision", precision, ref.PRECISIONS)
     _check_flag("return_stats", return_stats)
     _check_flag("deterministic", deterministic)
+    _check_flag("check_indices", check_indices)
     if n > 0 and m == 0:
         raise ValueError("y has no rows, so no positive or negative can be gathered (M = 0)")
-    _check_index_range("negatives", negatives, m)
-    if positives is not None:
-        _check_index_range("positives", positives, m)
+    if check_indices:
+        _check_index_range("negatives", negatives, m)
+        if positives is not None:
+            _check_index_range("positives", positives, m)
+    V.check_inputs_finite(OP, x=x, y=y)
+    dtype = V.promote_floats(x, y)
+    x, y = x.to(dtype), y.to(dtype)
 
-    name, _ = _dispatch.resolve(OP, backend, device)
+    name = V.resolve_backend(OP, backend, device, x=x)
     if name == "reference":
         return ref.contrastive_loss(x, y, negatives, positives, temperature=temperature, reduction=reduction,
                                     neg_is_pos=neg_is_pos, precision=precision, return_stats=return_stats)
-    if x.dtype == torch.float64:
-        raise TypeError(f"x must be fp32, fp16 or bf16 for the {name} backend (fp64 runs on backend='reference')")
     rows, _lse, correct = torch.ops.sslfast.contrastive_loss(
         x.contiguous(), y.contiguous(), negatives.contiguous(),
         None if positives is None else positives.contiguous(), temperature, NEG_MODE[neg_is_pos],
@@ -365,14 +374,17 @@ def wav2vec2_contrastive_loss(
     precision: Optional[str] = None,
     return_stats: bool = False,
     deterministic: bool = False,
+    check_indices: bool = True,
     backend: Optional[str] = None,
+    attention_mask: Optional[torch.Tensor] = None,
 ):
     """The wav2vec 2.0 contrastive loss of a batch: sample negatives on the device, fused loss.
 
     Args:
         x: (B, T, D) predictions (the projected context network output).
         y: (B, T, D) targets (the projected quantized features), same dtype as x.
-        mask: (B, T) bool, True at masked frames: the rows of the loss and their positives.
+        mask: (B, T) bool (or 0/1 integers; other values raise ValueError), True at masked
+            frames: the rows of the loss and their positives.
         num_negatives, cross_sample_negatives: K within-utterance and Kc cross-sample negatives
             per masked frame, drawn by ``sslfast.sample_negatives`` (uniform, never the positive).
         temperature: logit temperature (0.1 in wav2vec 2.0).
@@ -386,10 +398,17 @@ def wav2vec2_contrastive_loss(
             gradients as evaluating the masked frames alone, which is what this does.
         negatives: indices in the convention's layout to use instead of sampling (for example
             Hugging Face's ``_sample_negative_indices`` output, or fairseq's packed indices):
-            then the loss equals that library's loss on the same negatives.
-        padding_mask: (B, T) bool, True at padding, passed to the sampler.
-        num_masked: ``mask.sum()`` if known on the host: skips the one host sync (on GPU) that
+            then the loss equals that library's loss on the same negatives. Its last dimension
+            must be ``num_negatives + cross_sample_negatives`` (ValueError otherwise).
+        padding_mask: (B, T) bool, True at padding, passed to the sampler (a non-bool one
+            raises TypeError). attention_mask: Hugging Face's (B, T), 1 at valid frames,
+            instead of padding_mask.
+        num_masked: ``mask.sum()`` if known on the host: skips the host sync (on GPU) that
             sizing the masked rows needs. Trusted, not checked.
+        check_indices: range-check a given ``negatives`` (a host sync on GPU; sampled
+            negatives are in range by construction and never checked). With ``num_masked``
+            given and either sampled negatives or ``check_indices=False``, the call makes no
+            host sync at all (tested on meta tensors and with CUDA's sync debug mode).
         reduction, neg_is_pos, return_stats, deterministic, backend: as ``contrastive_loss``
             (``backend`` is used for both the sampler and the loss).
         precision: ``"fairseq"`` or ``"hf"``; default: the convention's own.
@@ -399,16 +418,24 @@ def wav2vec2_contrastive_loss(
     """
     from .negatives import sample_negatives
 
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
-    check_tensor("y", y, ndim=3)
+    check_tensor("x", x, ndim=3, dtypes=V.REFERENCE_FLOAT_DTYPES)
+    check_tensor("y", y, ndim=3, dtypes=V.REFERENCE_FLOAT_DTYPES)
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
     b, t, d = x.shape
-    check_tensor("mask", mask, shape=(b, t))
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex():
-            raise TypeError(f"mask must be bool (or 0/1 integers), got {mask.dtype}")
-        mask = mask.bool()
+    mask = V.as_bool_mask("mask", mask, (b, t))
+    padding_mask = V.padding_from_masks(padding_mask, attention_mask, (b, t))
+    V.check_inputs_finite("wav2vec2_contrastive_loss", x=x, y=y)
+    _check_flag("check_indices", check_indices)
+    if negatives is not None:
+        width = V.check_int("num_negatives", num_negatives, min_value=0) + V.check_int(
+            "cross_sample_negatives", cross_sample_negatives, min_value=0)
+        check_tensor("negatives", negatives, dtypes=INDEX_DTYPES)
+        if negatives.dim() == 0 or negatives.shape[-1] != width:
+            raise ValueError(
+                f"negatives has {negatives.shape[-1] if negatives.dim() else 0} columns (K) but num_negatives + "
+                f"cross_sample_negatives = {width}; pass num_negatives={negatives.shape[-1] if negatives.dim() else 0} "
+                f"(and cross_sample_negatives=0) to use this tensor")
     check_choice("convention", convention, ("fairseq", "hf"))
     precision = convention if precision is None else precision
     check_same_device(x=x, y=y, mask=mask, padding_mask=padding_mask, negatives=negatives)
@@ -419,7 +446,8 @@ def wav2vec2_contrastive_loss(
     else:
         rows = flat_mask.nonzero().squeeze(1)
     n = rows.shape[0]
-    if negatives is None:
+    given = negatives is not None
+    if not given:
         # the sampler may lack the loss's backend (e.g. triton): then it picks its own
         sampler_backend = backend if backend in _dispatch.implemented_backends("sample_negatives") else None
         negatives = sample_negatives(mask, num_negatives, cross_sample_negatives=cross_sample_negatives,
@@ -430,14 +458,18 @@ def wav2vec2_contrastive_loss(
         if negatives.shape[0] != n:
             raise ValueError(f"negatives must have shape ({n}, K) (packed, one row per masked frame), "
                              f"got {tuple(negatives.shape)}")
-        if not _is_compiling() and negatives.numel():
+        if given and check_indices:
             _check_index_range("negatives", negatives, n)
         # packed index -> flat frame index, so y is indexed in place instead of copied
         neg_flat = rows[negatives.long()]
     else:
         check_tensor("negatives", negatives, shape=(b, t, None), dtypes=INDEX_DTYPES)
         neg_flat = negatives.reshape(b * t, -1)[rows]
+        if given and check_indices:
+            _check_index_range("negatives", neg_flat, b * t)
+    # rows come from the mask and neg_flat from checked or sampled indices: the loss's own
+    # range check would only add host syncs
     return contrastive_loss(x.reshape(b * t, d)[rows], y.reshape(b * t, d), neg_flat, rows,
                             temperature=temperature, reduction=reduction, neg_is_pos=neg_is_pos,
                             precision=precision, return_stats=return_stats, deterministic=deterministic,
-                            backend=backend)
+                            check_indices=False, backend=backend)

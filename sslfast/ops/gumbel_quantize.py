@@ -29,7 +29,8 @@ import torch
 
 from .. import _dispatch, _ext
 from .. import random as sr
-from .._validation import FLOAT_DTYPES, check_int, check_same_device, check_tensor
+from .. import _validation as V
+from .._validation import check_int, check_same_device, check_tensor
 from ..reference import gumbel_quantize as ref
 
 OP = "gumbel_vector_quantize"
@@ -257,7 +258,8 @@ def gumbel_vector_quantize(
 
     Args:
         logits: (N, G*V) float32/16/bf16, the output of the quantizer's ``weight_proj``; row
-            (n, g) is ``logits[n, g*V:(g+1)*V]``. Math is fp32.
+            (n, g) is ``logits[n, g*V:(g+1)*V]``. Math is fp32 (fp64 inputs run on the
+            reference backend, which backend=None picks for them, in fp64).
         codebook: (G*V, d) or (1, G*V, d) (how fairseq's ``vars`` and HF's ``codevectors``
             are stored). fairseq's ``combine_groups`` is ``vars.repeat(1, G, 1)`` by the caller.
         groups: G. tau: Gumbel-softmax temperature (> 0; fairseq's ``curr_temp``, HF's
@@ -293,8 +295,8 @@ def gumbel_vector_quantize(
     no frame selected gives perplexity G instead of HF's NaN. See
     ``sslfast.reference.gumbel_quantize`` for the full specification.
     """
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("codebook", codebook, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_tensor("logits", logits, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
+    check_tensor("codebook", codebook, ndim=(2, 3), dtypes=V.REFERENCE_FLOAT_DTYPES)
     groups = check_int("groups", groups, min_value=1)
     n, gv = logits.shape
     if gv == 0 or gv % groups:
@@ -324,7 +326,8 @@ def gumbel_vector_quantize(
         mask = mask.reshape(n)
     device = check_same_device(logits=logits, codebook=codebook, mask=mask)
 
-    name, _ = _dispatch.resolve(OP, backend, device)
+    V.check_inputs_finite(OP, logits=logits, codebook=codebook)
+    name = V.resolve_backend(OP, backend, device, logits=logits, codebook=codebook)
     hard = hard or not training  # eval takes the argmax whatever hard says (fairseq, HF)
 
     if name == "cuda" and 2 * (gv // groups) + codebook.shape[1] > 12288:

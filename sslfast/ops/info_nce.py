@@ -223,7 +223,8 @@ def info_nce(query, key, *, temperature=0.07, normalize=True, symmetric=False, q
              distributed=False, backend=None):
     """InfoNCE with in-batch negatives (SimCLR/CLIP style), MoCo queues and CLIP's symmetric form.
 
-    ``query``, ``key``: (N, D) float tensors (fp32, fp16, bf16); row i of ``key`` is the
+    ``query``, ``key``: (N, D) float tensors (fp32, fp16, bf16; fp64 on the reference backend,
+    which backend=None picks for it; mixed dtypes promote as torch promotes); row i of ``key`` is the
     positive of row i of ``query``, every other key a negative. ``logits = <q_i, k_j> /
     temperature`` after L2 normalisation (``normalize=True``: ``F.normalize`` with the row
     first divided by its max |x|, so norms up to fp32's range work; gradient through it); loss of row i = ``logsumexp_j logits_ij - logits_ii``.
@@ -249,15 +250,15 @@ def info_nce(query, key, *, temperature=0.07, normalize=True, symmetric=False, q
     every backend (no TF32). Non-finite inputs propagate; with ``normalize=False`` the logits
     must stay finite in fp32.
     """
-    V.check_tensor("query", query, ndim=2, dtypes=V.FLOAT_DTYPES)
-    V.check_tensor("key", key, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.check_tensor("query", query, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
+    V.check_tensor("key", key, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
     if key.shape != query.shape:
         raise ValueError(f"key must have the shape of query {tuple(query.shape)}, got {tuple(key.shape)}")
     n, d = query.shape
     if d < 1:
         raise ValueError(f"query and key need at least one feature column, got shape {tuple(query.shape)}")
     if queue is not None:
-        V.check_tensor("queue", queue, ndim=2, dtypes=V.FLOAT_DTYPES, shape=(None, d))
+        V.check_tensor("queue", queue, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES, shape=(None, d))
     device = V.check_same_device(query=query, key=key, queue=queue)
     temperature = _check_temperature(temperature, device)
     _check_flag("normalize", normalize)
@@ -270,7 +271,9 @@ def info_nce(query, key, *, temperature=0.07, normalize=True, symmetric=False, q
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("distributed=True needs an initialised torch.distributed process group "
                              "(torch.distributed.init_process_group)")
-    name, _ = _dispatch.resolve(OP, backend, device)
+    V.check_inputs_finite(OP, query=query, key=key, queue=queue,
+                          temperature=temperature if isinstance(temperature, torch.Tensor) else None)
+    name = V.resolve_backend(OP, backend, device, query=query, key=key, queue=queue)
     if name == "reference":
         return ref.info_nce(query, key, temperature=temperature, normalize=normalize, symmetric=symmetric,
                             queue=queue, reduction=reduction, distributed=distributed)
@@ -311,8 +314,8 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     scalar tensor receiving a gradient). Tiled like ``info_nce``: memory O(N * D), never
     2N x 2N. fp32 loss; the mean of an empty batch is 0.
     """
-    V.check_tensor("z1", z1, ndim=2, dtypes=V.FLOAT_DTYPES)
-    V.check_tensor("z2", z2, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.check_tensor("z1", z1, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
+    V.check_tensor("z2", z2, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
     if z2.shape != z1.shape:
         raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
     if z1.shape[1] < 1:
@@ -321,7 +324,9 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     temperature = _check_temperature(temperature, device)
     _check_flag("normalize", normalize)
     V.check_choice("reduction", reduction, ("mean", "sum", "none"))
-    name, _ = _dispatch.resolve(OP_NTX, backend, device)
+    V.check_inputs_finite(OP_NTX, z1=z1, z2=z2,
+                          temperature=temperature if isinstance(temperature, torch.Tensor) else None)
+    name = V.resolve_backend(OP_NTX, backend, device, z1=z1, z2=z2)
     if name == "reference":
         return ref.nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction)
 

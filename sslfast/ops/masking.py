@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -13,7 +14,6 @@ __all__ = ["compute_mask_indices"]
 
 _OP = "compute_mask_indices"
 _MASK_TYPES = ("static", "uniform", "normal", "poisson")
-_BOOLISH = (torch.bool, torch.uint8, torch.int32, torch.int64)
 
 
 @functools.lru_cache(maxsize=64)
@@ -22,9 +22,7 @@ def _table(mask_type: str, mask_length: int, mask_other: float) -> tuple[int, tu
     return vmin, tuple(thr)
 
 
-def _max_spans(T: int, mask_prob: float, mask_length: int, min_masks: int) -> int:
-    """An upper bound of any row's span count, known on the host (no device sync)."""
-    return max(min_masks, int(mask_prob * T / mask_length + 1.0))
+_max_spans = ref.max_spans  # an upper bound of any row's span count, known on the host
 
 
 @_dispatch.register(_OP, "reference")
@@ -127,11 +125,19 @@ def _(lengths, padding_mask, B, T, *args):
     return lengths.new_empty(B, T, dtype=torch.bool)
 
 
-def _bool_mask(name, t, shape):
-    V.check_tensor(name, t, dtypes=_BOOLISH)
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    return (t if t.dtype == torch.bool else t != 0).contiguous()
+def _warn_all_padded(lengths: torch.Tensor) -> None:
+    """fairseq's require_same_masks cuts every row to the smallest masked count, so one
+    all-padded utterance unmasks the whole batch (a loss of 0). Warn where the check is free
+    (CPU lengths; on a device it would cost a host sync)."""
+    if lengths.numel() < 2 or not V.host_values_checkable(lengths):
+        return
+    empty = lengths == 0
+    if bool(empty.any()) and not bool(empty.all()):
+        rows = empty.nonzero().reshape(-1)[:8].tolist()
+        warnings.warn(
+            f"compute_mask_indices: utterance(s) {rows} of the batch are all padding, and require_same_masks=True "
+            "(fairseq's default) cuts every row to the smallest masked count, so no frame of the batch is masked. "
+            "Drop empty utterances, or pass require_same_masks=False.", UserWarning, stacklevel=3)
 
 
 def compute_mask_indices(
@@ -170,9 +176,12 @@ def compute_mask_indices(
 
     Args:
         shape: (B, T).
-        padding_mask: (B, T) bool, True at padding (fairseq's convention). Or pass
-            ``attention_mask`` (B, T), 1 at valid frames (Hugging Face's), not both. Rows are
-            assumed right-padded (as both do); padded frames are never masked.
+        padding_mask: (B, T) bool, True at padding (fairseq's convention); any other dtype
+            raises TypeError (an integer mask is most likely Hugging Face's attention_mask,
+            whose meaning is the opposite). Or pass ``attention_mask`` (B, T) bool or 0/1
+            integers, 1 at valid frames (Hugging Face's), not both; other integer values raise
+            ValueError. Rows are assumed right-padded (as both do); padded frames are never
+            masked.
         mask_prob: in [0, 1]. mask_length: int >= 1. min_masks: int >= 0.
         mask_other: std of the normal lengths, low end of the uniform ones.
         no_overlap, min_space: fairseq's non-overlapping placement (spans longest first into
@@ -192,19 +201,15 @@ def compute_mask_indices(
     is padding; we never mask padding.
     Edge cases: a row shorter than a span is masked only within its valid frames (fairseq)
     or not at all (hf); an all-padded row is never masked (and, with require_same_masks,
-    takes every row's count to 0, as in fairseq); mask_prob 0 masks nothing unless
+    takes every row's count to 0, as in fairseq, with a UserWarning when the lengths are on
+    the CPU); mask_prob 0 masks nothing unless
     min_masks > 0; B = 0 or T = 0 gives an empty mask.
     """
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
         raise ValueError(f"shape must be a (B, T) tuple, got {shape!r}")
     B = V.check_int("shape[0]", shape[0], min_value=0)
     T = V.check_int("shape[1]", shape[1], min_value=0)
-    if padding_mask is not None and attention_mask is not None:
-        raise ValueError("pass padding_mask (True at padding) or attention_mask (1 at valid frames), not both")
-    if attention_mask is not None:
-        padding_mask = ~_bool_mask("attention_mask", attention_mask, (B, T))
-    elif padding_mask is not None:
-        padding_mask = _bool_mask("padding_mask", padding_mask, (B, T))
+    padding_mask = V.padding_from_masks(padding_mask, attention_mask, (B, T))
     if device is None:
         device = padding_mask.device if padding_mask is not None else torch.device("cpu")
     device = torch.device(device)
@@ -237,6 +242,8 @@ def compute_mask_indices(
     seed = sr.resolve_seed(seed)
     if padding_mask is not None:
         lengths = (T - padding_mask.sum(1)).contiguous()
+        if require_same_masks and style == "fairseq" and (mask_prob > 0 or min_masks > 0):
+            _warn_all_padded(lengths)
     else:
         lengths = torch.full((B,), T, dtype=torch.int64, device=device)
     args = (lengths, padding_mask, B, T, mask_prob, L, mask_type, mask_other, min_masks, require_same_masks,

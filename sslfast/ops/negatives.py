@@ -10,15 +10,6 @@ from ..reference import negatives as ref
 __all__ = ["sample_negatives"]
 
 _OP = "sample_negatives"
-_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64)
-
-
-def _as_bool(name: str, t, B: int | None = None, T: int | None = None) -> torch.Tensor:
-    V.check_tensor(name, t, ndim=2, dtypes=_MASK_DTYPES)
-    if B is not None and tuple(t.shape) != (B, T):
-        raise ValueError(f"{name} must have the shape of mask ({B}, {T}), got {tuple(t.shape)}")
-    return (t if t.dtype == torch.bool else t != 0).contiguous()
-
 
 def _num_masked(mask: torch.Tensor, num_masked: int) -> int:
     # The only host sync of the packed layout on a GPU: the output's row count. Callers that
@@ -126,6 +117,7 @@ def sample_negatives(
     seed: int | None = None,
     num_masked: int | None = None,
     backend: str | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices of negative frames for every masked frame of ``mask`` (B, T), drawn on the device.
 
@@ -136,7 +128,8 @@ def sample_negatives(
     Face do) or all frames that are not padding (``padding_mask`` (B, T), True at padding).
 
     Args:
-        mask: (B, T) bool (or 0/1 integers), True at masked frames (the positives).
+        mask: (B, T) bool (or 0/1 integers; other values raise ValueError), True at masked
+            frames (the positives).
         num_negatives, cross_sample_negatives: K and Kc, ints >= 0. K may exceed the number of
             candidates (duplicates, as in fairseq).
         layout: ``"packed"``: (N, K + Kc) int64 with N = mask.sum(), rows in row-major order of
@@ -145,6 +138,9 @@ def sample_negatives(
             frames, Hugging Face's ``sampled_negative_indices`` format, -1 at unmasked frames.
         seed: Philox seed (``sslfast.derive_seed`` gives per-rank, per-step seeds); None draws
             one from torch's default CPU generator without touching the device.
+        padding_mask: (B, T) bool, True at padding (fairseq); a non-bool one raises TypeError.
+        attention_mask: (B, T) bool or 0/1 integers, 1 at valid frames (Hugging Face's),
+            instead of padding_mask.
         num_masked: optional ``mask.sum()`` for the packed layout. On a GPU the output's row
             count must be known on the host: pass it to avoid the one host sync (and to
             capture the call in a CUDA graph); it is trusted, not checked.
@@ -165,10 +161,10 @@ def sample_negatives(
     equal to the positive). Unmasked positions of the hf layout hold -1, not a dummy 0.
     All backends return the same bits for one seed (see sslfast/reference/negatives.py).
     """
-    mask = _as_bool("mask", mask)
+    V.check_tensor("mask", mask, ndim=2)
+    mask = V.as_bool_mask("mask", mask)
     B, T = mask.shape
-    if padding_mask is not None:
-        padding_mask = _as_bool("padding_mask", padding_mask, B, T)
+    padding_mask = V.padding_from_masks(padding_mask, attention_mask, (B, T))
     device = V.check_same_device(mask=mask, padding_mask=padding_mask)
     K = V.check_int("num_negatives", num_negatives, min_value=0)
     Kc = V.check_int("cross_sample_negatives", cross_sample_negatives, min_value=0)

@@ -22,7 +22,8 @@ metric="cosine", mask=None, backend=None) -> LongTensor``
     the kernels drop the constant |x|^2, which only matters for rounding at near-ties), or
     ``metric="cosine"``. Output shape x.shape[:-1].
 
-Storage fp32/fp16/bf16 (each tensor independently), math fp32; the projection is converted
+Storage fp32/fp16/bf16 (each tensor independently), math fp32 (fp64 inputs run on the
+reference backend, in fp64); the projection is converted
 to fp32 once per call (it is small), x and the codebooks are converted as they are read.
 Labels are integers, so nothing here is differentiable. Non-finite inputs give unspecified
 (but in-range) labels: a NaN score never wins in the kernels, while the reference's argmax
@@ -53,9 +54,9 @@ __all__ = ["random_projection_quantize", "nearest_codeword"]
 
 
 def _check_rpq(x, projection, codebooks, stack, input_norm, metric, mask):
-    V.check_tensor("x", x, ndim=(2, 3), dtypes=V.FLOAT_DTYPES)
-    V.check_tensor("projection", projection, ndim=2, dtypes=V.FLOAT_DTYPES)
-    V.check_tensor("codebooks", codebooks, ndim=3, dtypes=V.FLOAT_DTYPES)
+    V.check_tensor("x", x, ndim=(2, 3), dtypes=V.REFERENCE_FLOAT_DTYPES)
+    V.check_tensor("projection", projection, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
+    V.check_tensor("codebooks", codebooks, ndim=3, dtypes=V.REFERENCE_FLOAT_DTYPES)
     V.check_int("stack", stack, min_value=1)
     V.check_choice("input_norm", input_norm, INPUT_NORMS)
     V.check_choice("metric", metric, METRICS)
@@ -89,10 +90,10 @@ def _check_rpq(x, projection, codebooks, stack, input_norm, metric, mask):
 
 
 def _check_nc(x, centroids, metric):
-    V.check_tensor("x", x, dtypes=V.FLOAT_DTYPES)
+    V.check_tensor("x", x, dtypes=V.REFERENCE_FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., D), got a scalar")
-    V.check_tensor("centroids", centroids, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.check_tensor("centroids", centroids, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
     V.check_choice("metric", metric, METRICS)
     V.check_same_device(x=x, centroids=centroids)
     if not 1 <= centroids.shape[0] < 2**31:
@@ -264,7 +265,8 @@ def random_projection_quantize(
         under the cosine metric gets 0. No (N, V) tensor is materialised by the kernels.
     """
     _check_rpq(x, projection, codebooks, stack, input_norm, metric, mask)
-    name, _ = _dispatch.resolve(OP_RPQ, backend, x.device)
+    V.check_inputs_finite(OP_RPQ, x=x, projection=projection, codebooks=codebooks)
+    name = V.resolve_backend(OP_RPQ, backend, x.device, x=x, projection=projection, codebooks=codebooks)
     if name == "reference":
         return ref.random_projection_quantize(
             x, projection, codebooks, stack=stack, input_norm=input_norm, metric=metric, mask=mask
@@ -294,7 +296,8 @@ def nearest_codeword(
         matrix is never materialised by the kernels.
     """
     _check_nc(x, centroids, metric)
-    name, _ = _dispatch.resolve(OP_NC, backend, x.device)
+    V.check_inputs_finite(OP_NC, x=x, centroids=centroids)
+    name = V.resolve_backend(OP_NC, backend, x.device, x=x, centroids=centroids)
     if name == "reference":
         return ref.nearest_codeword(x, centroids, metric=metric)
     if torch.compiler.is_compiling():

@@ -100,9 +100,15 @@ def length_table(mask_type: str, mask_length: int, mask_other: float) -> tuple[i
     raise ValueError(f"mask_type must be static, uniform, normal or poisson, got {mask_type!r}")
 
 
-def _words(c: torch.Tensor, row: torch.Tensor, stream: int, seed: int) -> torch.Tensor:
-    """Word c % 4 of philox(c // 4, row, stream) for every element of c (row broadcasts)."""
-    blocks = int(c.max()) // 4 + 1 if c.numel() else 1
+def max_spans(T: int, mask_prob: float, mask_length: int, min_masks: int) -> int:
+    """An upper bound of any row's span count, known on the host (no device read)."""
+    return max(min_masks, int(mask_prob * T / mask_length + 1.0))
+
+
+def _words(c: torch.Tensor, row: torch.Tensor, stream: int, seed: int, c_bound: int) -> torch.Tensor:
+    """Word c % 4 of philox(c // 4, row, stream) for every element of c (row broadcasts);
+    ``c_bound`` > every c, known on the host (so torch.compile needs no device read)."""
+    blocks = max(c_bound - 1, 0) // 4 + 1
     c0 = torch.arange(blocks, device=c.device)
     w = torch.stack(sr.philox4x32(c0, row, int(stream), 0, seed), dim=-1)  # (.., blocks, 4)
     w = w.reshape(*w.shape[:-2], blocks * 4)
@@ -122,7 +128,7 @@ def _keep_smallest(mask: torch.Tensor, keep: torch.Tensor, stream: int, seed: in
     B, T = mask.shape
     pos = torch.arange(T, device=mask.device).expand(B, T)
     rows = torch.arange(B, device=mask.device).unsqueeze(1)
-    keys = (_words(pos, rows, stream, seed) << 31) | pos
+    keys = (_words(pos, rows, stream, seed, T) << 31) | pos
     keys = torch.where(mask, keys, torch.full_like(keys, _FAR))
     return mask & (_ranks(keys) < keep.unsqueeze(1))
 
@@ -159,7 +165,9 @@ def compute_mask_indices(
     if style == "hf":
         n = torch.where(n * L > T, torch.full_like(n, T // L), n)
         n = torch.minimum(n, (sz - (L - 1)).clamp_min(0))
-    n_max = int(n.max())
+    # Host bounds instead of n.max() and R.max(): no device read (torch.compile traces this
+    # with fullgraph=True), and the same bits (positions past a row's n or R are never chosen).
+    n_max = max_spans(T, mask_prob, L, min_masks)
     if n_max == 0:
         return torch.zeros(B, T, dtype=torch.bool, device=device)
 
@@ -167,7 +175,7 @@ def compute_mask_indices(
     span = torch.arange(n_max, device=device).expand(B, n_max)
     vmin, thresholds = length_table(mask_type, L, mask_other)
     if thresholds:
-        w = _words(span, rows.unsqueeze(1), sr.Stream.MASK_LENGTH, seed)
+        w = _words(span, rows.unsqueeze(1), sr.Stream.MASK_LENGTH, seed, n_max)
         thr = torch.tensor(thresholds, dtype=torch.int64, device=device)
         span_len = vmin + (w.unsqueeze(-1) >= thr).sum(-1)
     else:
@@ -192,11 +200,11 @@ def compute_mask_indices(
         min_len = torch.where(sz - min_len <= n, sz - n - 1, min_len)
         R = sz - min_len
     R = torch.where(n > 0, R, torch.zeros_like(R))
-    R_max = max(int(R.max()), 1)
+    R_max = max(T, n_max + 1)  # R <= sz <= T, or n + 1 where a row is shorter than its spans
 
     # 4. the n positions with the smallest keys
     pos = torch.arange(R_max, device=device).expand(B, R_max)
-    keys = (_words(pos, rows.unsqueeze(1), sr.Stream.MASK_START, seed) << 31) | pos
+    keys = (_words(pos, rows.unsqueeze(1), sr.Stream.MASK_START, seed, R_max) << 31) | pos
     keys = torch.where(pos < R.unsqueeze(1), keys, torch.full_like(keys, _FAR))
     rank = _ranks(keys)
     chosen = rank < n.unsqueeze(1)
@@ -248,7 +256,7 @@ def _no_overlap(span_len, live, n, sz, min_space, T, seed):
     going = n > 0
     diff = torch.zeros(B, T + 2, dtype=torch.int64, device=device)
     two_i = torch.arange(2 * n_max, device=device).expand(B, -1)
-    words = _words(two_i, rows.unsqueeze(1), sr.Stream.MASK_START, seed)
+    words = _words(two_i, rows.unsqueeze(1), sr.Stream.MASK_START, seed, 2 * n_max)
     for i in range(n_max):
         length = lens[:, i]
         width = E - S
