@@ -56,7 +56,7 @@ def _step(loss_fn, q, k):
 
 def _backend(name, n, d, device, dtype, op=None):
     def factory():
-        reason = _dispatch.backend_unavailable_reason(name, device)
+        reason = name and _dispatch.backend_unavailable_reason(name, device)  # None: sslfast's choice
         if reason:
             raise Unavailable(reason)
         if name == "triton" and device.type == "cpu":
@@ -83,10 +83,11 @@ def _nt_xent_cases(device, quick, dtype):
         q, k = _inputs(n, d, device, dtype)
         return _step(torch.compile(lambda a, b: ref.nt_xent(a, b, 0.5)), q, k)
 
-    providers = {name: _backend(name, n, d, device, dtype, op=nt_xent) for name in ("cuda", "triton", "cpu")}
+    providers = {name: _backend(None if name == "sslfast" else name, n, d, device, dtype, op=nt_xent)
+                 for name in ("sslfast", "cuda", "triton", "cpu")}
     providers.update(reference=reference_factory, compile=compile_factory)
     return [Case(op="nt_xent", shape=f"B={n} views=2 D={d} {str(dtype).replace('torch.', '')}", mode="fwd+bwd",
-                 providers=providers, params=dict(n=n, d=d),
+                 providers=providers, params=dict(n=n, d=d), default=True,
                  reps=3 if device.type == "cpu" else None, warmup=1 if device.type == "cpu" else None)]
 
 
@@ -142,7 +143,8 @@ def cases(device, quick):
         shapes = [(4096, 512)]
     out = []
     for n, d in shapes:
-        providers = {name: _backend(name, n, d, device, dtype) for name in ("cuda", "triton", "cpu")}
+        providers = {name: _backend(None if name == "sslfast" else name, n, d, device, dtype)
+                     for name in ("sslfast", "cuda", "triton", "cpu")}
         providers.update(reference=_reference(n, d, device, dtype), hf=_hf(n, d, device, dtype),
                          compile=_compiled(n, d, device, dtype))
         out.append(Case(
@@ -152,7 +154,7 @@ def cases(device, quick):
             bytes_moved=4 * n * d * dtype.itemsize,
             # Forward 1 product, backward 2 recomputed + 2 gradient products, per direction.
             flops=2 * 5 * 2 * n * n * d,
-            params=dict(n=n, d=d, symmetric=True),
+            params=dict(n=n, d=d, symmetric=True), default=(n, d) == shapes[0],
             reps=3 if device.type == "cpu" else None, warmup=1 if device.type == "cpu" else None,
         ))
     return out + _nt_xent_cases(device, quick, dtype)
