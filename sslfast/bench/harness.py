@@ -59,7 +59,7 @@ DEFAULT_CSV = "sslfast_bench.csv"
 
 # What each provider is; printed as the legend (only the providers a run used).
 PROVIDERS = {
-    "sslfast": "sslfast's public op with backend=None (the backend it picked is in brackets)",
+    "sslfast": "sslfast's public op with backend=None, what you get by default (the backend it ran: column backend)",
     "cpu": "sslfast's C++/OpenMP backend",
     "cuda": "sslfast's CUDA backend",
     "triton": "sslfast's Triton backend",
@@ -75,6 +75,7 @@ PROVIDERS = {
 
 COLUMNS = {
     "sslfast ms": "median time of one call (forward, or forward+backward), milliseconds",
+    "backend": "the backend sslfast's backend=None ran here (cpu, cuda, triton or reference)",
     "peer": "what you would run without sslfast: Hugging Face where installed, else the plain PyTorch "
             "formula, else sslfast's reference",
     "speed-up": "peer ms / sslfast ms (above 1: sslfast is faster)",
@@ -526,7 +527,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Time sslfast against what you run today. Default: one production shape per op (wav2vec 2.0 base), "
         "sslfast (backend=None) beside its peer (Hugging Face where installed, else the plain PyTorch formula), "
         "a few minutes on a 2-core CPU. Prints a summary table and a legend; appends one CSV row per measurement.")
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.epilog = (f"Files: the CSV goes to ./{DEFAULT_CSV} (in the working directory) unless --csv says "
+                     "otherwise; no plot is drawn without --plot. Both paths are printed at the start.")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="every case at tiny shapes, every provider but compile, few reps: a smoke test (seconds)")
@@ -552,12 +554,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the peak-memory call (one extra call per provider)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="time torch.compile(reference) (default: only with --full)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="do not time torch.compile")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="do not time torch.compile (the default without --full)")
     parser.add_argument("--csv", default=DEFAULT_CSV, metavar="PATH",
-                        help="CSV file to append one row per measurement to (relative to the working directory)")
+                        help=f"CSV file to append one row per measurement to (default: ./{DEFAULT_CSV}, in the working "
+                             "directory)")
     parser.add_argument("--plot", default=None, metavar="PATH",
                         help="also draw speed-up and memory ratio per op to PATH (.png, .svg, .pdf; needs "
-                             "matplotlib, in the [bench] extra)")
+                             "matplotlib, in the [bench] extra; default: no plot)")
     parser.add_argument("--details", action="store_true",
                         help="print every provider's row (median, p20-p80, peak, speed-ups), not only the summary "
                              "(default: on with --full)")
