@@ -134,9 +134,14 @@ def test_summary_takes_sslfast_and_the_first_available_peer():
     assert s.speedup == pytest.approx(2.5) and s.memory_ratio == pytest.approx(4.0)
     line = harness.format_summary([s]).splitlines()[2]
     assert re.search(r"2\.00 cpu\s+5\.00 eager\s+2\.50x\s+10\.0\s+40\.0\s+4\.0x", line), line
-    # under 0.1 MB a ratio of page counts means nothing: not shown
+    # under the 0.1 MB resolution only a bound is known: 40 / 0.1, shown as ">400x"
     rows[0].peak_mb = 0.01
-    assert harness.summarize(rows)[0].memory_ratio is None
+    (s,) = harness.summarize(rows)
+    assert s.memory_is_bound and s.memory_ratio == pytest.approx(400.0)
+    assert harness.format_summary([s]).splitlines()[2].endswith(">400x")
+    rows[3].peak_mb = 0.05  # both under it: no ratio
+    (s,) = harness.summarize(rows)
+    assert s.memory_ratio is None and harness.format_summary([s]).splitlines()[2].endswith(" -")
 
 
 @pytest.mark.cpu
@@ -252,3 +257,15 @@ def test_quick_run_output_is_readable(tmp_path):
     assert len(list(csv.DictReader(open(csv_path)))) > len(cases)
     if plot_path:
         assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.cpu
+def test_bench_peers_compute_the_op():
+    """The peers the summary compares against compute the same loss as sslfast's reference."""
+    from sslfast.bench.info_nce import simclr_eager
+    from sslfast.reference import info_nce as ref
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    torch.testing.assert_close(simclr_eager(z1, z2, 0.5), ref.nt_xent(z1.double(), z2.double(), 0.5).float(),
+                               rtol=1e-5, atol=1e-6)

@@ -55,6 +55,7 @@ from .. import _dispatch
 BACKENDS = ("cuda", "triton", "cpu")  # sslfast's kernel backends (reference is listed apart)
 NOT_PEERS = ("sslfast", "compile", "hf-style") + BACKENDS
 MIN_REPS = 3
+MEMORY_RESOLUTION_MB = 0.1  # peaks below this are not told apart (page counts, RSS counters)
 DEFAULT_CSV = "sslfast_bench.csv"
 
 # What each provider is; printed as the legend (only the providers a run used).
@@ -80,7 +81,8 @@ COLUMNS = {
             "formula, else sslfast's reference",
     "speed-up": "peer ms / sslfast ms (above 1: sslfast is faster)",
     "MB": "peak memory of one call above what was allocated before it, 10^6 bytes",
-    "memory": "peer MB / sslfast MB (above 1: sslfast needs less; '-' when either is under 0.1 MB)",
+    "memory": "peer MB / sslfast MB (above 1: sslfast needs less; '>' when sslfast's peak is under the "
+              "0.1 MB resolution, so only a bound is known; '-' when both are)",
 }
 
 
@@ -400,11 +402,17 @@ class Summary:
 
     @property
     def memory_ratio(self) -> float | None:
+        """peer MB / sslfast MB; with sslfast under the 0.1 MB resolution, the lower bound
+        peer MB / 0.1 (``memory_is_bound``); None when the peer is under it too."""
         a = self.ours.peak_mb if self.ours else None
         b = self.peer.peak_mb if self.peer else None
-        if a is None or b is None or a < 0.1 or b < 0.1:
+        if a is None or b is None or b < MEMORY_RESOLUTION_MB:
             return None
-        return b / a
+        return b / max(a, MEMORY_RESOLUTION_MB)
+
+    @property
+    def memory_is_bound(self) -> bool:
+        return self.memory_ratio is not None and self.ours.peak_mb < MEMORY_RESOLUTION_MB
 
 
 def summarize(results: list[Result]) -> list[Summary]:
@@ -424,6 +432,13 @@ def summarize(results: list[Result]) -> list[Summary]:
     return out
 
 
+def _ratio_text(s: Summary) -> str:
+    r = s.memory_ratio
+    if r is None:
+        return "-"
+    return (">" if s.memory_is_bound else "") + (f"{r:.0f}x" if r >= 100 else f"{r:.1f}x")
+
+
 def format_summary(summary: list[Summary]) -> str:
     header = f"{'op':<26} {'mode':<7} {'shape':<34} {'sslfast ms':>11} {'backend':<10} {'peer ms':>10} " \
              f"{'peer':<12} {'speed-up':>8} {'sslfast MB':>10} {'peer MB':>9} {'memory':>7}"
@@ -438,7 +453,7 @@ def format_summary(summary: list[Summary]) -> str:
             f"{s.case.op:<26} {s.case.mode:<7} {s.case.shape:<34} {num(o and o.median_ms, '.2f', 11)} "
             f"{(o.backend or '?') if o else '-':<10} {num(p and p.median_ms, '.2f', 10)} {p.provider if p else '-':<12} "
             f"{num(s.speedup, '.2f', 7)}{'x' if s.speedup else ' '} {num(o and o.peak_mb, '.1f', 10)} "
-            f"{num(p and p.peak_mb, '.1f', 9)} {num(s.memory_ratio, '.1f', 6)}{'x' if s.memory_ratio else ' '}")
+            f"{num(p and p.peak_mb, '.1f', 9)} {_ratio_text(s):>7}")
     return "\n".join(lines)
 
 
@@ -487,9 +502,10 @@ def plot(path: str, summary: list[Summary], title: str) -> None:
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel(what + ", log scale")
-        for y, v in zip(ys, vals):
-            ax.text(v if not math.isnan(v) else 1.0, y, f" {v:.2g}x" if not math.isnan(v) else " not measured",
-                    va="center", fontsize=8)
+        bounds = [False] * len(rows) if ax is axes[0] else [s.memory_is_bound for s in rows]
+        for y, v, bound in zip(ys, vals, bounds):
+            text = " not measured" if math.isnan(v) else f" {'>' if bound else ''}{v:.3g}x"
+            ax.text(1.0 if math.isnan(v) else v, y, text, va="center", fontsize=8)
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].set_yticks(ys)
     axes[0].set_yticklabels(labels, fontsize=8)

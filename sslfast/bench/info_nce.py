@@ -6,7 +6,8 @@ Shapes (issue 4): N in {4096, 16384, 65536} rows per device, D = 512; on the CPU
 out on CPU. quick: N = 512, D = 64. Inputs are
 bf16 on GPU (CLIP's training dtype), fp32 on CPU. Providers: every sslfast kernel backend
 usable on the device, the reference (builds the N x N logits), Hugging Face's
-``image_text_contrastive_loss`` on the logits (CLIP), and ``torch.compile(reference)``.
+``image_text_contrastive_loss`` on the logits (CLIP), and ``torch.compile(reference)``;
+nt_xent (no library peer) has "eager", the loss as SimCLR loops write it (``simclr_eager``).
 """
 from __future__ import annotations
 
@@ -69,6 +70,17 @@ def _backend(name, n, d, device, dtype, op=None):
     return factory
 
 
+def simclr_eager(z1, z2, temperature):
+    """NT-Xent as SimCLR training loops write it: normalise, one (2N, 2N) similarity matrix,
+    the diagonal masked out, cross-entropy against the other view."""
+    n = z1.shape[0]
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = (z @ z.T) / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return torch.nn.functional.cross_entropy(sim, target)
+
+
 def _nt_xent_cases(device, quick, dtype):
     """SimCLR: B images, two views each (2B rows), D = 128 projection, temperature 0.5."""
     n, d = (256, 64) if quick else ((4096, 128) if device.type == "cuda" else (1024, 128))
@@ -83,9 +95,14 @@ def _nt_xent_cases(device, quick, dtype):
         q, k = _inputs(n, d, device, dtype)
         return _step(torch.compile(lambda a, b: ref.nt_xent(a, b, 0.5)), q, k)
 
+    def eager_factory():
+        _check_nn_memory(2 * n, device)
+        q, k = _inputs(n, d, device, dtype)
+        return _step(lambda a, b: simclr_eager(a, b, 0.5), q, k)
+
     providers = {name: _backend(None if name == "sslfast" else name, n, d, device, dtype, op=nt_xent)
                  for name in ("sslfast", "cuda", "triton", "cpu")}
-    providers.update(reference=reference_factory, compile=compile_factory)
+    providers.update(reference=reference_factory, eager=eager_factory, compile=compile_factory)
     return [Case(op="nt_xent", shape=f"B={n} views=2 D={d} {str(dtype).replace('torch.', '')}", mode="fwd+bwd",
                  providers=providers, params=dict(n=n, d=d), default=True,
                  reps=3 if device.type == "cpu" else None, warmup=1 if device.type == "cpu" else None)]
