@@ -226,6 +226,7 @@ NOISE = re.compile(r"USDT|SyncActivityProfilerHandler|CPUAllocator|profiler|^\[W
 
 
 @pytest.mark.cpu
+@pytest.mark.slow  # the whole --quick run: about a minute on a quiet 2-core CPU
 def test_quick_run_output_is_readable(tmp_path):
     """python -m sslfast bench --quick: the header first, one summary row per case, the
     legend, skipped providers once each, and no third-party log noise (stdout + stderr)."""

@@ -590,8 +590,12 @@ class _Progress:
         try:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, disable=None, file=sys.stderr,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+            import shutil
+
+            size = shutil.get_terminal_size((120, 24))  # a pty may report 0 x 0: tqdm would hide the bar
+            self.bar = tqdm(total=total, unit="run", ncols=min(size.columns, 160), nrows=max(size.lines, 2),
+                            disable=None, file=sys.stderr,
+                            bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {desc}")
             if self.bar.disable:
                 self.bar = None
         except ImportError:
@@ -600,7 +604,7 @@ class _Progress:
     def start(self, case: Case, provider: str) -> None:
         label = f"{case.op} {case.mode} {case.shape}: {provider}"
         if self.bar is not None:
-            self.bar.set_postfix_str(label, refresh=True)
+            self.bar.set_description_str(label, refresh=True)
         else:
             print(f"[{self.done + 1}/{self.total}] {label}", flush=True)
 
