@@ -497,14 +497,14 @@ def plot(path: str, summary: list[Summary], title: str) -> None:
     for ax, values, what in ((axes[0], [s.speedup for s in rows], "speed-up (peer time / sslfast time)"),
                              (axes[1], [s.memory_ratio for s in rows], "memory ratio (peer peak / sslfast peak)")):
         vals = [v if v is not None else float("nan") for v in values]
-        colors = ["tab:green" if v >= 1 else "tab:red" for v in vals]
+        colors = ["tab:gray" if 0.9 <= v <= 1.1 else ("tab:green" if v > 1 else "tab:red") for v in vals]
         ax.barh(ys, [v if not math.isnan(v) else 0 for v in vals], color=colors, left=0)
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel(what + ", log scale")
         bounds = [False] * len(rows) if ax is axes[0] else [s.memory_is_bound for s in rows]
         for y, v, bound in zip(ys, vals, bounds):
-            text = " not measured" if math.isnan(v) else f" {'>' if bound else ''}{v:.3g}x"
+            text = " both under 0.1 MB" if math.isnan(v) else f" {'>' if bound else ''}{v:.3g}x"
             ax.text(1.0 if math.isnan(v) else v, y, text, va="center", fontsize=8)
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].set_yticks(ys)
@@ -582,6 +582,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: on with --full)")
 
 
+def _load_text() -> str:
+    """The 1-minute load average against the CPU count ("" where unknown): a busy machine's
+    timings are not a quiet one's."""
+    try:
+        return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    except (OSError, AttributeError):
+        return ""
+
+
 class _Progress:
     """A tqdm bar on a terminal; one line per case elsewhere (logs); plain lines without tqdm."""
 
@@ -631,7 +640,8 @@ def main(args: argparse.Namespace) -> int:
     csv_path = os.path.abspath(args.csv)
 
     vers = versions()
-    print(f"sslfast bench ({mode}) on {device_name(device)} ({device.type})")
+    load = _load_text()
+    print(f"sslfast bench ({mode}) on {device_name(device)} ({device.type}){'; ' + load if load else ''}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", transformers {_transformers_version()}")
     print(f"CSV: {csv_path} (appending)" + (f"; plot: {os.path.abspath(args.plot)}" if args.plot else ""))
     cases = collect_cases(device, quick=args.quick, ops=args.ops, default_only=mode == "default")
@@ -684,8 +694,9 @@ def main(args: argparse.Namespace) -> int:
         print(skipped)
     if args.plot:
         title = (f"sslfast bench ({mode}) on {device_name(device)}: " + ", ".join(f"{k} {v}" for k, v in vers.items())
-                 + f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; peer / sslfast, "
-                 "above 1 sslfast is faster / needs less memory")
+                 + f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+                 + (f" ({load} at the start, {_load_text()} at the end)" if load else "")
+                 + "; peer / sslfast: above 1 sslfast is faster / needs less memory")
         plot(args.plot, summary, title)
         print(f"plot written to {os.path.abspath(args.plot)}")
     print(f"{n} rows appended to {csv_path}; {time.perf_counter() - t_start:.0f} s")
