@@ -24,7 +24,7 @@ build() {
 }
 gpu_tests() { python3 -m pytest tests -q -m gpu -rs 2>&1 | tee "$OUT/tests_gpu.log"; }
 rest_tests() { python3 -m pytest tests -q -m "not gpu" 2>&1 | tail -15 | tee "$OUT/tests_rest.log"; }
-bench() { python3 -m sslfast bench --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log"; }
+bench() { python3 -m sslfast bench --full --csv "$OUT/bench.csv" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"; }
 
 case "$stage" in
   build) build ;;
