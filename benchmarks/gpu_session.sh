@@ -47,7 +47,7 @@ build() {
 }
 gpu_tests() { python3 -m pytest tests -q -m gpu -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests_gpu.log"; }
 rest_tests() { python3 -m pytest tests -q -m "not gpu" -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests_rest.log"; }
-bench() { python3 -m sslfast bench --device cuda --no-compile --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log"; }
+bench() { python3 -m sslfast bench --device cuda --no-compile --csv "$OUT/bench.csv" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log"; }
 
 case "$stage" in
   build) run_stage build "${BUDGET_BUILD:-240}" build ;;

@@ -39,6 +39,8 @@ void forward_cpu(const typename S::T* x, Strides sx, typename S::T* out, Strides
         philox_range(static_cast<uint32_t>(t * qb), qb, static_cast<uint32_t>(b), apply_mask::kStreamMaskNoise, seed,
                      words.data());
         for (int64_t q = 0; q < qb; ++q) apply_mask::noise_block_store<S>(o, so.d, D, q, words.data() + 4 * q, std);
+      } else if (mask[f] && so.d == 1) {  // the embedding into a contiguous row: one copy
+        std::memcpy(o, fill, static_cast<size_t>(D) * sizeof(E));
       } else if (mask[f]) {
         for (int64_t q = 0; q < qb; ++q) apply_mask::fill_block<S>(o, so.d, D, q, fill, std, seed, b, t);
       } else if (!inplace) {

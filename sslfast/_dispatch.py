@@ -11,6 +11,11 @@ Every cuda and triton implementation runs under a device guard (``get`` below): 
 device of its first CUDA tensor argument is made current for the call, so the CUDA kernels
 launch in that device's context on that device's current stream (``_ext.stream``) and Triton
 compiles and launches for that device, whichever device the caller had current.
+
+Where that order would pick a slower backend at the sizes ``python -m sslfast bench``
+measures, a size rule overrides it for one op on one device type: ``resolve(op, None,
+device, **size)`` passes the op's sizes to the rule set with ``set_rule``. Every rule is at
+the end of this file, next to the measurement that justifies it.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ _GPU_BACKENDS = ("triton", "cuda")  # launched under the tensors' device guard
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 _ORDER: dict[tuple[str, str], tuple[str, ...]] = {}
+_RULES: dict[tuple[str, str], Callable[..., tuple[str, ...] | None]] = {}
+_RECORDERS: list[list[tuple[str, str]]] = []
 
 
 class BackendUnavailableError(RuntimeError):
@@ -50,6 +57,37 @@ def register(op: str, backend: str):
 def set_order(op: str, device_type: str, order: tuple[str, ...]) -> None:
     """Override the automatic preference order of ``op`` on one device type."""
     _ORDER[(op, device_type)] = tuple(order)
+
+
+def set_rule(op: str, device_type: str, rule: Callable[..., tuple[str, ...] | None]) -> None:
+    """A size-dependent preference order of ``op`` on one device type: ``rule(**size)``
+    gets the sizes the op passes to ``resolve`` and returns the order to try (None: the
+    usual order)."""
+    _RULES[(op, device_type)] = rule
+
+
+def preference_order(op: str, device_type: str, **size) -> tuple[str, ...]:
+    """The order ``backend=None`` tries for ``op`` on ``device_type`` at these sizes."""
+    order = _ORDER.get((op, device_type))  # set_order beats a size rule
+    rule = _RULES.get((op, device_type))
+    if order is None and rule is not None:
+        order = rule(**size)
+    if order is None:
+        order = _DEFAULT_ORDER.get(device_type, ("reference",))
+    return tuple(order)
+
+
+class record_choices:
+    """Context manager collecting the ``(op, backend)`` pairs that ``resolve`` returns while
+    it is active (the benchmark reports which backend ``backend=None`` ran)."""
+
+    def __enter__(self) -> list[tuple[str, str]]:
+        self.choices: list[tuple[str, str]] = []
+        _RECORDERS.append(self.choices)
+        return self.choices
+
+    def __exit__(self, *exc) -> None:
+        _RECORDERS.remove(self.choices)
 
 
 def registered_ops() -> list[str]:
@@ -102,6 +140,8 @@ def triton_interpret() -> bool:
 def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on tensors of ``device`` here, else a sentence why not."""
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "torch sees no CUDA device on this machine"
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -127,8 +167,16 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Callable]:
-    """The backend name and implementation that run ``op`` on tensors of ``device``."""
+def resolve(op: str, backend: str | None, device: torch.device, **size) -> tuple[str, Callable]:
+    """The backend name and implementation that run ``op`` on tensors of ``device``;
+    ``size`` (keyword sizes, e.g. ``rows=, cols=``) feeds the op's size rule, if it has one."""
+    name, fn = _resolve(op, backend, device, size)
+    for rec in _RECORDERS:
+        rec.append((op, name))
+    return name, fn
+
+
+def _resolve(op: str, backend: str | None, device: torch.device, size: dict) -> tuple[str, Callable]:
     impls = _REGISTRY.get(op)
     if not impls:
         raise BackendUnavailableError(f"sslfast: no implementation of {op!r} is registered")
@@ -148,8 +196,7 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
         if reason:
             raise BackendUnavailableError(f"sslfast: backend {backend!r} is unavailable for {op}: {reason}")
         return backend, impls[backend]
-    order = _ORDER.get((op, device.type), _DEFAULT_ORDER.get(device.type, ("reference",)))
-    for name in order:
+    for name in preference_order(op, device.type, **size):
         if name in impls and backend_unavailable_reason(name, device) is None:
             return name, impls[name]
     return "reference", impls["reference"]
@@ -163,3 +210,28 @@ def get(op: str, backend: str) -> Callable:
         return _REGISTRY[op][backend]
     except KeyError:
         raise BackendUnavailableError(f"sslfast: {op} has no {backend} backend") from None
+
+
+# ----------------------------------------------------------------------------- size rules
+# Measured on the project's 2-core x86-64 CPU (benchmarks/results/cpu_2core_x86_64.csv), fp32,
+# forward + backward: at N = 4096, D = 512 (info_nce, symmetric) the reference, whose GEMMs
+# build the N x N logits, took 1082 ms and the tiled C++ kernel 2410 ms; nt_xent at
+# B = 1024, D = 128: 59 ms against 126 ms. The kernel's advantage on CPU is memory only,
+# O((rows + cols) * D) against several rows x cols fp32 matrices held for the backward, so
+# the reference runs while one logits matrix stays within INFO_NCE_CPU_REFERENCE_MAX_LOGITS
+# (2^26 entries, 256 MB in fp32: N <= 8192 for square logits) and the kernel above.
+# No GPU rule: the CUDA and Triton kernels have not been timed against the reference yet.
+
+INFO_NCE_CPU_REFERENCE_MAX_LOGITS = 1 << 26
+
+
+def _in_batch_loss_on_cpu(rows: int | None = None, cols: int | None = None, **_) -> tuple[str, ...] | None:
+    if rows is None or cols is None:
+        return None
+    if rows * cols <= INFO_NCE_CPU_REFERENCE_MAX_LOGITS:
+        return ("reference", "cpu")
+    return ("cpu", "reference")
+
+
+set_rule("info_nce", "cpu", _in_batch_loss_on_cpu)
+set_rule("nt_xent", "cpu", _in_batch_loss_on_cpu)

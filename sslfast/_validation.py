@@ -153,15 +153,16 @@ REFERENCE_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 KERNEL_FLOAT_DTYPES = FLOAT_DTYPES
 
 
-def resolve_backend(op: str, backend: str | None, device, **floats) -> str:
+def resolve_backend(op: str, backend: str | None, device, sizes: dict | None = None, **floats) -> str:
     """The backend name for ``op`` under the dtype policy above (``floats``: the op's floating
-    input tensors by argument name, None ignored)."""
+    input tensors by argument name, None ignored; ``sizes``: the keyword sizes of the op's
+    size rule in ``_dispatch``, if it has one)."""
     from . import _dispatch
 
     wide = [n for n, t in floats.items() if t is not None and t.dtype not in KERNEL_FLOAT_DTYPES]
     if wide and backend is None:
         backend = "reference"
-    name, _ = _dispatch.resolve(op, backend, device)
+    name, _ = _dispatch.resolve(op, backend, device, **(sizes or {}))
     if wide and name != "reference":
         t = floats[wide[0]]
         raise TypeError(f"{op}: {wide[0]} is {t.dtype}, which the {name} backend does not take (it takes "

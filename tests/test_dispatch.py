@@ -82,10 +82,62 @@ def test_cuda_status_is_truthful():
 def test_env_report_runs_and_tells_the_truth():
     out = subprocess.run([sys.executable, "-m", "sslfast", "env"], capture_output=True, text=True, check=True).stdout
     assert "cpu_extension" in out and "built" in out
+    lines = [l for l in out.splitlines() if " on cuda tensors" in l]
+    assert {l.split()[0] for l in lines} == set(_dispatch.BACKENDS)
     if not torch.cuda.is_available():
-        assert "cuda on cuda tensors" in out
-        line = next(l for l in out.splitlines() if "cuda on cuda tensors" in l)
-        assert "unavailable" in line
+        # every backend, the reference included, is unusable on CUDA tensors without a CUDA device
+        for line in lines:
+            assert "unavailable" in line and "no CUDA device" in line, line
+    line = next(l for l in out.splitlines() if "reference on cpu tensors" in l)
+    assert line.split()[-1] == "usable"
+
+
+@pytest.mark.cpu
+def test_env_reference_on_cuda_follows_the_device(monkeypatch):
+    from sslfast.env import env_info
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert env_info()["backends"]["reference on cuda tensors"].startswith("unavailable: torch sees no CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a fake GPU")
+    assert env_info()["backends"]["reference on cuda tensors"] == "usable"
+
+
+@pytest.mark.cpu
+def test_cpu_size_rule_of_the_in_batch_losses(monkeypatch):
+    """backend=None on CPU: the reference (about 2x faster on CPU) while one logits matrix
+    has at most 2^26 entries, the memory-lean C++ kernel above; set_order still wins."""
+    monkeypatch.delenv("SSLFAST_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert _dispatch.INFO_NCE_CPU_REFERENCE_MAX_LOGITS == 1 << 26
+    for op in ("info_nce", "nt_xent"):
+        assert _dispatch.resolve(op, None, cpu, rows=4096, cols=4096)[0] == "reference"  # the bench's shape
+        assert _dispatch.resolve(op, None, cpu, rows=8192, cols=8192)[0] == "reference"  # 2^26 exactly
+        assert _dispatch.resolve(op, None, cpu, rows=8192, cols=8193)[0] == "cpu"
+        assert _dispatch.resolve(op, None, cpu, rows=65536, cols=65536)[0] == "cpu"
+        assert _dispatch.resolve(op, None, cpu)[0] == "cpu"  # no sizes: the usual order
+        assert _dispatch.resolve(op, "cpu", cpu, rows=64, cols=64)[0] == "cpu"  # explicit wins
+    monkeypatch.setitem(_dispatch._ORDER, ("info_nce", "cpu"), ("cpu", "reference"))
+    assert _dispatch.resolve("info_nce", None, cpu, rows=64, cols=64)[0] == "cpu"
+
+
+@pytest.mark.cpu
+def test_public_in_batch_losses_pass_their_sizes(monkeypatch):
+    import sslfast
+
+    monkeypatch.delenv("SSLFAST_BACKEND", raising=False)
+    q, k = torch.randn(64, 8), torch.randn(64, 8)
+    with _dispatch.record_choices() as seen:
+        sslfast.info_nce(q, k)
+        sslfast.info_nce(q, k, queue=torch.randn(32, 8))
+        sslfast.nt_xent(q, k)
+    assert seen == [("info_nce", "reference"), ("info_nce", "reference"), ("nt_xent", "reference")]
+    monkeypatch.setattr(_dispatch, "INFO_NCE_CPU_REFERENCE_MAX_LOGITS", 64 * 64)
+    with _dispatch.record_choices() as seen:
+        sslfast.info_nce(q, k)  # 64 x 64 logits: at the cap
+        sslfast.info_nce(q, k, queue=torch.randn(1, 8))  # 64 x 65: over it
+        sslfast.nt_xent(q, k)  # 128 x 128
+    assert seen == [("info_nce", "reference"), ("info_nce", "cpu"), ("nt_xent", "cpu")]
 
 
 @pytest.mark.cpu

@@ -82,7 +82,7 @@ def _provider(name, shape, device, backward):
             def loss_fn():
                 return compiled(x.reshape(-1, d)[flat], y.reshape(-1, d), neg, flat)
         else:
-            why = _dispatch.backend_unavailable_reason(name, device)
+            why = name and _dispatch.backend_unavailable_reason(name, device)  # None: sslfast's choice
             if why:
                 raise Unavailable(why)
 
@@ -111,12 +111,12 @@ def _loss_cases(device, quick):
         for mode in modes:
             backward = mode == "fwd+bwd"
             providers = {}
-            for name in ("cuda", "triton", "cpu", "reference", "hf", "compile"):
-                providers[name] = _provider(name, shape, device, backward)
+            for name in ("sslfast", "cuda", "triton", "cpu", "reference", "hf", "compile"):
+                providers[name] = _provider(None if name == "sslfast" else name, shape, device, backward)
             b, t, d, k = shape["B"], shape["T"], shape["D"], shape["K"]
             out.append(Case(
                 op="contrastive_loss", shape=f"{label} B={b} T={t} D={d} K={k}", mode=mode, providers=providers,
-                baseline="reference", params=dict(shape),
+                baseline="reference", params=dict(shape), default=label == next(iter(shapes)) and backward,
                 # fewest bytes: x and y once, plus the gathered candidate rows (fp32)
                 bytes_moved=4 * (2 * b * t * d + b * t // 2 * (k + 1) * d) * (3 if backward else 1),
             ))
@@ -142,7 +142,7 @@ def _w2v_provider(name, shape, device):
                 sampled = torch.from_numpy(hf._sample_negative_indices(tuple(mask.shape), K, mask_np)).to(device)
                 return _hf_loss(hf, x, y, mask, sampled)
         else:
-            if name != "reference":
+            if name not in (None, "reference"):  # None: sslfast's choice
                 why = _dispatch.backend_unavailable_reason(name, device)
                 if why:
                     raise Unavailable(why)
@@ -163,8 +163,9 @@ def cases(device, quick):
     device = torch.device(device)
     out = _loss_cases(device, quick)
     label, shape = next(iter((QUICK if quick else SHAPES).items()))
-    providers = {name: _w2v_provider(name, shape, device) for name in ("cuda", "triton", "cpu", "reference", "hf")}
+    providers = {name: _w2v_provider(None if name == "sslfast" else name, shape, device)
+                 for name in ("sslfast", "cuda", "triton", "cpu", "reference", "hf")}
     b, t, d, k = shape["B"], shape["T"], shape["D"], shape["K"]
     out.append(Case(op="wav2vec2_contrastive_loss", shape=f"{label} B={b} T={t} D={d} K={k}", mode="fwd+bwd",
-                    providers=providers, params=dict(shape)))
+                    providers=providers, params=dict(shape), default=True))
     return out

@@ -126,7 +126,7 @@ def cases(device, quick):
     out = []
     for b, t in shapes:
         for backward in (False, True):
-            providers = {}
+            providers = {"sslfast": lambda b=b, t=t, bw=backward: _make("ours", device, b, t, bw, None)}
             for name in backends:
                 providers[name] = (lambda name=name, b=b, t=t, bw=backward: _make("ours", device, b, t, bw, name))
             providers["reference"] = lambda b=b, t=t, bw=backward: _make("ours", device, b, t, bw, "reference")
@@ -137,10 +137,11 @@ def cases(device, quick):
                 mode="fwd+bwd" if backward else "fwd", providers=providers,
                 bytes_moved=b * t * (C_IN + G * V * 2 + CODE_DIM) * 4,
                 params={"B": b, "T": t, "C": C_IN, "G": G, "V": V, "d": CODE_DIM // G,
-                        "note": "training mode, weight_proj linear included, mask over 49% of frames"}))
+                        "note": "training mode, weight_proj linear included, mask over 49% of frames"},
+                default=(b, backward) == (shapes[0][0], True)))
     # soft quantization (hard=False): fwd+bwd at the first shape
     b, t = shapes[0]
-    providers = {}
+    providers = {"sslfast": lambda: _make("ours", device, b, t, True, None, hard=False)}
     for name in backends:
         providers[name] = (lambda name=name: _make("ours", device, b, t, True, name, hard=False))
     providers["reference"] = lambda: _make("ours", device, b, t, True, "reference", hard=False)

@@ -6,7 +6,8 @@ Shapes (issue 4): N in {4096, 16384, 65536} rows per device, D = 512; on the CPU
 out on CPU. quick: N = 512, D = 64. Inputs are
 bf16 on GPU (CLIP's training dtype), fp32 on CPU. Providers: every sslfast kernel backend
 usable on the device, the reference (builds the N x N logits), Hugging Face's
-``image_text_contrastive_loss`` on the logits (CLIP), and ``torch.compile(reference)``.
+``image_text_contrastive_loss`` on the logits (CLIP), and ``torch.compile(reference)``;
+nt_xent (no library peer) has "eager", the loss as SimCLR loops write it (``simclr_eager``).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _step(loss_fn, q, k):
 
 def _backend(name, n, d, device, dtype, op=None):
     def factory():
-        reason = _dispatch.backend_unavailable_reason(name, device)
+        reason = name and _dispatch.backend_unavailable_reason(name, device)  # None: sslfast's choice
         if reason:
             raise Unavailable(reason)
         if name == "triton" and device.type == "cpu":
@@ -67,6 +68,17 @@ def _backend(name, n, d, device, dtype, op=None):
         return _step(lambda a, b: info_nce(a, b, temperature=TEMPERATURE, symmetric=True, backend=name), q, k)
 
     return factory
+
+
+def simclr_eager(z1, z2, temperature):
+    """NT-Xent as SimCLR training loops write it: normalise, one (2N, 2N) similarity matrix,
+    the diagonal masked out, cross-entropy against the other view."""
+    n = z1.shape[0]
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = (z @ z.T) / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return torch.nn.functional.cross_entropy(sim, target)
 
 
 def _nt_xent_cases(device, quick, dtype):
@@ -83,10 +95,16 @@ def _nt_xent_cases(device, quick, dtype):
         q, k = _inputs(n, d, device, dtype)
         return _step(torch.compile(lambda a, b: ref.nt_xent(a, b, 0.5)), q, k)
 
-    providers = {name: _backend(name, n, d, device, dtype, op=nt_xent) for name in ("cuda", "triton", "cpu")}
-    providers.update(reference=reference_factory, compile=compile_factory)
+    def eager_factory():
+        _check_nn_memory(2 * n, device)
+        q, k = _inputs(n, d, device, dtype)
+        return _step(lambda a, b: simclr_eager(a, b, 0.5), q, k)
+
+    providers = {name: _backend(None if name == "sslfast" else name, n, d, device, dtype, op=nt_xent)
+                 for name in ("sslfast", "cuda", "triton", "cpu")}
+    providers.update(reference=reference_factory, eager=eager_factory, compile=compile_factory)
     return [Case(op="nt_xent", shape=f"B={n} views=2 D={d} {str(dtype).replace('torch.', '')}", mode="fwd+bwd",
-                 providers=providers, params=dict(n=n, d=d),
+                 providers=providers, params=dict(n=n, d=d), default=True,
                  reps=3 if device.type == "cpu" else None, warmup=1 if device.type == "cpu" else None)]
 
 
@@ -142,7 +160,8 @@ def cases(device, quick):
         shapes = [(4096, 512)]
     out = []
     for n, d in shapes:
-        providers = {name: _backend(name, n, d, device, dtype) for name in ("cuda", "triton", "cpu")}
+        providers = {name: _backend(None if name == "sslfast" else name, n, d, device, dtype)
+                     for name in ("sslfast", "cuda", "triton", "cpu")}
         providers.update(reference=_reference(n, d, device, dtype), hf=_hf(n, d, device, dtype),
                          compile=_compiled(n, d, device, dtype))
         out.append(Case(
@@ -152,7 +171,7 @@ def cases(device, quick):
             bytes_moved=4 * n * d * dtype.itemsize,
             # Forward 1 product, backward 2 recomputed + 2 gradient products, per direction.
             flops=2 * 5 * 2 * n * n * d,
-            params=dict(n=n, d=d, symmetric=True),
+            params=dict(n=n, d=d, symmetric=True), default=(n, d) == shapes[0],
             reps=3 if device.type == "cpu" else None, warmup=1 if device.type == "cpu" else None,
         ))
     return out + _nt_xent_cases(device, quick, dtype)

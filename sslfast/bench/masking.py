@@ -18,6 +18,8 @@ from .harness import Case, Unavailable
 
 def _backend(name, B, T, device, **kw):
     def factory():
+        if name is None:  # sslfast's choice
+            return lambda: compute_mask_indices((B, T), None, 0.65, 10, seed=1, device=device, **kw)
         if name not in _dispatch.implemented_backends("compute_mask_indices"):
             raise Unavailable(f"compute_mask_indices has no {name} backend")
         reason = _dispatch.backend_unavailable_reason(name, device)
@@ -68,10 +70,12 @@ def cases(device, quick: bool) -> list[Case]:
     fast = "cuda" if device.type == "cuda" else "cpu"
     out = []
     for B, T in shapes:
-        providers = {name: _backend(name, B, T, device, min_masks=2) for name in ("cpu", "cuda", "triton", "reference")}
+        providers = {"sslfast": _backend(None, B, T, device, min_masks=2)}
+        providers.update({name: _backend(name, B, T, device, min_masks=2)
+                          for name in ("cpu", "cuda", "triton", "reference")})
         providers["hf-style"] = _backend(fast, B, T, device, min_masks=2, style="hf")
         providers["hf"] = _hf(B, T, device)
         providers["compile"] = _compile(B, T, device)
         out.append(Case("compute_mask_indices", f"B={B} T={T} p=0.65 L=10", "fwd", providers,
-                        bytes_moved=B * T, params=dict(B=B, T=T)))
+                        bytes_moved=B * T, params=dict(B=B, T=T), default=(B, T) == shapes[0]))
     return out

@@ -78,13 +78,13 @@ def _compile_provider(fn):
     return factory
 
 
-def _rpq_case(device, B, T, Fdim, k, H, V, d):
+def _rpq_case(device, B, T, Fdim, k, H, V, d, default=False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, T, Fdim, generator=g).to(device)
     P = torch.nn.init.xavier_normal_(torch.empty(Fdim * k, H * d)).to(device)
     CB = F.normalize(torch.randn(H, V, d, generator=g), dim=-1).to(device)
     t = T // k
-    providers = {}
+    providers = {"sslfast": lambda: (lambda: random_projection_quantize(x, P, CB, stack=k))}
     for backend in ("cuda", "triton", "cpu"):
         providers[backend] = _backend_provider(
             "random_projection_quantize", backend, device,
@@ -106,15 +106,15 @@ def _rpq_case(device, B, T, Fdim, k, H, V, d):
         op="random_projection_quantize", shape=f"B={B} T={T} F={Fdim}x{k} H={H} V={V} d={d}", mode="fwd",
         providers=providers, bytes_moved=x.numel() * 4 + CB.numel() * 4 + B * t * H * 8,
         flops=2 * B * t * (Fdim * k * H * d + H * V * d),
-        params=dict(B=B, T=T, F=Fdim, stack=k, H=H, V=V, d=d, N=B * t),
+        params=dict(B=B, T=T, F=Fdim, stack=k, H=H, V=V, d=d, N=B * t), default=default,
     )
 
 
-def _ncw_case(device, N, D, V):
+def _ncw_case(device, N, D, V, default=False):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, D, generator=g).to(device)
     C = torch.randn(V, D, generator=g).to(device)
-    providers = {}
+    providers = {"sslfast": lambda: (lambda: nearest_codeword(x, C))}
     for backend in ("cuda", "triton", "cpu"):
         providers[backend] = _backend_provider(
             "nearest_codeword", backend, device, lambda backend=backend: nearest_codeword(x, C, backend=backend))
@@ -122,21 +122,22 @@ def _ncw_case(device, N, D, V):
     providers["cdist"] = lambda: (lambda: cdist_labels(x, C))
     providers["compile"] = _compile_provider(lambda: ref.nearest_codeword(x, C))
     return Case(op="nearest_codeword", shape=f"N={N} D={D} V={V}", mode="fwd", providers=providers,
-                bytes_moved=(x.numel() + C.numel()) * 4 + N * 8, flops=2 * N * V * D, params=dict(N=N, D=D, V=V))
+                bytes_moved=(x.numel() + C.numel()) * 4 + N * 8, flops=2 * N * V * D, params=dict(N=N, D=D, V=V),
+                default=default)
 
 
 def cases(device, quick):
     device = torch.device(device)
     if quick:
         return [
-            _rpq_case(device, 2, 101, 80, 4, 1, 512, 16),
+            _rpq_case(device, 2, 101, 80, 4, 1, 512, 16, default=True),
             _rpq_case(device, 2, 101, 80, 4, 2, 512, 16),
-            _ncw_case(device, 2 * 101, 64, 50),
+            _ncw_case(device, 2 * 101, 64, 50, default=True),
         ]
     out = []
     for B in (4, 16):
         for H in (1, 16):
-            out.append(_rpq_case(device, B, 781, 80, 4, H, 8192, 16))
+            out.append(_rpq_case(device, B, 781, 80, 4, H, 8192, 16, default=(B, H) == (4, 1)))
     for B in (4, 16):
-        out.append(_ncw_case(device, B * 781, 768, 500))
+        out.append(_ncw_case(device, B * 781, 768, 500, default=B == 4))
     return out

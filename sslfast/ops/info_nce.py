@@ -242,7 +242,10 @@ def info_nce(query, key, *, temperature=0.07, normalize=True, symmetric=False, q
       positives at ``rank * N + i``. Every rank passes the same N. The gradients a rank gets
       are ``world_size`` times those of the single-process mean over the gathered batch;
       DDP's gradient averaging restores the single-process values.
-    * ``backend``: None (fastest available), "reference", "cpu", "triton", "cuda".
+    * ``backend``: None (fastest available), "reference", "cpu", "triton", "cuda". On CPU
+      tensors None depends on the size: the reference (about 2x faster there, BLAS GEMMs on
+      the full logits) while N x (world_size * N + Q) <= 2^26 logits (256 MB in fp32), the C++
+      kernel above, whose memory is O((N + Q) * D) (``sslfast._dispatch``, size rules).
 
     Differs on purpose: fp32 math and an fp32 loss for any input dtype (as autocast does for
     cross-entropy); the mean of an empty batch is 0, not NaN; the kernels never build the
@@ -273,7 +276,8 @@ def info_nce(query, key, *, temperature=0.07, normalize=True, symmetric=False, q
                              "(torch.distributed.init_process_group)")
     V.check_inputs_finite(OP, query=query, key=key, queue=queue,
                           temperature=temperature if isinstance(temperature, torch.Tensor) else None)
-    name = V.resolve_backend(OP, backend, device, query=query, key=key, queue=queue)
+    cols = n * (torch.distributed.get_world_size() if distributed else 1) + (0 if queue is None else queue.shape[0])
+    name = V.resolve_backend(OP, backend, device, sizes=dict(rows=n, cols=cols), query=query, key=key, queue=queue)
     if name == "reference":
         return ref.info_nce(query, key, temperature=temperature, normalize=normalize, symmetric=symmetric,
                             queue=queue, reduction=reduction, distributed=distributed)
@@ -312,7 +316,8 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     (SimCLR, lightly's NTXentLoss without memory bank), ``"sum"`` sums them, ``"none"``
     returns them ((2N,), views of z1 first). ``temperature`` as in ``info_nce`` (float or a
     scalar tensor receiving a gradient). Tiled like ``info_nce``: memory O(N * D), never
-    2N x 2N. fp32 loss; the mean of an empty batch is 0.
+    2N x 2N. fp32 loss; the mean of an empty batch is 0. ``backend=None`` on CPU tensors:
+    the reference while (2N)^2 <= 2^26 logits, the C++ kernel above (as ``info_nce``).
     """
     V.check_tensor("z1", z1, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
     V.check_tensor("z2", z2, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
@@ -326,7 +331,8 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     V.check_choice("reduction", reduction, ("mean", "sum", "none"))
     V.check_inputs_finite(OP_NTX, z1=z1, z2=z2,
                           temperature=temperature if isinstance(temperature, torch.Tensor) else None)
-    name = V.resolve_backend(OP_NTX, backend, device, z1=z1, z2=z2)
+    rows = 2 * z1.shape[0]
+    name = V.resolve_backend(OP_NTX, backend, device, sizes=dict(rows=rows, cols=rows), z1=z1, z2=z2)
     if name == "reference":
         return ref.nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction)
 

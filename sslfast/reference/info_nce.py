@@ -71,6 +71,11 @@ def _row_losses(a: torch.Tensor, b: torch.Tensor, temperature, pos: torch.Tensor
     if exclude_self:
         eye = torch.eye(a.shape[0], b.shape[0], dtype=torch.bool, device=a.device)
         logits = logits.masked_fill(eye, float("-inf"))
+    return _cross_entropy_rows(logits, pos)
+
+
+def _cross_entropy_rows(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Per-row ``logsumexp(logits) - logits[pos]``."""
     return torch.logsumexp(logits, dim=1) - logits.gather(1, pos[:, None]).squeeze(1)
 
 
@@ -105,10 +110,15 @@ def info_nce(query, key, *, temperature=0.07, normalize=True, symmetric=False, q
     if queue is not None:
         cols = torch.cat([k_all, _prepare(queue.detach(), normalize)], dim=0)
     pos = torch.arange(n, device=q.device) + offset
-    rows = _row_losses(q, cols, temperature, pos, exclude_self=False)
+    logits = (q @ cols.T) / temperature
+    rows = _cross_entropy_rows(logits, pos)
     if symmetric:
-        q_all = gather_with_grad(q) if distributed else q
-        rows = 0.5 * (rows + _row_losses(k, q_all, temperature, pos, exclude_self=False))
+        if distributed:
+            rows_t = _row_losses(k, gather_with_grad(q), temperature, pos, exclude_self=False)
+        else:  # key -> query logits: the query -> key block, transposed (its columns), positives on its diagonal
+            block = logits[:, :n]
+            rows_t = torch.logsumexp(block, dim=0) - block.diagonal()
+        rows = 0.5 * (rows + rows_t)
     return reduce_rows(rows, reduction)
 
 
