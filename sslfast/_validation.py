@@ -227,7 +227,7 @@ class check_finite:
 def check_inputs_finite(op: str, **tensors) -> None:
     """With the check on, raise ValueError if a floating tensor among ``tensors`` holds a NaN
     or an infinity (None and non-floating tensors ignored)."""
-    if not check_finite_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not check_finite_enabled():
         return
     for name, t in tensors.items():
         if t is None or not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:

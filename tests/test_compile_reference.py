@@ -8,11 +8,12 @@ custom op under compile (sslfast.random.philox4x32) and the mask reference sizes
 from host bounds.
 
 The compiles run in a child process with a time limit, so a regression fails the test
-instead of hanging the suite or exhausting memory. Bound: COMPILE_BOUND_S per op. On this
-project's 2-core CI machine, loaded by other processes (load average about 9), the slowest of
-these compiles took 90 s cold and the gumbel case 15 s cold, 2 s with inductor's cache
-warm; the unfixed gumbel case did not finish in 540 s. 180 s per op leaves twice the worst
-loaded figure and is still a third of the failure.
+instead of hanging the suite or exhausting memory. Bound: COMPILE_BOUND_S per op, cold
+(an empty inductor cache). On this project's 2-core machine loaded by other processes (load
+average 11-14) these took 119 s (compute_mask_indices), 88 s (sample_negatives), 24 s
+(apply_mask) and 22 s (gumbel_vector_quantize); the gumbel case took 15 s cold and 2 s warm
+at load 9; the unfixed gumbel case did not finish in 540 s. 300 s per op leaves 2.5 times the
+worst loaded figure and stays below the failure.
 """
 import os
 import subprocess
@@ -21,7 +22,7 @@ import textwrap
 
 import pytest
 
-COMPILE_BOUND_S = 180
+COMPILE_BOUND_S = 300
 
 _CHILD = textwrap.dedent(r"""
     import sys, time, torch, sslfast
