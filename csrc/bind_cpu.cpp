@@ -13,6 +13,7 @@ void bind_rp_quantize(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_gumbel_quantize(py::module_& m);
 void bind_apply_mask(py::module_& m);
+void bind_masked_prediction(py::module_& m);
 }  // namespace sslfast
 
 PYBIND11_MODULE(_C, m) {
@@ -31,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   sslfast::bind_contrastive(m);
   sslfast::bind_gumbel_quantize(m);
   sslfast::bind_apply_mask(m);
+  sslfast::bind_masked_prediction(m);
 }

@@ -1,0 +1,347 @@
+"""masked_prediction_loss: the reference against an fp64 eager formula (torch's
+cross_entropy on the full logits), gradcheck of the reference, every kernel backend against
+the reference (loss, stats, gradients), the low-precision 2x rule, hostile inputs, validation.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sslfast
+from sslfast.reference import masked_prediction as ref
+
+KERNEL_BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.cpu),
+    pytest.param("triton", marks=pytest.mark.interpreter),
+]
+
+
+def make_case(n, h, v, d, *, seed=0, shared_x=True, bias=False, ignore_frac=0.0, scale=1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, d) if shared_x else (n, h, d), generator=g, dtype=torch.float64) * scale
+    w = torch.randn(h, v, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b = torch.randn(h, v, generator=g, dtype=torch.float64) if bias else None
+    t = torch.randint(0, v, (n, h), generator=g)
+    if ignore_frac > 0:
+        t = torch.where(torch.rand(n, h, generator=g) < ignore_frac, torch.full_like(t, -100), t)
+    mask = torch.rand(n, generator=g) < 0.6
+    fw = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    cast = (lambda a: None if a is None else a.to(dtype))
+    return cast(x), cast(w), cast(b), t, mask, cast(fw)
+
+
+def formula(x, w, b, t, *, head="linear", logit_temp=0.1, mask=None, frame_weight=None, pred_masked_weight=1.0,
+            pred_nomask_weight=0.0, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """The loss the textbook way in fp64: full (N, H, V) logits, F.cross_entropy per head."""
+    x, w = x.double(), w.double()
+    n, h = t.shape
+    xs = x if x.dim() == 3 else x[:, None, :].expand(n, h, x.shape[-1])
+    if head == "cosine":
+        def unit(a):
+            norm = a.norm(dim=-1, keepdim=True)
+            return torch.where(norm > 0, a / norm.clamp_min(1e-300), torch.zeros_like(a))
+        logits = torch.einsum("nhd,hvd->nhv", unit(xs), unit(w)) / logit_temp
+    else:
+        logits = torch.einsum("nhd,hvd->nhv", xs, w)
+        if b is not None:
+            logits = logits + b.double()
+    per = torch.stack([F.cross_entropy(logits[:, i], t[:, i], ignore_index=ignore_index, reduction="none",
+                                       label_smoothing=label_smoothing) for i in range(h)], dim=1)
+    wf = torch.ones(n, dtype=torch.float64) if frame_weight is None else frame_weight.double()
+    if mask is not None:
+        wf = wf * torch.where(mask, pred_masked_weight, pred_nomask_weight).double()
+    per = per * wf[:, None]
+    valid = t != ignore_index
+    count = (valid & (wf != 0)[:, None]).sum()
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / max(int(count), 1)
+
+
+OPTIONS = [
+    dict(),
+    dict(label_smoothing=0.1),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(use_mask=True),
+    dict(use_mask=True, pred_nomask_weight=0.5, pred_masked_weight=2.0),
+    dict(use_fw=True, reduction="sum"),
+    dict(use_mask=True, use_fw=True, label_smoothing=0.2, reduction="none"),
+]
+
+
+def _kwargs(opt, mask, fw):
+    kw = {k: v for k, v in opt.items() if k not in ("use_mask", "use_fw")}
+    if opt.get("use_mask"):
+        kw["mask"] = mask
+    if opt.get("use_fw"):
+        kw["frame_weight"] = fw
+    return kw
+
+
+HEADS = [
+    dict(head="linear", shared_x=True, bias=False),
+    dict(head="linear", shared_x=True, bias=True),
+    dict(head="linear", shared_x=False, bias=True),
+    dict(head="cosine", shared_x=True, bias=False),
+    dict(head="cosine", shared_x=False, bias=False),
+]
+
+
+# ----------------------------------------------------------------------------- reference = spec
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("hd", HEADS, ids=lambda c: f"{c['head']}-{'shared' if c['shared_x'] else 'perhead'}-b{int(c['bias'])}")
+@pytest.mark.parametrize("opt", OPTIONS, ids=str)
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3])
+def test_reference_matches_formula_fp64(hd, opt, ignore_frac):
+    x, w, b, t, mask, fw = make_case(37, 3, 11, 6, seed=1, shared_x=hd["shared_x"], bias=hd["bias"],
+                                     ignore_frac=ignore_frac)
+    kw = _kwargs(opt, mask, fw)
+    got = ref.masked_prediction_loss(x, w, t, head=hd["head"], bias=b, chunk_size=8, **kw)
+    want = formula(x, w, b, t, head=hd["head"], **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cpu
+def test_reference_stats_follow_fairseq_rule():
+    # correct = target logit attains the max (fairseq: target in column 0, argmax == 0)
+    x, w, b, t, mask, fw = make_case(50, 2, 5, 4, seed=2, ignore_frac=0.2)
+    out = ref.masked_prediction_loss(x, w, t, mask=mask, return_stats=True)
+    logits = torch.einsum("nd,hvd->nhv", x, w)
+    counted = (t != -100) & mask[:, None]
+    for i in range(2):
+        rows = counted[:, i]
+        # fairseq layout: [target, all V with the target's column at -inf]
+        lt = logits[rows, i]
+        ti = t[rows, i]
+        pos = lt.gather(1, ti[:, None])
+        negs = lt.scatter(1, ti[:, None], float("-inf"))
+        fair = torch.cat([pos, negs], dim=1)
+        corr = ((fair.argmax(-1) == 0) & ~(fair.argmin(-1) == 0)).sum()
+        assert out.correct[i].item() == corr.item()
+        assert out.count[i].item() == rows.sum().item()
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("head,bias,shared", [("linear", True, True), ("linear", False, False), ("cosine", False, True)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_reference_gradcheck_fp64(head, bias, shared, reduction):
+    x, w, b, t, mask, fw = make_case(7, 2, 5, 3, seed=3, shared_x=shared, bias=bias, ignore_frac=0.2)
+    inputs = [x.requires_grad_(), w.requires_grad_()] + ([b.requires_grad_()] if bias else [])
+
+    def fn(*args):
+        bb = args[2] if bias else None
+        return ref.masked_prediction_loss(args[0], args[1], t, head=head, bias=bb, mask=mask, frame_weight=fw,
+                                          pred_nomask_weight=0.3, label_smoothing=0.1, reduction=reduction,
+                                          chunk_size=3)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ----------------------------------------------------------------------------- kernels vs reference
+
+def _run(backend, x, w, b, t, **kw):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    out = sslfast.masked_prediction_loss(x, w, t, bias=b, return_stats=True, backend=backend, **kw)
+    gout = torch.linspace(-1, 1, out.loss.numel()).reshape(out.loss.shape) if out.loss.dim() else torch.tensor(1.7)
+    (out.loss * gout.to(out.loss.dtype)).sum().backward()
+    return out, x.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("n,h,v,d", [(1, 1, 1, 1), (5, 2, 7, 3), (97, 3, 50, 33), (200, 2, 97, 17), (193, 1, 130, 64)])
+@pytest.mark.parametrize("hd", HEADS, ids=lambda c: f"{c['head']}-{'shared' if c['shared_x'] else 'perhead'}-b{int(c['bias'])}")
+@pytest.mark.parametrize("opt", [OPTIONS[0], OPTIONS[3], OPTIONS[5], OPTIONS[7]], ids=str)
+def test_kernel_matches_reference(backend, n, h, v, d, hd, opt):
+    x, w, b, t, mask, fw = make_case(n, h, v, d, seed=n + v, shared_x=hd["shared_x"], bias=hd["bias"],
+                                     ignore_frac=0.2, dtype=torch.float32)
+    kw = dict(_kwargs(opt, mask, fw), head=hd["head"])
+    want = _run("reference", x, w, b, t, **kw)
+    got = _run(backend, x, w, b, t, **kw)
+    tol = dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got[0].loss, want[0].loss, **tol)
+    assert torch.equal(got[0].count, want[0].count)
+    # a near-tie between the target and the max may flip in fp32: allow one frame per head
+    assert (got[0].correct - want[0].correct).abs().max() <= 1
+    for g, r in zip(got[1:], want[1:]):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_no_grad_path_and_none_reduction_agree(backend):
+    # the fused path (mean with grad) and the rows path (no grad) give the same loss value
+    x, w, b, t, mask, fw = make_case(64, 2, 40, 16, seed=5, bias=True, dtype=torch.float32)
+    with torch.no_grad():
+        a = sslfast.masked_prediction_loss(x, w, t, bias=b, backend=backend)
+    x.requires_grad_()
+    c = sslfast.masked_prediction_loss(x, w, t, bias=b, backend=backend)
+    torch.testing.assert_close(a, c.detach(), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- low precision
+
+def _lowp_peer(x, w, b, t, dtype, head):
+    """Plain PyTorch with the products in ``dtype``: the error budget's yardstick."""
+    if head == "cosine":
+        xn = F.normalize(x.double(), dim=-1).to(dtype)
+        wn = F.normalize(w.double(), dim=-1).to(dtype)
+        logits = torch.einsum("nd,hvd->nhv", xn, wn).float() / 0.1
+    else:
+        logits = torch.einsum("nd,hvd->nhv", x.to(dtype), w.to(dtype)).float()
+        if b is not None:
+            logits = logits + b.to(dtype).float()
+    return F.cross_entropy(logits.permute(0, 2, 1), t)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_kernel_low_precision_error_at_most_twice_pytorch(backend, dtype, head):
+    x, w, b, t, mask, fw = make_case(300, 2, 64, 48, seed=7, bias=head == "linear", scale=2.0)
+    exact = formula(x, w, b, t, head=head)
+    xl, wl = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    bl = None if b is None else b.to(dtype)
+    got = sslfast.masked_prediction_loss(xl, wl, t, head=head, bias=bl, backend=backend)
+    peer = _lowp_peer(x, w, b, t, dtype, head)
+    err, peer_err = (got.double() - exact).abs().item(), (peer.double() - exact).abs().item()
+    assert err <= 2 * peer_err + 1e-6, (err, peer_err)
+    # gradients: against fp64 autograd of the formula, within the dtype's resolution
+    got.backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    formula(xr, wr, b, t, head=head).backward()
+    res = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    for g, r in ((xl.grad, xr.grad), (wl.grad, wr.grad)):
+        assert g.dtype == dtype
+        assert (g.double() - r).abs().max() <= 4 * res * r.abs().max()
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.cpu)] + KERNEL_BACKENDS)
+def test_all_labels_ignored_gives_zero_and_zero_grads(backend):
+    x, w, b, t, mask, fw = make_case(20, 2, 9, 5, seed=8, bias=True, dtype=torch.float32)
+    t = torch.full_like(t, -100)
+    out, gx, gw, gb = _run(backend, x, w, b, t)
+    assert out.loss.item() == 0.0 and out.count.tolist() == [0, 0] and out.correct.tolist() == [0, 0]
+    assert torch.count_nonzero(gx) == 0 and torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.cpu)] + KERNEL_BACKENDS)
+def test_all_frames_unmasked_with_zero_nomask_weight(backend):
+    x, w, b, t, mask, fw = make_case(12, 1, 4, 3, seed=9, dtype=torch.float32)
+    out, gx, gw, _ = _run(backend, x, w, b, t, mask=torch.zeros(12, dtype=torch.bool))
+    assert out.loss.item() == 0.0 and out.count.tolist() == [0]
+    assert torch.count_nonzero(gx) == 0 and torch.count_nonzero(gw) == 0
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.cpu)] + KERNEL_BACKENDS)
+def test_one_class_loss_is_zero(backend):
+    # V = 1: log-softmax of one logit is 0 whatever its value; the gradient is 0 too
+    x, w, b, t, mask, fw = make_case(6, 2, 1, 4, seed=10, bias=True, scale=100.0, dtype=torch.float32)
+    out, gx, gw, gb = _run(backend, x, w, b, t)
+    assert out.loss.item() == 0.0 and out.correct.tolist() == [6, 6]
+    assert gx.abs().max() == 0 and gw.abs().max() == 0 and gb.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.cpu)] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("magnitude", [255.0, 1e4])
+def test_large_logits_stay_finite_and_exact(backend, magnitude):
+    # logits of +-magnitude: lse must not overflow; the exact loss is known in closed form
+    n, v = 8, 6
+    x = torch.ones(n, 1)
+    w = torch.zeros(1, v, 1)
+    w[0, :, 0] = torch.tensor([magnitude, -magnitude, 0.0, magnitude, -magnitude, 1.0])
+    t = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])[:, None]
+    out, gx, gw, _ = _run(backend, x, w, None, t, reduction="none")
+    z = w[0, :, 0].double()
+    want = torch.logsumexp(z, 0) - z[t[:, 0]]
+    torch.testing.assert_close(out.loss[:, 0].double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.cpu)] + KERNEL_BACKENDS)
+def test_cosine_zero_vectors(backend):
+    # a zero frame vector: every logit 0, loss log V, zero gradient to it; a zero label
+    # embedding: its logit is 0 for every frame
+    x, w, b, t, mask, fw = make_case(5, 1, 4, 3, seed=11, dtype=torch.float32)
+    x[2] = 0
+    w[0, 1] = 0
+    out, gx, gw, _ = _run(backend, x, w, None, t, head="cosine", reduction="none")
+    assert abs(out.loss[2, 0].item() - math.log(4)) < 1e-6
+    assert torch.all(gx[2] == 0) and torch.all(gw[0, 1] == 0)
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    want = formula(x, w, None, t, head="cosine", reduction="none")
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.cpu)] + KERNEL_BACKENDS)
+def test_cosine_huge_and_tiny_norms(backend):
+    x, w, b, t, mask, fw = make_case(9, 1, 5, 4, seed=12, dtype=torch.float32)
+    want = formula(x, w, None, t, head="cosine")
+    for s in (1e30, 1e-30):
+        got = sslfast.masked_prediction_loss(x * s, w * s, t, head="cosine", backend=backend)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.cpu)] + KERNEL_BACKENDS)
+def test_empty_batch(backend):
+    x = torch.zeros(0, 4, requires_grad=True)
+    w = torch.randn(2, 5, 4, requires_grad=True)
+    t = torch.zeros(0, 2, dtype=torch.long)
+    loss = sslfast.masked_prediction_loss(x, w, t, backend=backend)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert w.grad is not None and torch.count_nonzero(w.grad) == 0
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.cpu
+def test_validation_errors_name_the_argument():
+    x = torch.randn(4, 3)
+    w = torch.randn(2, 5, 3)
+    t = torch.zeros(4, 2, dtype=torch.long)
+    f = sslfast.masked_prediction_loss
+    with pytest.raises(TypeError, match="x"):
+        f(x.long(), w, t)
+    with pytest.raises(ValueError, match="weight's D"):
+        f(torch.randn(4, 2), w, t)
+    with pytest.raises(ValueError, match="targets"):
+        f(x, w, t[:, :1])
+    with pytest.raises(TypeError, match="targets"):
+        f(x, w, t.float())
+    with pytest.raises(ValueError, match="targets must be in"):
+        f(x, w, t + 5)
+    with pytest.raises(ValueError, match="bias"):
+        f(x, w, t, head="cosine", bias=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="bias"):
+        f(x, w, t, bias=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="logit_temp"):
+        f(x, w, t, head="cosine", logit_temp=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        f(x, w, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="reduction"):
+        f(x, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="head"):
+        f(x, w, t, head="dot")
+    with pytest.raises(ValueError, match="mask"):
+        f(x, w, t, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        f(x, w, t, mask=torch.ones(4))
+    with pytest.raises(ValueError, match="H = 2"):
+        f(torch.randn(4, 3, 3), w, t)
+    with pytest.raises(TypeError, match="ignore_index"):
+        f(x, w, t, ignore_index=1.5)
+    with pytest.raises(TypeError, match="fp64 runs on backend='reference'"):
+        f(x.double(), w.double(), t, backend="cpu")
+    # ignore_index outside [0, V) is accepted
+    assert f(x, w, t - 7, ignore_index=-7).item() == 0.0
