@@ -190,30 +190,40 @@ def test_kernel_no_grad_path_and_none_reduction_agree(backend):
 # ----------------------------------------------------------------------------- low precision
 
 def _lowp_peer(x, w, b, t, dtype, head):
-    """Plain PyTorch with the products in ``dtype``: the error budget's yardstick."""
+    """Plain PyTorch with the products in ``dtype``: per-pair losses (N, H), the error budget's
+    yardstick."""
     if head == "cosine":
-        xn = F.normalize(x.double(), dim=-1).to(dtype)
-        wn = F.normalize(w.double(), dim=-1).to(dtype)
+        # inputs rounded to dtype (what the op receives), normalised vectors rounded again
+        xn = F.normalize(x.to(dtype).double(), dim=-1).to(dtype)
+        wn = F.normalize(w.to(dtype).double(), dim=-1).to(dtype)
         logits = torch.einsum("nd,hvd->nhv", xn, wn).float() / 0.1
     else:
         logits = torch.einsum("nd,hvd->nhv", x.to(dtype), w.to(dtype)).float()
         if b is not None:
             logits = logits + b.to(dtype).float()
-    return F.cross_entropy(logits.permute(0, 2, 1), t)
+    return F.cross_entropy(logits.permute(0, 2, 1), t, reduction="none")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_kernel_low_precision_error_at_most_twice_pytorch(backend, dtype, head):
+    # Per-pair losses (a mean over pairs lets rounding errors cancel at random): the worst
+    # pair's error against fp64 on the unrounded inputs, for the kernel, for plain PyTorch
+    # with products in dtype, and for the reference (fp32 math) on the dtype inputs.
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16")
     x, w, b, t, mask, fw = make_case(300, 2, 64, 48, seed=7, bias=head == "linear", scale=2.0)
-    exact = formula(x, w, b, t, head=head)
+    exact = formula(x, w, b, t, head=head, reduction="none")
     xl, wl = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
     bl = None if b is None else b.to(dtype)
-    got = sslfast.masked_prediction_loss(xl, wl, t, head=head, bias=bl, backend=backend)
-    peer = _lowp_peer(x, w, b, t, dtype, head)
-    err, peer_err = (got.double() - exact).abs().item(), (peer.double() - exact).abs().item()
-    assert err <= 2 * peer_err + 1e-6, (err, peer_err)
+    rows = sslfast.masked_prediction_loss(xl, wl, t, head=head, bias=bl, reduction="none", backend=backend)
+    own = ref.masked_prediction_loss(xl.detach(), wl.detach(), t, head=head, bias=bl, reduction="none")
+    err = (rows.double() - exact).abs().max().item()
+    peer_err = (_lowp_peer(x, w, b, t, dtype, head).double() - exact).abs().max().item()
+    own_err = (own.double() - exact).abs().max().item()
+    assert err <= 2 * min(peer_err, own_err) + 1e-6, (err, peer_err, own_err)
+    got = rows.mean()
     # gradients: against fp64 autograd of the formula, within the dtype's resolution
     got.backward()
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -264,7 +274,8 @@ def test_large_logits_stay_finite_and_exact(backend, magnitude):
     out, gx, gw, _ = _run(backend, x, w, None, t, reduction="none")
     z = w[0, :, 0].double()
     want = torch.logsumexp(z, 0) - z[t[:, 0]]
-    torch.testing.assert_close(out.loss[:, 0].double(), want, rtol=1e-6, atol=1e-6)
+    # lse - z_y of two fp32 numbers near the magnitude: a few ulps of it
+    torch.testing.assert_close(out.loss[:, 0].double(), want, rtol=0, atol=4 * magnitude * 2.0 ** -24 + 1e-6)
     assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
 
 

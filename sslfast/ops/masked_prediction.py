@@ -61,8 +61,9 @@ def _cpu_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
     lse = torch.empty(n, h, **f32) if want_rows else None
     top = torch.empty(n, h, dtype=torch.bool, device=x.device) if want_rows else None
     dx = torch.zeros(n, hx, d, **f32) if need_grad else None
-    dw = torch.empty(h, v, d, **f32) if need_grad else None
-    db = torch.empty(h, v, **f32) if need_grad and bias is not None else None
+    alloc = torch.empty if n > 0 else torch.zeros  # the kernel writes every entry, except for N = 0
+    dw = alloc(h, v, d, **f32) if need_grad else None
+    db = alloc(h, v, **f32) if need_grad and bias is not None else None
     mod.masked_prediction_forward_backward(
         _ext.ptr(x), _ext.DTYPE_CODE[x.dtype], _ext.ptr(w), _ext.DTYPE_CODE[w.dtype], _ext.ptr(bias),
         _ext.DTYPE_CODE[bias.dtype] if bias is not None else 0, _ext.ptr(targets), _ext.ptr(grad), n, h, hx, v, d,
