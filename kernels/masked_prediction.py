@@ -50,8 +50,10 @@ def _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, sc
 def _dlogits(z, lse, g, t, offs_v, v_ok, n_ok, eps, eps_over_v):
     """g * dloss/dz for a tile, 0 outside the valid rows and classes."""
     tgt = offs_v[None, :] == t[:, None]
-    ds = g[:, None] * (tl.exp(z - lse[:, None]) - tl.where(tgt, 1.0 - eps, 0.0) - eps_over_v)
-    return tl.where(n_ok[:, None] & v_ok[None, :], ds, 0.0)
+    ok = n_ok[:, None] & v_ok[None, :]
+    p = tl.exp(tl.where(ok, z, float("-inf")) - lse[:, None])  # padding classes never overflow
+    ds = g[:, None] * (p - tl.where(tgt, 1.0 - eps, 0.0) - eps_over_v)
+    return tl.where(ok, ds, 0.0)
 
 
 @triton.jit

@@ -14,7 +14,15 @@ from sslfast.reference import masked_prediction as ref
 KERNEL_BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.cpu),
     pytest.param("triton", marks=pytest.mark.interpreter),
+    pytest.param("cuda", marks=pytest.mark.gpu),
 ]
+
+
+def _device(backend):
+    """Where a backend's tensors live: CUDA for cuda (and triton when there is a GPU), else CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def make_case(n, h, v, d, *, seed=0, shared_x=True, bias=False, ignore_frac=0.0, scale=1.0, dtype=torch.float64):
@@ -145,13 +153,18 @@ def test_reference_gradcheck_fp64(head, bias, shared, reduction):
 # ----------------------------------------------------------------------------- kernels vs reference
 
 def _run(backend, x, w, b, t, **kw):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    b = None if b is None else b.detach().clone().requires_grad_()
-    out = sslfast.masked_prediction_loss(x, w, t, bias=b, return_stats=True, backend=backend, **kw)
+    """(stats, grad x, grad w, grad b) of one call, all on the CPU; the loss is backpropagated
+    with a non-uniform output gradient."""
+    dev = _device(backend)
+    x = x.detach().to(dev).requires_grad_()
+    w = w.detach().to(dev).requires_grad_()
+    b = None if b is None else b.detach().to(dev).requires_grad_()
+    kw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    out = sslfast.masked_prediction_loss(x, w, t.to(dev), bias=b, return_stats=True, backend=backend, **kw)
     gout = torch.linspace(-1, 1, out.loss.numel()).reshape(out.loss.shape) if out.loss.dim() else torch.tensor(1.7)
-    (out.loss * gout.to(out.loss.dtype)).sum().backward()
-    return out, x.grad, w.grad, None if b is None else b.grad
+    (out.loss * gout.to(dev, out.loss.dtype)).sum().backward()
+    out = type(out)(*(v.cpu() for v in out))
+    return out, x.grad.cpu(), w.grad.cpu(), None if b is None else b.grad.cpu()
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -180,6 +193,8 @@ def test_kernel_matches_reference(backend, n, h, v, d, hd, opt):
 def test_kernel_no_grad_path_and_none_reduction_agree(backend):
     # the fused path (mean with grad) and the rows path (no grad) give the same loss value
     x, w, b, t, mask, fw = make_case(64, 2, 40, 16, seed=5, bias=True, dtype=torch.float32)
+    dev = _device(backend)
+    x, w, b, t = x.to(dev), w.to(dev), b.to(dev), t.to(dev)
     with torch.no_grad():
         a = sslfast.masked_prediction_loss(x, w, t, bias=b, backend=backend)
     x.requires_grad_()
@@ -215,10 +230,12 @@ def test_kernel_low_precision_error_at_most_twice_pytorch(backend, dtype, head):
         pytest.skip("the Triton interpreter has no bf16")
     x, w, b, t, mask, fw = make_case(300, 2, 64, 48, seed=7, bias=head == "linear", scale=2.0)
     exact = formula(x, w, b, t, head=head, reduction="none")
-    xl, wl = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
-    bl = None if b is None else b.to(dtype)
-    rows = sslfast.masked_prediction_loss(xl, wl, t, head=head, bias=bl, reduction="none", backend=backend)
-    own = ref.masked_prediction_loss(xl.detach(), wl.detach(), t, head=head, bias=bl, reduction="none")
+    dev = _device(backend)
+    xl, wl = x.to(dev, dtype).requires_grad_(), w.to(dev, dtype).requires_grad_()
+    bl = None if b is None else b.to(dev, dtype)
+    rows = sslfast.masked_prediction_loss(xl, wl, t.to(dev), head=head, bias=bl, reduction="none", backend=backend)
+    own = ref.masked_prediction_loss(xl.detach(), wl.detach(), t.to(dev), head=head, bias=bl, reduction="none")
+    rows, own = rows.cpu(), own.cpu()
     err = (rows.double() - exact).abs().max().item()
     peer_err = (_lowp_peer(x, w, b, t, dtype, head).double() - exact).abs().max().item()
     own_err = (own.double() - exact).abs().max().item()
@@ -299,15 +316,18 @@ def test_cosine_huge_and_tiny_norms(backend):
     x, w, b, t, mask, fw = make_case(9, 1, 5, 4, seed=12, dtype=torch.float32)
     want = formula(x, w, None, t, head="cosine")
     for s in (1e30, 1e-30):
-        got = sslfast.masked_prediction_loss(x * s, w * s, t, head="cosine", backend=backend)
+        dev = _device(backend)
+        got = sslfast.masked_prediction_loss((x * s).to(dev), (w * s).to(dev), t.to(dev), head="cosine",
+                                             backend=backend).cpu()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.cpu)] + KERNEL_BACKENDS)
 def test_empty_batch(backend):
-    x = torch.zeros(0, 4, requires_grad=True)
-    w = torch.randn(2, 5, 4, requires_grad=True)
-    t = torch.zeros(0, 2, dtype=torch.long)
+    dev = _device(backend)
+    x = torch.zeros(0, 4, device=dev, requires_grad=True)
+    w = torch.randn(2, 5, 4, device=dev, requires_grad=True)
+    t = torch.zeros(0, 2, dtype=torch.long, device=dev)
     loss = sslfast.masked_prediction_loss(x, w, t, backend=backend)
     assert loss.item() == 0.0
     loss.backward()

@@ -49,27 +49,45 @@ def _reference(*args, **kwargs):
     return ref.masked_prediction_loss(*args, **kwargs)
 
 
-def _cpu_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
+def _outputs(x, w, bias, grad):
+    """(loss, lse, top, dx, dw, db) buffers; the kernels write every entry except for N = 0."""
     n, hx, d = x.shape
     h, v, _ = w.shape
-    mod = _ext.cpu_module()
-    need_grad = grad is not None
-    slots, ws_floats = mod.masked_prediction_layout(v, d, need_grad)
-    ws = torch.empty(ws_floats, dtype=torch.float32, device=x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
-    loss = torch.empty(n, h, **f32) if want_rows else None
-    lse = torch.empty(n, h, **f32) if want_rows else None
-    top = torch.empty(n, h, dtype=torch.bool, device=x.device) if want_rows else None
-    dx = torch.zeros(n, hx, d, **f32) if need_grad else None
-    alloc = torch.empty if n > 0 else torch.zeros  # the kernel writes every entry, except for N = 0
-    dw = alloc(h, v, d, **f32) if need_grad else None
-    db = alloc(h, v, **f32) if need_grad and bias is not None else None
-    mod.masked_prediction_forward_backward(
-        _ext.ptr(x), _ext.DTYPE_CODE[x.dtype], _ext.ptr(w), _ext.DTYPE_CODE[w.dtype], _ext.ptr(bias),
-        _ext.DTYPE_CODE[bias.dtype] if bias is not None else 0, _ext.ptr(targets), _ext.ptr(grad), n, h, hx, v, d,
-        float(scale), float(eps), _ext.ptr(loss), _ext.ptr(lse), _ext.ptr(top), _ext.ptr(dx), _ext.ptr(dw),
-        _ext.ptr(db), _ext.ptr(ws), slots)
-    return loss, lse, top, dx, dw, db
+    alloc = torch.empty if n > 0 else torch.zeros
+    need_grad = grad is not None
+    return (torch.empty(n, h, **f32), torch.empty(n, h, **f32), torch.empty(n, h, dtype=torch.bool, device=x.device),
+            torch.zeros(n, hx, d, **f32) if need_grad else None, alloc(h, v, d, **f32) if need_grad else None,
+            alloc(h, v, **f32) if need_grad and bias is not None else None)
+
+
+def _ext_args(x, w, bias, targets, grad, scale, eps, outs):
+    n, hx, d = x.shape
+    h, v, _ = w.shape
+    return (_ext.ptr(x), _ext.DTYPE_CODE[x.dtype], _ext.ptr(w), _ext.DTYPE_CODE[w.dtype], _ext.ptr(bias),
+            _ext.DTYPE_CODE[bias.dtype] if bias is not None else 0, _ext.ptr(targets), _ext.ptr(grad), n, h, hx, v,
+            d, float(scale), float(eps), *map(_ext.ptr, outs))
+
+
+def _cpu_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
+    mod = _ext.cpu_module()
+    slots, ws_floats = mod.masked_prediction_layout(w.shape[1], w.shape[2], grad is not None)
+    ws = torch.empty(ws_floats, dtype=torch.float32, device=x.device)
+    outs = _outputs(x, w, bias, grad)
+    if not want_rows:  # the backward: no loss, lse or top written
+        outs = (None, None, None) + outs[3:]
+    mod.masked_prediction_forward_backward(*_ext_args(x, w, bias, targets, grad, scale, eps, outs), _ext.ptr(ws),
+                                           slots)
+    return outs
+
+
+@_dispatch.register(OP, "cuda")
+@_dispatch.register(OP_BWD, "cuda")
+def _cuda_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
+    outs = _outputs(x, w, bias, grad)  # lse is always written: the gradient kernels read it
+    _ext.cuda_module().masked_prediction_forward_backward(
+        *_ext_args(x, w, bias, targets, grad, scale, eps, outs), _ext.stream(x.device))
+    return outs
 
 
 _dispatch.register(OP_BWD, "cpu")(_cpu_core)
@@ -181,6 +199,16 @@ def _fused_backward(ctx, g_total, *_unused):
     dx, dw, db = ctx.saved_tensors
     x_dt, w_dt, b_dt = ctx.dtypes
     g = g_total.float()
+    if getattr(ctx, "handed_over", False):
+        raise RuntimeError(
+            "masked_prediction_loss: a second backward through the same graph (retain_graph=True) after the "
+            "first handed its saved gradients over; compute the loss again for each backward")
+    if (g.device.type == "cpu" and not torch.compiler.is_compiling() and float(g) == 1.0
+            and x_dt == w_dt == torch.float32 and b_dt in (None, torch.float32)):
+        # loss.backward(): hand the saved fp32 gradients over as they are (no second H*V*D
+        # copy); they may then be accumulated into in place, so they are not reusable
+        ctx.handed_over = True
+        return dx, dw, None if b_dt is None else db, None, None, None, None, None
     return ((dx * g).to(x_dt), (dw * g).to(w_dt), None if b_dt is None else (db * g).to(b_dt),
             None, None, None, None, None)
 
@@ -236,7 +264,7 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
             ((N, H) weighted per-pair losses).
         return_stats: also return fairseq's accuracy counters: ``MaskedPredictionStats(loss,
             correct, count)``, ``correct`` and ``count`` (H,) int64 tensors.
-        backend: None (fastest available), ``"reference"``, ``"cpu"``, ``"triton"``.
+        backend: None (fastest available), ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
 
     Returns the fp32 loss (fp64 for fp64 inputs on the reference), or ``MaskedPredictionStats``.
     Gradients reach x, weight and bias. The conventions (fairseq ``HubertCriterion``, NeMo
