@@ -376,3 +376,116 @@ def test_validation_errors_name_the_argument():
         f(x.double(), w.double(), t, backend="cpu")
     # ignore_index outside [0, V) is accepted
     assert f(x, w, t - 7, ignore_index=-7).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- autograd plumbing
+
+@pytest.mark.cpu
+def test_unit_output_gradient_handover_accumulates_and_guards_retain_graph():
+    # loss.backward() (output gradient 1) hands the fused pass's saved fp32 gradients over:
+    # two fresh forward/backward pairs must accumulate to twice one, and a second backward
+    # through a retained graph must raise rather than reuse gradients that were handed over.
+    x, w, b, t, mask, fw = make_case(40, 2, 30, 8, seed=13, bias=True, dtype=torch.float32)
+    xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
+    ref.masked_prediction_loss(xr, wr, t, bias=br).backward()
+    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
+    for _ in range(2):
+        sslfast.masked_prediction_loss(xs, ws, t, bias=bs, backend="cpu").backward()
+    for got, want in ((xs.grad, xr.grad), (ws.grad, wr.grad), (bs.grad, br.grad)):
+        torch.testing.assert_close(got, 2 * want, rtol=1e-5, atol=1e-6)
+    loss = sslfast.masked_prediction_loss(xs, ws, t, bias=bs, backend="cpu")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(reduction):
+    x, w, b, t, mask, fw = make_case(23, 2, 9, 5, seed=14, bias=True, dtype=torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(a, c, bb):
+        return sslfast.masked_prediction_loss(a, c, t, bias=bb, mask=mask, reduction=reduction, backend="cpu").sum()
+
+    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
+    loss = step(xs, ws, bs)
+    loss.backward()
+    xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
+    want = ref.masked_prediction_loss(xr, wr, t, bias=br, mask=mask, reduction=reduction).sum()
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for got, r in ((xs.grad, xr.grad), (ws.grad, wr.grad), (bs.grad, br.grad)):
+        torch.testing.assert_close(got, r, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- nn modules
+
+def _fairseq_hubert_loss(proj, label_embs, targets, logit_temp):
+    """fairseq HubertModel.compute_pred / compute_nce + HubertCriterion, written out: per label
+    set, logits [cos(x, e_target), cos(x, e_v) for all v with the target's duplicate at -inf]
+    / temp, cross-entropy with target column 0, summed over frames and label sets."""
+    total = 0.0
+    for i, emb in enumerate(label_embs):
+        x = proj[i] if isinstance(proj, (list, tuple)) else proj
+        y = emb[targets[:, i]]
+        negs = emb[None, :, :].expand(x.shape[0], -1, -1)
+        pos_logit = F.cosine_similarity(x, y, dim=-1)[:, None]
+        neg_logits = F.cosine_similarity(x[:, None, :], negs, dim=-1)
+        neg_logits = neg_logits.masked_fill(F.one_hot(targets[:, i], emb.shape[0]).bool(), float("-inf"))
+        logits = torch.cat([pos_logit, neg_logits], dim=1) / logit_temp
+        total = total + F.cross_entropy(logits, torch.zeros_like(targets[:, i]), reduction="sum")
+    return total
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("untie", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_hubert_head_matches_fairseq_formula(untie, backend):
+    from sslfast.nn import HubertPredictionHead
+
+    torch.manual_seed(15)
+    head = HubertPredictionHead(48, 16, [20, 20], untie_final_proj=untie, backend=backend).double()
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == {
+        "final_proj.weight": (32 if untie else 16, 48), "final_proj.bias": (32 if untie else 16,),
+        "label_embs_concat": (40, 16)}
+    feats = torch.randn(30, 48, dtype=torch.float64)
+    t = torch.randint(0, 20, (30, 2))
+    proj = head.final_proj(feats)
+    proj = list(proj.split(16, dim=-1)) if untie else proj
+    embs = head.label_embs_concat.split(20, dim=0)
+    want = _fairseq_hubert_loss(proj, embs, t, 0.1) / 30  # fairseq: / sample_size (frames)
+    if backend == "cpu":
+        head = head.float()
+        feats = feats.float()
+    got = head(feats, t)
+    torch.testing.assert_close(2 * got.double(), want.detach(), rtol=2e-5 if backend == "cpu" else 1e-10, atol=1e-6)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_multisoftmax_head_matches_nemo_formula(use_bias, backend):
+    from sslfast.nn import MultiSoftmaxHead
+
+    torch.manual_seed(16)
+    b_, t_, d, v, h = 2, 13, 24, 50, 3
+    head = MultiSoftmaxHead(d, v, num_decoders=h, use_bias=use_bias, backend=backend)
+    if use_bias:
+        nn_bias = head.decoder_layers[0].bias
+        with torch.no_grad():
+            nn_bias.normal_()
+    keys = {k: tuple(p.shape) for k, p in head.state_dict().items()}
+    assert keys == {"decoder_layers.0.weight": (v * h, d, 1), **({"decoder_layers.0.bias": (v * h,)} if use_bias else {})}
+    enc = torch.randn(b_, d, t_)
+    targets = torch.randint(0, v, (b_, t_, h))
+    masks = torch.rand(b_, t_) < 0.5
+    # NeMo: decoder (Conv1d, log_softmax, reshape (B, T, C, H)), then per head NLL over masked frames, / H
+    logprobs = torch.log_softmax(head.decoder_layers(enc).transpose(1, 2).reshape(b_, t_, v, h), dim=2)
+    want = sum(F.nll_loss(logprobs[..., i][masks], targets[..., i][masks]) for i in range(h)) / h
+    frames = enc.transpose(1, 2)[masks]
+    got = head(frames, targets[masks])
+    torch.testing.assert_close(got, want.detach(), rtol=2e-5, atol=1e-6)
+    got.backward()
+    assert head.decoder_layers[0].weight.grad.shape == (v * h, d, 1)
