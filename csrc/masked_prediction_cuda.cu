@@ -99,6 +99,24 @@ __device__ void dlogit_tile(const Args& a, Smem& s, int64_t h, int64_t n0, int64
   __syncthreads();
 }
 
+// The 8 features of this thread in a BD-wide gradient block: d0 + k + 8 j.
+__device__ void axpy_features(float (&acc)[BD / 8], float ds, const void* src, int dtype, int64_t row, int64_t d0,
+                              int k, int64_t D) {
+#pragma unroll
+  for (int j = 0; j < BD / 8; ++j) {
+    const int64_t d = d0 + k + 8 * j;
+    if (d < D) acc[j] = fmaf(ds, load_float(src, row + d, dtype), acc[j]);
+  }
+}
+
+__device__ void store_features(const float (&acc)[BD / 8], float* dst, int64_t row, int64_t d0, int k, int64_t D) {
+#pragma unroll
+  for (int j = 0; j < BD / 8; ++j) {
+    const int64_t d = d0 + k + 8 * j;
+    if (d < D) dst[row + d] = acc[j];
+  }
+}
+
 __global__ void __launch_bounds__(THREADS) forward_kernel(Args a, float* loss, float* lse, uint8_t* top) {
   __shared__ Smem s;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BM, h = blockIdx.y;
@@ -133,25 +151,12 @@ __global__ void __launch_bounds__(THREADS) dx_kernel(Args a, const float* lse, c
       logit_tile(a, s, h, n0, v0);
       dlogit_tile(a, s, h, n0, v0, lse, grad);
       const int nv = static_cast<int>(a.V - v0 < BV ? a.V - v0 : BV);
-      for (int c = 0; c < nv; ++c) {
-        const float ds = s.z[r][c];
-        const int64_t wrow = (h * a.V + v0 + c) * a.D;
-#pragma unroll
-        for (int j = 0; j < BD / 8; ++j) {
-          const int64_t d = d0 + k + 8 * j;
-          if (d < a.D) acc[j] = fmaf(ds, load_float(a.w, wrow + d, a.w_dtype), acc[j]);
-        }
-      }
+      for (int c = 0; c < nv; ++c) axpy_features(acc, s.z[r][c], a.w, a.w_dtype, (h * a.V + v0 + c) * a.D, d0, k, a.D);
       __syncthreads();
     }
   }
   const int64_t n = n0 + r;
-  if (n >= a.N) return;
-#pragma unroll
-  for (int j = 0; j < BD / 8; ++j) {
-    const int64_t d = d0 + k + 8 * j;
-    if (d < a.D) dx[(n * a.Hx + hx) * a.D + d] = acc[j];
-  }
+  if (n < a.N) store_features(acc, dx, (n * a.Hx + hx) * a.D, d0, k, a.D);
 }
 
 __global__ void __launch_bounds__(THREADS) dw_kernel(Args a, const float* lse, const float* grad, float* dw,
@@ -167,24 +172,14 @@ __global__ void __launch_bounds__(THREADS) dw_kernel(Args a, const float* lse, c
     dlogit_tile(a, s, h, n0, v0, lse, grad);
     const int nr = static_cast<int>(a.N - n0 < BM ? a.N - n0 : BM);
     for (int r = 0; r < nr; ++r) {
-      const float ds = s.z[r][c];
-      const int64_t xrow = ((n0 + r) * a.Hx + hx) * a.D;
-      dbias += ds;
-#pragma unroll
-      for (int j = 0; j < BD / 8; ++j) {
-        const int64_t d = d0 + k + 8 * j;
-        if (d < a.D) acc[j] = fmaf(ds, load_float(a.x, xrow + d, a.x_dtype), acc[j]);
-      }
+      dbias += s.z[r][c];
+      axpy_features(acc, s.z[r][c], a.x, a.x_dtype, ((n0 + r) * a.Hx + hx) * a.D, d0, k, a.D);
     }
     __syncthreads();
   }
   const int64_t v = v0 + c;
   if (v >= a.V) return;
-#pragma unroll
-  for (int j = 0; j < BD / 8; ++j) {
-    const int64_t d = d0 + k + 8 * j;
-    if (d < a.D) dw[(h * a.V + v) * a.D + d] = acc[j];
-  }
+  store_features(acc, dw, (h * a.V + v) * a.D, d0, k, a.D);
   // dS carries the scale; the bias enters the logits unscaled.
   if (db != nullptr && blockIdx.y == 0 && k == 0) db[h * a.V + v] = dbias / a.scale;
 }
