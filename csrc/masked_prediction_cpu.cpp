@@ -135,7 +135,9 @@ struct Problem {
   int w_dtype;
   const void* bias;  // (H, V) or null
   int b_dtype;
-  const int64_t* targets;  // (N, H), -1 = ignored
+  const int64_t* targets;  // (N, H), -1 = ignored; unused with q
+  const void* q;           // (N, H, V) soft targets or null
+  int q_dtype;
   const float* grad;       // (N, H) gradient weight per row, or null: no gradients
   int64_t N, H, Hx, V, D;
   float scale, eps;
@@ -145,16 +147,17 @@ struct Problem {
   float* dx;    // (N, Hx, D), accumulated into (zeroed by the caller)
   float* dw;    // (H, V, D)
   float* db;    // (H, V) or null
+  float* dq;    // (N, H, V) (zeroed by the caller) or null
 };
 
 // Workspace layout, all fp32: per slot S (R x Vs), dST (Vs x R), X rows (R x Dp), X panels
-// (Dp / NR, R, NR), dX (R x Dp), B pack buffer (KC x NR); shared: dW block accumulator
+// (Dp / NR, R, NR), dX (R x Dp), B pack buffer (KC x NR), a row of soft targets (Vs); shared: dW block accumulator
 // (Vs x Dp), db accumulator (Vs). Vs: V rounded up to VB, Dp: D rounded up to NR.
 struct Layout {
   int64_t Vs, Dp, slots, per_slot, total;
   Layout(int64_t V, int64_t D, int64_t slots_, bool grad) : Vs(round_up(std::max<int64_t>(V, 1), VB)),
       Dp(round_up(std::max<int64_t>(D, 1), NR)), slots(slots_) {
-    per_slot = R * Vs + (grad ? Vs * R : 0) + 2 * R * Dp + (grad ? R * Dp : 0) + KC * NR;
+    per_slot = R * Vs + (grad ? Vs * R : 0) + 2 * R * Dp + (grad ? R * Dp : 0) + KC * NR + Vs;
     total = slots * per_slot + (grad ? Vs * Dp + Vs : 0);
   }
 };
@@ -168,7 +171,7 @@ int default_slots() {
 }
 
 struct Slot {
-  float *S, *dST, *xr, *xf, *dxb, *pack;
+  float *S, *dST, *xr, *xf, *dxb, *pack, *qrow;
 };
 
 Slot slot_at(const Layout& L, float* ws, int64_t s, bool grad) {
@@ -179,7 +182,8 @@ Slot slot_at(const Layout& L, float* ws, int64_t s, bool grad) {
   sl.xr = p, p += R * L.Dp;
   sl.xf = p, p += R * L.Dp;
   sl.dxb = grad ? p : nullptr, p += grad ? R * L.Dp : 0;
-  sl.pack = p;
+  sl.pack = p, p += KC * NR;
+  sl.qrow = p;
   return sl;
 }
 
@@ -206,6 +210,7 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, int64_t h, int
   gemm(micro, R, L.Vs, p.D, sl.xr, L.Dp, pack_wt, sl.pack, sl.S, L.Vs, false);
 
   const float eps_over_v = p.eps / static_cast<float>(p.V);
+  const bool soft = p.q != nullptr;
   for (int64_t r = 0; r < R; ++r) {
     float* z = sl.S + r * L.Vs;
     if (r >= nr) {
@@ -213,22 +218,33 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, int64_t h, int
       continue;
     }
     const int64_t i = (n0 + r) * p.H + h;
-    const int64_t t = p.targets[i];
+    const int64_t t = soft ? -1 : p.targets[i];
+    const bool valid = soft || t >= 0;
     for (int64_t v = 0; v < p.V; ++v)
       z[v] = logit(z[v], p.scale, p.bias ? load_float(p.bias, h * p.V + v, p.b_dtype) : 0.0f);
-    RowState st = row_init();
-    row_update(st, z, static_cast<int>(p.V), 0, t);
+    RowState st = row_init(soft);
+    if (soft) {
+      for (int64_t v = 0; v < p.V; ++v) sl.qrow[v] = load_float(p.q, i * p.V + v, p.q_dtype);
+      row_update_soft(st, z, sl.qrow, static_cast<int>(p.V));
+    } else {
+      row_update(st, z, static_cast<int>(p.V), 0, t);
+    }
     const float lse = row_lse(st);
-    if (p.loss) p.loss[i] = row_loss(st, t, p.eps, p.V);
+    if (p.loss) p.loss[i] = row_loss(st, valid, p.eps, eps_over_v);
     if (p.lse) p.lse[i] = lse;
-    if (p.top) p.top[i] = row_top(st, t) ? 1 : 0;
+    if (p.top) p.top[i] = row_top(st, valid) ? 1 : 0;
     if (!grad) continue;
-    const float g = t < 0 ? 0.0f : p.grad[i];
+    const float g = valid ? p.grad[i] : 0.0f;
     if (g == 0.0f) {
       std::fill(z, z + L.Vs, 0.0f);
       continue;
     }
-    for (int64_t v = 0; v < p.V; ++v) z[v] = p.scale * dlogit(z[v], lse, g, v == t, p.eps, eps_over_v);
+    const float mass = row_mass(st, p.eps);
+    for (int64_t v = 0; v < p.V; ++v) {
+      const float qv = soft ? sl.qrow[v] : (v == t ? 1.0f : 0.0f);
+      if (p.dq) p.dq[i * p.V + v] = dtarget(z[v], lse, g, p.eps);
+      z[v] = p.scale * dlogit(z[v], lse, g, qv, mass, p.eps, eps_over_v);
+    }
     std::fill(z + p.V, z + L.Vs, 0.0f);
   }
   if (!grad) return;
@@ -314,14 +330,15 @@ std::tuple<int64_t, int64_t> layout_cpu(int64_t V, int64_t D, bool grad) {
 }
 
 void forward_backward_cpu(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias,
-                          int b_dtype, std::uintptr_t targets, std::uintptr_t grad, int64_t N, int64_t H, int64_t Hx,
-                          int64_t V, int64_t D, double scale, double eps, std::uintptr_t loss, std::uintptr_t lse,
-                          std::uintptr_t top, std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db,
-                          std::uintptr_t ws, int64_t slots) {
+                          int b_dtype, std::uintptr_t targets, std::uintptr_t q, int q_dtype, std::uintptr_t grad,
+                          int64_t N, int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps,
+                          std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t top, std::uintptr_t dx,
+                          std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dq, std::uintptr_t ws, int64_t slots) {
   const Problem p{as_ptr<const void>(x), x_dtype, as_ptr<const void>(w), w_dtype, as_ptr<const void>(bias), b_dtype,
-                  as_ptr<const int64_t>(targets), as_ptr<const float>(grad), N, H, Hx, V, D,
-                  static_cast<float>(scale), static_cast<float>(eps), as_ptr<float>(loss), as_ptr<float>(lse),
-                  as_ptr<uint8_t>(top), as_ptr<float>(dx), as_ptr<float>(dw), as_ptr<float>(db)};
+                  as_ptr<const int64_t>(targets), as_ptr<const void>(q), q_dtype, as_ptr<const float>(grad), N, H, Hx,
+                  V, D, static_cast<float>(scale), static_cast<float>(eps), as_ptr<float>(loss), as_ptr<float>(lse),
+                  as_ptr<uint8_t>(top), as_ptr<float>(dx), as_ptr<float>(dw), as_ptr<float>(db),
+                  as_ptr<float>(dq)};
   if (N == 0 || H == 0) return;
   py::gil_scoped_release nogil;
   run(p, as_ptr<float>(ws), slots);
@@ -334,10 +351,10 @@ void bind_masked_prediction(py::module_& m) {
   m.def("masked_prediction_layout", &mpl::layout_cpu, py::arg("V"), py::arg("D"), py::arg("grad"),
         "(slots, workspace floats) of masked_prediction_forward_backward for this V, D and thread count");
   m.def("masked_prediction_forward_backward", &mpl::forward_backward_cpu, py::arg("x"), py::arg("x_dtype"),
-        py::arg("w"), py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("grad"),
-        py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"),
-        py::arg("loss"), py::arg("lse"), py::arg("top"), py::arg("dx"), py::arg("dw"), py::arg("db"),
-        py::arg("ws"), py::arg("slots"));
+        py::arg("w"), py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("q"),
+        py::arg("q_dtype"), py::arg("grad"), py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"),
+        py::arg("scale"), py::arg("eps"), py::arg("loss"), py::arg("lse"), py::arg("top"), py::arg("dx"),
+        py::arg("dw"), py::arg("db"), py::arg("dq"), py::arg("ws"), py::arg("slots"));
 }
 
 }  // namespace sslfast

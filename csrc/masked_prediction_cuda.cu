@@ -39,7 +39,7 @@ struct Args {
   int b_dtype;
   const int64_t* targets;
   int64_t N, H, Hx, V, D;
-  float scale, eps;
+  float scale, eps, eps_over_v;  // eps / V from the host: no division in the kernels
 };
 
 struct Smem {
@@ -92,7 +92,7 @@ __device__ void dlogit_tile(const Args& a, Smem& s, int64_t h, int64_t n0, int64
     if (n < a.N && v < a.V) {
       const int64_t t = a.targets[n * a.H + h];
       const float g = t < 0 ? 0.0f : grad[n * a.H + h];
-      ds = mpl::dlogit(s.z[r][c], lse[n * a.H + h], g, v == t, a.eps, a.eps / static_cast<float>(a.V));
+      ds = mpl::dlogit(s.z[r][c], lse[n * a.H + h], g, v == t ? 1.0f : 0.0f, 1.0f, a.eps, a.eps_over_v);
     }
     s.z[r][c] = a.scale * ds;
   }
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(Args a, float* loss, f
   const int r = threadIdx.x;
   const int64_t n = n0 + r;
   const int64_t t = (r < BM && n < a.N) ? a.targets[n * a.H + h] : -1;
-  mpl::RowState st = mpl::row_init();
+  mpl::RowState st = mpl::row_init(false);
   for (int64_t v0 = 0; v0 < a.V; v0 += BV) {
     logit_tile(a, s, h, n0, v0);
     if (r < BM) mpl::row_update(st, s.z[r], static_cast<int>(a.V - v0 < BV ? a.V - v0 : BV), v0, t);
@@ -131,9 +131,9 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(Args a, float* loss, f
   }
   if (r < BM && n < a.N) {
     const int64_t i = n * a.H + h;
-    loss[i] = mpl::row_loss(st, t, a.eps, a.V);
+    loss[i] = mpl::row_loss(st, t >= 0, a.eps, a.eps_over_v);
     lse[i] = mpl::row_lse(st);
-    top[i] = mpl::row_top(st, t) ? 1 : 0;
+    top[i] = mpl::row_top(st, t >= 0) ? 1 : 0;
   }
 }
 
@@ -191,7 +191,8 @@ void forward_backward_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t w, int 
                            std::uintptr_t stream) {
   if (N == 0) return;
   const Args a{as_ptr<const void>(x), x_dtype, as_ptr<const void>(w), w_dtype, as_ptr<const void>(bias), b_dtype,
-               as_ptr<const int64_t>(targets), N, H, Hx, V, D, static_cast<float>(scale), static_cast<float>(eps)};
+               as_ptr<const int64_t>(targets), N, H, Hx, V, D, static_cast<float>(scale), static_cast<float>(eps),
+               static_cast<float>(eps / static_cast<double>(V))};
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const unsigned row_blocks = static_cast<unsigned>((N + BM - 1) / BM);
   forward_kernel<<<dim3(row_blocks, static_cast<unsigned>(H)), THREADS, 0, s>>>(

@@ -47,19 +47,41 @@ def _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, sc
 
 
 @triton.jit
-def _dlogits(z, lse, g, t, offs_v, v_ok, n_ok, eps, eps_over_v):
-    """g * dloss/dz for a tile, 0 outside the valid rows and classes."""
-    tgt = offs_v[None, :] == t[:, None]
+def _target_tile(q_ptr, pair, t, offs_v, n_ok, v_ok, V, SOFT: tl.constexpr):
+    """The target probabilities of a tile (BLOCK_N, BLOCK_V): soft q, or the one-hot of t."""
+    if SOFT:
+        q = tl.load(q_ptr + pair[:, None] * V + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        return q.to(tl.float32)
+    else:
+        return tl.where(offs_v[None, :] == t[:, None], 1.0, 0.0)
+
+
+@triton.jit
+def _row_grad_state(t_ptr, lse_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT: tl.constexpr):
+    """(target, lse, target mass, gradient weight) of rows ``pair``; g = 0 on ignored rows."""
+    t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
+    lse = tl.load(lse_ptr + pair, mask=n_ok, other=0.0)
+    mass = tl.load(mass_ptr + pair, mask=n_ok, other=0.0)
+    g = tl.load(g_ptr + pair, mask=n_ok, other=0.0)
+    if not SOFT:
+        g = tl.where(t >= 0, g, 0.0)
+    return t, lse, mass, g
+
+
+@triton.jit
+def _dlogits(z, lse, g, q, mass, v_ok, n_ok, eps, eps_over_v):
+    """g * dloss/dz for a tile (mass * softmax - (1 - eps) q - eps / V), 0 outside the valid
+    rows and classes."""
     ok = n_ok[:, None] & v_ok[None, :]
     p = tl.exp(tl.where(ok, z, float("-inf")) - lse[:, None])  # padding classes never overflow
-    ds = g[:, None] * (p - tl.where(tgt, 1.0 - eps, 0.0) - eps_over_v)
+    ds = g[:, None] * (mass[:, None] * p - (1.0 - eps) * q - eps_over_v)
     return tl.where(ok, ds, 0.0)
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, loss_ptr, lse_ptr, top_ptr, N, H, Hx, V, D, scale, eps,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr):
+def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, lse_ptr, mass_ptr, top_ptr, N, H, Hx, V, D, scale,
+                    eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     hx = h % Hx
@@ -69,31 +91,48 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, loss_ptr, lse_ptr, top_ptr, N, H
     t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_v q_v z_v
     zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    qsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    qbest = tl.full((BLOCK_N,), -1.0, dtype=tl.float32)
+    zbest = tl.zeros((BLOCK_N,), dtype=tl.float32)  # logit of the (first) most probable class
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
         z = _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, scale, HAS_BIAS, BLOCK_N,
                     BLOCK_V, BLOCK_K, PRECISION)
-        zy += tl.sum(tl.where(offs_v[None, :] == t[:, None], z, 0.0), axis=1)
-        zsum += tl.sum(tl.where(v_ok[None, :], z, 0.0), axis=1)
+        q = _target_tile(q_ptr, pair, t, offs_v, n_ok, v_ok, V, SOFT)
+        zv = tl.where(v_ok[None, :], z, 0.0)
+        zy += tl.sum(q * zv, axis=1)
+        qsum += tl.sum(q, axis=1)
+        q_tile = tl.max(tl.where(v_ok[None, :], q, -1.0), axis=1)
+        at = tl.argmax(tl.where(v_ok[None, :], q, -1.0), axis=1)
+        better = q_tile > qbest
+        zbest = tl.where(better, tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == at[:, None], zv, 0.0), axis=1),
+                         zbest)
+        qbest = tl.where(better, q_tile, qbest)
+        zsum += tl.sum(zv, axis=1)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a class
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
     lse = m_i + tl.log(l_i)
-    loss = lse - (1.0 - eps) * zy - (eps / V) * zsum
-    valid = t >= 0
+    loss = (1.0 - eps) * (qsum * lse - zy) + eps * (lse - zsum / V)
+    if SOFT:
+        valid = n_ok
+    else:
+        valid = t >= 0
     tl.store(loss_ptr + pair, tl.where(valid, loss, 0.0), mask=n_ok)
     tl.store(lse_ptr + pair, lse, mask=n_ok)
-    tl.store(top_ptr + pair, (valid & (zy >= m_i)).to(tl.int8), mask=n_ok)
+    tl.store(mass_ptr + pair, (1.0 - eps) * qsum + eps, mask=n_ok)
+    tl.store(top_ptr + pair, (valid & (zbest >= m_i)).to(tl.int8), mask=n_ok)
 
 
 @triton.jit
-def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gmax_ptr, dx_ptr, N, H, Hx, V, D, scale, eps,
-               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, lse_ptr, mass_ptr, g_ptr, gmax_ptr, dx_ptr, dq_ptr, N, H, Hx, V, D,
+               scale, eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Also writes dq (soft targets) from the pid_d == 0 programs: g * (1 - eps) * (lse - z)."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     hx = tl.program_id(2)
@@ -107,15 +146,18 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gmax_ptr, dx_ptr, N, 
     for i in range(0, H // Hx):
         h = hx + i
         pair = offs_n.to(tl.int64) * H + h
-        t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
-        lse = tl.load(lse_ptr + pair, mask=n_ok, other=0.0)
-        g = tl.where(t >= 0, tl.load(g_ptr + pair, mask=n_ok, other=0.0), 0.0)
+        t, lse, mass, g = _row_grad_state(t_ptr, lse_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT)
         for v0 in range(0, V, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             v_ok = offs_v < V
             z = _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, scale, HAS_BIAS, BLOCK_N,
                         BLOCK_V, BLOCK_K, PRECISION)
-            ds = _dlogits(z, lse, g, t, offs_v, v_ok, n_ok, eps, eps_over_v)
+            q = _target_tile(q_ptr, pair, t, offs_v, n_ok, v_ok, V, SOFT)
+            ds = _dlogits(z, lse, g, q, mass, v_ok, n_ok, eps, eps_over_v)
+            if SOFT:
+                if pid_d == 0:
+                    dq = (g * tl.load(gmax_ptr))[:, None] * (1.0 - eps) * (lse[:, None] - z)
+                    tl.store(dq_ptr + pair[:, None] * V + offs_v[None, :], dq, mask=n_ok[:, None] & v_ok[None, :])
             w = tl.load(w_ptr + (h.to(tl.int64) * V + offs_v.to(tl.int64))[:, None] * D + offs_dv[None, :],
                         mask=v_ok[:, None] & dv_ok[None, :], other=0.0)
             acc = tl.dot(ds.to(w.dtype), w, acc, input_precision=PRECISION)
@@ -124,9 +166,9 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gmax_ptr, dx_ptr, N, 
 
 
 @triton.jit
-def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gmax_ptr, dw_ptr, db_ptr, N, H, Hx, V, D, scale, eps,
-               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, lse_ptr, mass_ptr, g_ptr, gmax_ptr, dw_ptr, db_ptr, N, H, Hx, V, D,
+               scale, eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
     h = tl.program_id(2)
@@ -142,12 +184,11 @@ def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gmax_ptr, dw_ptr, db_
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         pair = offs_n.to(tl.int64) * H + h
-        t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
-        lse = tl.load(lse_ptr + pair, mask=n_ok, other=0.0)
-        g = tl.where(t >= 0, tl.load(g_ptr + pair, mask=n_ok, other=0.0), 0.0)
+        t, lse, mass, g = _row_grad_state(t_ptr, lse_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT)
         z = _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, scale, HAS_BIAS, BLOCK_N,
                     BLOCK_V, BLOCK_K, PRECISION)
-        ds = _dlogits(z, lse, g, t, offs_v, v_ok, n_ok, eps, eps_over_v)
+        q = _target_tile(q_ptr, pair, t, offs_v, n_ok, v_ok, V, SOFT)
+        ds = _dlogits(z, lse, g, q, mass, v_ok, n_ok, eps, eps_over_v)
         x = tl.load(x_ptr + (offs_n.to(tl.int64) * Hx + hx)[:, None] * D + offs_dv[None, :],
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(ds.to(x.dtype)), x, acc, input_precision=PRECISION)
@@ -172,35 +213,40 @@ def _precision(t: torch.Tensor) -> str:
 
 
 def core(x, w, bias, targets, grad, scale, eps, want_rows=True):
-    """The backend contract of sslfast/ops/masked_prediction.py (see there)."""
+    """The backend contract of sslfast/ops/masked_prediction.py (see there); targets (N, H)
+    int64 labels (-1 ignored) or (N, H, V) soft targets."""
     n, hx, d = x.shape
     h, v, _ = w.shape
+    soft = targets.is_floating_point()
     f32 = dict(dtype=torch.float32, device=x.device)
     loss = torch.empty(n, h, **f32)
     lse = torch.empty(n, h, **f32)
+    mass = torch.empty(n, h, **f32)
     top = torch.empty(n, h, dtype=torch.bool, device=x.device)
-    dx = dw = db = None
+    dx = dw = db = dq = None
     if grad is not None:
         dx = torch.zeros(n, hx, d, **f32)
         dw = torch.zeros(h, v, d, **f32)
         db = torch.zeros(h, v, **f32) if bias is not None else None
+        dq = torch.zeros(n, h, v, **f32) if soft else None
     if n == 0:
-        return loss, lse, top, dx, dw, db
+        return loss, lse, top, dx, dw, db, dq
     cfg = config(d)
-    common = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
+    common = dict(HAS_BIAS=bias is not None, SOFT=soft, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
                   BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(x), num_warps=cfg["num_warps"])
     b = bias if bias is not None else w  # a valid pointer, never read without HAS_BIAS
+    tgt, q = (loss, targets) if soft else (targets, loss)  # likewise for the unused one
     _forward_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), h)](
-        x, w, b, targets, loss, lse, top.view(torch.int8), n, h, hx, v, d, float(scale), float(eps), **common)
+        x, w, b, tgt, q, loss, lse, mass, top.view(torch.int8), n, h, hx, v, d, float(scale), float(eps), **common)
     if grad is None:
-        return loss, lse, top, dx, dw, db
+        return loss, lse, top, dx, dw, db, dq
     gmax = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     g = (grad / gmax).contiguous()
     n_dblk = triton.cdiv(d, cfg["BLOCK_DV"])
     _dx_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), n_dblk, hx)](
-        x, w, b, targets, lse, g, gmax, dx, n, h, hx, v, d, float(scale), float(eps), BLOCK_DV=cfg["BLOCK_DV"],
-        **common)
+        x, w, b, tgt, q, lse, mass, g, gmax, dx, dq if dq is not None else dx, n, h, hx, v, d, float(scale),
+        float(eps), BLOCK_DV=cfg["BLOCK_DV"], **common)
     _dw_kernel[(triton.cdiv(v, cfg["BLOCK_V"]), n_dblk, h)](
-        x, w, b, targets, lse, g, gmax, dw, db if db is not None else dw, n, h, hx, v, d, float(scale), float(eps),
-        BLOCK_DV=cfg["BLOCK_DV"], **common)
-    return loss, lse, top, dx, dw, db
+        x, w, b, tgt, q, lse, mass, g, gmax, dw, db if db is not None else dw, n, h, hx, v, d, float(scale),
+        float(eps), BLOCK_DV=cfg["BLOCK_DV"], **common)
+    return loss, lse, top, dx, dw, db, dq

@@ -349,6 +349,8 @@ def test_validation_errors_name_the_argument():
     with pytest.raises(ValueError, match="targets"):
         f(x, w, t[:, :1])
     with pytest.raises(TypeError, match="targets"):
+        f(x, w, t.bool())
+    with pytest.raises(ValueError, match="targets must have 3 dimensions"):  # float targets are soft: (N, H, V)
         f(x, w, t.float())
     with pytest.raises(ValueError, match="targets must be in"):
         f(x, w, t + 5)
@@ -489,3 +491,86 @@ def test_multisoftmax_head_matches_nemo_formula(use_bias, backend):
     torch.testing.assert_close(got, want.detach(), rtol=2e-5, atol=1e-6)
     got.backward()
     assert head.decoder_layers[0].weight.grad.shape == (v * h, d, 1)
+
+
+# ----------------------------------------------------------------------------- soft targets
+
+def _soft(n, h, v, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(n, h, v, generator=g, dtype=torch.float64) * 2, dim=-1).to(dtype)
+
+
+def formula_soft(x, w, b, q, *, head="linear", logit_temp=0.1, frame_weight=None, label_smoothing=0.0,
+                 reduction="mean"):
+    """torch's cross_entropy with probability targets on the full fp64 logits."""
+    n, h = q.shape[:2]
+    xs = (x if x.dim() == 3 else x[:, None, :].expand(n, h, x.shape[-1])).double()
+    if head == "cosine":
+        logits = torch.einsum("nhd,hvd->nhv", F.normalize(xs, dim=-1), F.normalize(w.double(), dim=-1)) / logit_temp
+    else:
+        logits = torch.einsum("nhd,hvd->nhv", xs, w.double()) + (0 if b is None else b.double())
+    per = torch.stack([F.cross_entropy(logits[:, i], q[:, i].double(), reduction="none",
+                                       label_smoothing=label_smoothing) for i in range(h)], dim=1)
+    wf = torch.ones(n, dtype=torch.float64) if frame_weight is None else frame_weight.double()
+    per = per * wf[:, None]
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.sum() / max(int((wf != 0).sum()) * h, 1)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("head,bias,shared", [("linear", True, True), ("linear", False, False), ("cosine", False, True)])
+@pytest.mark.parametrize("opt", [dict(), dict(label_smoothing=0.2, reduction="sum"), dict(use_fw=True, reduction="none")],
+                         ids=str)
+def test_soft_reference_matches_formula_fp64(head, bias, shared, opt):
+    x, w, b, t, mask, fw = make_case(29, 2, 13, 5, seed=17, shared_x=shared, bias=bias)
+    q = _soft(29, 2, 13, 18)
+    kw = _kwargs(opt, mask, fw)
+    got = ref.masked_prediction_loss(x, w, q, head=head, bias=b, chunk_size=8, **kw)
+    torch.testing.assert_close(got, formula_soft(x, w, b, q, head=head, **kw), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cpu
+def test_soft_reference_gradcheck_fp64_reaches_targets():
+    x, w, b, t, mask, fw = make_case(6, 2, 5, 3, seed=19, bias=True)
+    q = _soft(6, 2, 5, 20)
+    inputs = [a.requires_grad_() for a in (x, w, b, q)]
+
+    def fn(xx, ww, bb, qq):
+        return ref.masked_prediction_loss(xx, ww, qq, bias=bb, frame_weight=fw, label_smoothing=0.1, reduction="sum")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.values[0] != "cuda"])
+@pytest.mark.parametrize("n,h,v,d", [(1, 1, 1, 1), (37, 2, 50, 9), (131, 3, 97, 20)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_soft_kernel_matches_reference(backend, n, h, v, d, reduction, head):
+    x, w, b, t, mask, fw = make_case(n, h, v, d, seed=n, bias=head == "linear", dtype=torch.float32)
+    q = _soft(n, h, v, n + 1, dtype=torch.float32)
+    res = []
+    dev = _device(backend)
+    for be in ("reference", backend):
+        xs, ws, qs = (a.clone().to(dev).requires_grad_() for a in (x, w, q))
+        bs = None if b is None else b.clone().to(dev).requires_grad_()
+        out = sslfast.masked_prediction_loss(xs, ws, qs, head=head, bias=bs, frame_weight=fw.float().to(dev),
+                                             label_smoothing=0.1, reduction=reduction, return_stats=True,
+                                             backend=be)
+        gout = torch.linspace(-1, 1, out.loss.numel()).reshape(out.loss.shape) if out.loss.dim() else 1.3
+        (out.loss * (gout.to(dev) if isinstance(gout, torch.Tensor) else gout)).sum().backward()
+        res.append(tuple(None if a is None else a.detach().cpu() for a in (
+            out.loss, out.correct, out.count, xs.grad, ws.grad, None if bs is None else bs.grad, qs.grad)))
+    want, got = res
+    torch.testing.assert_close(got[0], want[0].detach(), rtol=2e-5, atol=2e-5)
+    assert torch.equal(got[2], want[2]) and (got[1] - want[1]).abs().max() <= 1
+    for g, r in zip(got[3:], want[3:]):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.cpu
+def test_soft_targets_have_no_cuda_kernel_yet():
+    x, w, b, t, mask, fw = make_case(4, 1, 3, 2, seed=21, dtype=torch.float32)
+    with pytest.raises(sslfast.BackendUnavailableError, match="has no cuda backend"):
+        sslfast.masked_prediction_loss(x, w, _soft(4, 1, 3, 22, torch.float32), backend="cuda")

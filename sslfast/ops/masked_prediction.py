@@ -18,7 +18,10 @@ Two custom ops use that core:
   the incoming per-row gradients.
 
 The cosine head L2-normalises x and the label embeddings here, in PyTorch (with gradient), and
-runs the core with scale = 1 / logit_temp.
+runs the core with scale = 1 / logit_temp. Soft targets (N, H, V) (BiRQ) go through the same
+ops on the cpu and triton kernels (op ``masked_prediction_loss_soft``: no cuda kernel yet) and
+receive the gradient ``(1 - eps) * (lse - z)``; producing them on the fly from RPQ scores with
+Gumbel noise (never storing them) is not implemented.
 """
 from __future__ import annotations
 
@@ -37,68 +40,84 @@ __all__ = ["masked_prediction_loss", "MaskedPredictionStats"]
 OP, OP_BWD = "masked_prediction_loss", "masked_prediction_backward"
 
 # ----------------------------------------------------------------------------- backends
-# core(x (N, Hx, D), w (H, V, D), bias (H, V) | None, targets (N, H) int64 with -1 = ignored,
-#      grad (N, H) fp32 | None, scale, eps)
+# core(x (N, Hx, D), w (H, V, D), bias (H, V) | None, targets, grad (N, H) fp32 | None, scale, eps)
 #   -> (loss (N, H) fp32, lse (N, H) fp32, top (N, H) bool, dx (N, Hx, D) fp32 | None,
-#       dw (H, V, D) fp32 | None, db (H, V) fp32 | None)
-# gradients only when grad is given (then dx, dw and, with a bias, db).
+#       dw (H, V, D) fp32 | None, db (H, V) fp32 | None, dq (N, H, V) fp32 | None)
+# targets: (N, H) int64 labels with -1 = ignored, or (N, H, V) float soft targets (op OP_SOFT:
+# cpu and triton; no cuda kernel yet). Gradients only when grad is given (then dx, dw and, with a
+# bias, db; dq for soft targets).
+
+OP_SOFT = "masked_prediction_loss_soft"
 
 
 @_dispatch.register(OP, "reference")
+@_dispatch.register(OP_SOFT, "reference")
 def _reference(*args, **kwargs):
     return ref.masked_prediction_loss(*args, **kwargs)
 
 
-def _outputs(x, w, bias, grad):
-    """(loss, lse, top, dx, dw, db) buffers; the kernels write every entry except for N = 0."""
+def _outputs(x, w, bias, targets, grad):
+    """The output buffers; the kernels write every entry except for N = 0."""
     n, hx, d = x.shape
     h, v, _ = w.shape
     f32 = dict(dtype=torch.float32, device=x.device)
     alloc = torch.empty if n > 0 else torch.zeros
     need_grad = grad is not None
+    soft = targets.is_floating_point()
     return (torch.empty(n, h, **f32), torch.empty(n, h, **f32), torch.empty(n, h, dtype=torch.bool, device=x.device),
             torch.zeros(n, hx, d, **f32) if need_grad else None, alloc(h, v, d, **f32) if need_grad else None,
-            alloc(h, v, **f32) if need_grad and bias is not None else None)
+            alloc(h, v, **f32) if need_grad and bias is not None else None,
+            torch.zeros(n, h, v, **f32) if need_grad and soft else None)
 
 
-def _ext_args(x, w, bias, targets, grad, scale, eps, outs):
+def _ext_args(x, w, bias, grad, scale, eps):
     n, hx, d = x.shape
     h, v, _ = w.shape
     return (_ext.ptr(x), _ext.DTYPE_CODE[x.dtype], _ext.ptr(w), _ext.DTYPE_CODE[w.dtype], _ext.ptr(bias),
-            _ext.DTYPE_CODE[bias.dtype] if bias is not None else 0, _ext.ptr(targets), _ext.ptr(grad), n, h, hx, v,
-            d, float(scale), float(eps), *map(_ext.ptr, outs))
+            _ext.DTYPE_CODE[bias.dtype] if bias is not None else 0)
 
 
+def _sizes(x, w, scale, eps):
+    n, hx, d = x.shape
+    h, v, _ = w.shape
+    return n, h, hx, v, d, float(scale), float(eps)
+
+
+@_dispatch.register(OP, "cpu")
+@_dispatch.register(OP_SOFT, "cpu")
+@_dispatch.register(OP_BWD, "cpu")
 def _cpu_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
     mod = _ext.cpu_module()
     slots, ws_floats = mod.masked_prediction_layout(w.shape[1], w.shape[2], grad is not None)
     ws = torch.empty(ws_floats, dtype=torch.float32, device=x.device)
-    outs = _outputs(x, w, bias, grad)
-    if not want_rows:  # the backward: no loss, lse or top written
-        outs = (None, None, None) + outs[3:]
-    mod.masked_prediction_forward_backward(*_ext_args(x, w, bias, targets, grad, scale, eps, outs), _ext.ptr(ws),
-                                           slots)
+    outs = _outputs(x, w, bias, targets, grad)
+    rows = outs[:3] if want_rows else (None, None, None)  # the backward writes no loss, lse or top
+    soft = targets.is_floating_point()
+    mod.masked_prediction_forward_backward(
+        *_ext_args(x, w, bias, grad, scale, eps), 0 if soft else _ext.ptr(targets), _ext.ptr(targets) if soft else 0,
+        _ext.DTYPE_CODE[targets.dtype] if soft else 0, _ext.ptr(grad), *_sizes(x, w, scale, eps),
+        *map(_ext.ptr, rows + outs[3:]), _ext.ptr(ws), slots)
     return outs
+
+
+def _hard_only(targets, backend):
+    if targets.is_floating_point():
+        raise _dispatch.BackendUnavailableError(f"sslfast: soft targets have no {backend} kernel yet (cpu, reference)")
 
 
 @_dispatch.register(OP, "cuda")
 @_dispatch.register(OP_BWD, "cuda")
 def _cuda_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
-    outs = _outputs(x, w, bias, grad)  # lse is always written: the gradient kernels read it
+    _hard_only(targets, "cuda")
+    outs = _outputs(x, w, bias, targets, grad)  # lse is always written: the gradient kernels read it
     _ext.cuda_module().masked_prediction_forward_backward(
-        *_ext_args(x, w, bias, targets, grad, scale, eps, outs), _ext.stream(x.device))
+        *_ext_args(x, w, bias, grad, scale, eps), _ext.ptr(targets), _ext.ptr(grad), *_sizes(x, w, scale, eps),
+        *map(_ext.ptr, outs[:6]), _ext.stream(x.device))
     return outs
 
 
-_dispatch.register(OP_BWD, "cpu")(_cpu_core)
-
-
-@_dispatch.register(OP, "cpu")
-def _cpu_forward(x, w, bias, targets, grad, scale, eps):
-    return _cpu_core(x, w, bias, targets, grad, scale, eps)
-
-
 @_dispatch.register(OP, "triton")
+@_dispatch.register(OP_SOFT, "triton")
 @_dispatch.register(OP_BWD, "triton")
 def _triton_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
     from ..kernels import masked_prediction as kern
@@ -116,19 +135,21 @@ def _or_empty(t, x):
     return _empty_f32(x) if t is None else t
 
 
+def _contig(x, w, bias, targets):
+    return x.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous()
+
+
 @torch.library.custom_op("sslfast::masked_prediction", mutates_args=())
 def _rows_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, scale: float,
              eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses (N, H), their log-sum-exps and the top flags; no gradients computed."""
-    loss, lse, top, *_ = _dispatch.get(OP, backend)(x.contiguous(), w.contiguous(),
-                                                    None if bias is None else bias.contiguous(),
-                                                    targets.contiguous(), None, scale, eps)
+    loss, lse, top, *_ = _dispatch.get(OP, backend)(*_contig(x, w, bias, targets), None, scale, eps)
     return loss, lse, top
 
 
 @_rows_op.register_fake
 def _(x, w, bias, targets, scale, eps, backend):
-    n, h = targets.shape
+    n, h = targets.shape[:2]
     return (x.new_empty(n, h, dtype=torch.float32), x.new_empty(n, h, dtype=torch.float32),
             x.new_empty(n, h, dtype=torch.bool))
 
@@ -136,31 +157,32 @@ def _(x, w, bias, targets, scale, eps, backend):
 @torch.library.custom_op("sslfast::masked_prediction_backward", mutates_args=())
 def _backward_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                  grad: torch.Tensor, scale: float, eps: float,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum grad * loss`` w.r.t. x, w and bias (empty without a bias): the
-    logits recomputed tile by tile."""
-    *_, dx, dw, db = _dispatch.get(OP_BWD, backend)(
-        x.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
-        grad.float().contiguous(), scale, eps, want_rows=False)
-    return dx.to(x.dtype), dw.to(w.dtype), _or_empty(None if db is None else db.to(bias.dtype), x)
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum grad * loss`` w.r.t. x, w, bias and soft targets (empty without a
+    bias / for hard targets): the logits recomputed tile by tile."""
+    *_, dx, dw, db, dq = _dispatch.get(OP_BWD, backend)(*_contig(x, w, bias, targets), grad.float().contiguous(),
+                                                        scale, eps, want_rows=False)
+    return (dx.to(x.dtype), dw.to(w.dtype), _or_empty(None if db is None else db.to(bias.dtype), x),
+            _or_empty(None if dq is None else dq.to(targets.dtype), x))
 
 
 @_backward_op.register_fake
 def _(x, w, bias, targets, grad, scale, eps, backend):
-    return torch.empty_like(x), torch.empty_like(w), (_empty_f32(x) if bias is None else torch.empty_like(bias))
+    return (torch.empty_like(x), torch.empty_like(w), (_empty_f32(x) if bias is None else torch.empty_like(bias)),
+            torch.empty_like(targets) if targets.is_floating_point() else _empty_f32(x))
 
 
 def _rows_setup(ctx, inputs, output):
     x, w, bias, targets, scale, eps, backend = inputs
     ctx.save_for_backward(x, w, bias, targets)
     ctx.args = (scale, eps, backend)
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.soft = bias is not None, targets.is_floating_point()
 
 
 def _rows_backward(ctx, grad_loss, grad_lse, grad_top):
     x, w, bias, targets = ctx.saved_tensors
-    dx, dw, db = torch.ops.sslfast.masked_prediction_backward(x, w, bias, targets, grad_loss, *ctx.args)
-    return dx, dw, db if ctx.has_bias else None, None, None, None, None
+    dx, dw, db, dq = torch.ops.sslfast.masked_prediction_backward(x, w, bias, targets, grad_loss, *ctx.args)
+    return dx, dw, db if ctx.has_bias else None, dq if ctx.soft else None, None, None, None
 
 
 torch.library.register_autograd("sslfast::masked_prediction", _rows_backward, setup_context=_rows_setup)
@@ -169,48 +191,51 @@ torch.library.register_autograd("sslfast::masked_prediction", _rows_backward, se
 @torch.library.custom_op("sslfast::masked_prediction_fused", mutates_args=())
 def _fused_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
               grad: torch.Tensor, scale: float, eps: float, backend: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor]:
     """``sum grad * loss`` (0-d fp32), the per-row losses and top flags, and the gradients of
-    the sum w.r.t. x, w and bias (fp32; empty without a bias), all from one pass."""
-    loss, _lse, top, dx, dw, db = _dispatch.get(OP, backend)(
-        x.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
-        grad.float().contiguous(), scale, eps)
+    the sum w.r.t. x, w, bias and soft targets (fp32; empty when absent), all from one pass."""
+    loss, _lse, top, dx, dw, db, dq = _dispatch.get(OP, backend)(*_contig(x, w, bias, targets),
+                                                                 grad.float().contiguous(), scale, eps)
     total = (loss.double() * grad.double()).sum().float()
-    return total, loss, top, dx, dw, _or_empty(db, x)
+    return total, loss, top, dx, dw, _or_empty(db, x), _or_empty(dq, x)
 
 
 @_fused_op.register_fake
 def _(x, w, bias, targets, grad, scale, eps, backend):
-    n, h = targets.shape
+    n, h = targets.shape[:2]
     f32 = dict(dtype=torch.float32)
     return (x.new_empty((), **f32), x.new_empty(n, h, **f32), x.new_empty(n, h, dtype=torch.bool),
             x.new_empty(x.shape, **f32), w.new_empty(w.shape, **f32),
-            _empty_f32(x) if bias is None else bias.new_empty(bias.shape, **f32))
+            _empty_f32(x) if bias is None else bias.new_empty(bias.shape, **f32),
+            targets.new_empty(targets.shape, **f32) if targets.is_floating_point() else _empty_f32(x))
 
 
 def _fused_setup(ctx, inputs, output):
-    x, w, bias, *_ = inputs
-    _total, _loss, _top, dx, dw, db = output
-    ctx.save_for_backward(dx, dw, db)
-    ctx.dtypes = (x.dtype, w.dtype, None if bias is None else bias.dtype)
+    x, w, bias, targets, *_ = inputs
+    *_, dx, dw, db, dq = output
+    ctx.save_for_backward(dx, dw, db, dq)
+    ctx.dtypes = (x.dtype, w.dtype, None if bias is None else bias.dtype,
+                  targets.dtype if targets.is_floating_point() else None)
 
 
 def _fused_backward(ctx, g_total, *_unused):
-    dx, dw, db = ctx.saved_tensors
-    x_dt, w_dt, b_dt = ctx.dtypes
+    grads = ctx.saved_tensors
+    dtypes = ctx.dtypes
     g = g_total.float()
     if getattr(ctx, "handed_over", False):
         raise RuntimeError(
             "masked_prediction_loss: a second backward through the same graph (retain_graph=True) after the "
             "first handed its saved gradients over; compute the loss again for each backward")
     if (g.device.type == "cpu" and not torch.compiler.is_compiling() and float(g) == 1.0
-            and x_dt == w_dt == torch.float32 and b_dt in (None, torch.float32)):
+            and all(dt in (None, torch.float32) for dt in dtypes)):
         # loss.backward(): hand the saved fp32 gradients over as they are (no second H*V*D
         # copy); they may then be accumulated into in place, so they are not reusable
         ctx.handed_over = True
-        return dx, dw, None if b_dt is None else db, None, None, None, None, None
-    return ((dx * g).to(x_dt), (dw * g).to(w_dt), None if b_dt is None else (db * g).to(b_dt),
-            None, None, None, None, None)
+        out = [None if dt is None else t for t, dt in zip(grads, dtypes)]
+    else:
+        out = [None if dt is None else (t * g).to(dt) for t, dt in zip(grads, dtypes)]
+    return (*out, None, None, None, None)
 
 
 torch.library.register_autograd("sslfast::masked_prediction_fused", _fused_backward, setup_context=_fused_setup)
@@ -249,7 +274,11 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
         weight: (H, V, D), same float dtypes: the linear heads' weights (``z = x W^T + b``,
             ``nn.Linear`` layout per head) or, for ``head="cosine"``, the label embeddings
             (fairseq's ``label_embs_concat`` viewed (H, V, final_dim)).
-        targets: (N, H) int32/int64 labels in [0, V), or ``ignore_index``.
+        targets: (N, H) int32/int64 labels in [0, V), or ``ignore_index``; or (N, H, V) float
+            target probabilities (soft targets, BiRQ): torch's cross-entropy with probability
+            targets (not renormalised, ``ignore_index`` unused), differentiable w.r.t. them;
+            kernels: cpu and triton (CUDA not yet: ``backend=None`` takes Triton on GPU
+            tensors).
         head: ``"linear"`` (default) or ``"cosine"``: ``z = cos(x, weight_v) / logit_temp``.
         bias: (H, V) float or None; linear head only.
         logit_temp: the cosine head's temperature, a finite float > 0 (default 0.1, fairseq).
@@ -291,7 +320,11 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
         raise ValueError(f"x of shape (N, H, D) must have H = {h} (weight's heads), got {tuple(x.shape)}")
     if h < 1 or v < 1 or d < 1:
         raise ValueError(f"weight must have H, V, D >= 1, got shape {tuple(weight.shape)}")
-    V.check_tensor("targets", targets, ndim=2, dtypes=V.INDEX_DTYPES, shape=(n, h))
+    soft = isinstance(targets, torch.Tensor) and targets.is_floating_point()
+    if soft:
+        V.check_tensor("targets", targets, ndim=3, dtypes=V.FLOAT_DTYPES + (torch.float64,), shape=(n, h, v))
+    else:
+        V.check_tensor("targets", targets, ndim=2, dtypes=V.INDEX_DTYPES, shape=(n, h))
     V.check_choice("head", head, ("linear", "cosine"))
     if bias is not None:
         if head == "cosine":
@@ -309,8 +342,8 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
     ignore_index = V.check_int("ignore_index", ignore_index)
     V.check_choice("reduction", reduction, ("mean", "sum", "none"))
     _check_flag("return_stats", return_stats)
-    valid = targets != ignore_index
-    if device.type == "cpu" and not torch.compiler.is_compiling() and n > 0:
+    valid = torch.ones(n, h, dtype=torch.bool, device=device) if soft else targets != ignore_index
+    if not soft and device.type == "cpu" and not torch.compiler.is_compiling() and n > 0:
         bad = valid & ((targets < 0) | (targets >= v))
         if bool(bad.any()):
             first = targets[bad][0].item()
@@ -318,14 +351,15 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
     if frame_weight is not None:
         frame_weight = frame_weight.detach()
 
-    name, _ = _dispatch.resolve(OP, backend, device)
+    name, _ = _dispatch.resolve(OP_SOFT if soft else OP, backend, device)
     if name == "reference":
         return ref.masked_prediction_loss(
             x, weight, targets, head=head, bias=bias, logit_temp=logit_temp, mask=mask, frame_weight=frame_weight,
             pred_masked_weight=pred_masked_weight, pred_nomask_weight=pred_nomask_weight,
             ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
             return_stats=return_stats)
-    for arg, t in (("x", x), ("weight", weight), ("bias", bias), ("frame_weight", frame_weight)):
+    for arg, t in (("x", x), ("weight", weight), ("bias", bias), ("frame_weight", frame_weight),
+                   ("targets", targets if soft else None)):
         if t is not None and t.dtype == torch.float64:
             raise TypeError(f"{arg} must be fp32, fp16 or bf16 for the {name} backend "
                             "(fp64 runs on backend='reference')")
@@ -334,7 +368,7 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
     scale = 1.0
     if head == "cosine":
         x3, weight, scale = ref.safe_normalize(x3.float()), ref.safe_normalize(weight.float()), 1.0 / logit_temp
-    tgt = torch.where(valid, targets.long(), torch.full_like(targets, -1, dtype=torch.long))
+    tgt = targets if soft else torch.where(valid, targets.long(), torch.full_like(targets, -1, dtype=torch.long))
     w_frame = ref.frame_weights(n, mask=mask, frame_weight=frame_weight, pred_masked_weight=pred_masked_weight,
                                 pred_nomask_weight=pred_nomask_weight, device=device)
     counted = valid & (w_frame != 0)[:, None]
@@ -342,7 +376,7 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
     pair_w = torch.where(valid, w_frame[:, None], torch.zeros((), device=device))
 
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x3, weight, bias))
+        t is not None and t.requires_grad for t in (x3, weight, bias, tgt))
     if reduction != "none" and needs_grad:
         if reduction == "mean":
             pair_w = pair_w / count.sum().clamp_min(1).float()

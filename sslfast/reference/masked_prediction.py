@@ -3,7 +3,8 @@
 
 Shapes: ``x`` (N, D) shared by every head, or (N, H, D) one vector per head; ``weight``
 (H, V, D) (the linear heads, or the label embeddings of the cosine head); ``bias`` (H, V) or
-None; ``targets`` (N, H) integer labels. Frame n, head h has the V logits
+None; ``targets`` (N, H) integer labels, or (N, H, V) target probabilities (soft targets,
+differentiable: BiRQ's enhanced labels). Frame n, head h has the V logits
 
 * ``head="linear"`` (BEST-RQ, NEST: NeMo ``MultiSoftmaxDecoder`` + ``MultiMLMLoss``,
   SpeechBrain's BEST-RQ head): ``z[n, h, v] = <x[n, h], weight[h, v]> + bias[h, v]``;
@@ -11,7 +12,10 @@ None; ``targets`` (N, H) integer labels. Frame n, head h has the V logits
   ``z[n, h, v] = cos(x[n, h], weight[h, v]) / logit_temp`` (``logit_temp`` 0.1 as fairseq),
 
 and the per-pair loss is torch's ``cross_entropy`` with ``label_smoothing`` = eps:
-``l[n, h] = lse_v(z) - (1 - eps) * z[y] - eps / V * sum_v z[v]``.
+``l[n, h] = lse_v(z) - (1 - eps) * z[y] - eps / V * sum_v z[v]``; for soft targets q,
+``-sum_v ((1 - eps) q[v] + eps / V) log_softmax(z)[v]`` (torch's probability targets; q is
+not renormalised, ``ignore_index`` does not apply, and q receives the gradient
+``(1 - eps) * (lse - z)``). The soft ``correct`` uses the first most probable class as y.
 
 Weights and reductions. Frame weight ``w[n] = frame_weight[n]`` (1 when None), times
 ``pred_masked_weight`` on frames where ``mask`` is True and ``pred_nomask_weight`` where it is
@@ -106,7 +110,8 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_losses(x, weight, bias, targets, valid, scale, label_smoothing):
-    """Per-pair losses (n, H) and whether the target attains the max, for one chunk of frames."""
+    """Per-pair losses (n, H) and whether the target attains the max, for one chunk of frames;
+    targets (n, H) labels or (n, H, V) probabilities."""
     if x.dim() == 2:
         logits = torch.einsum("nd,hvd->nhv", x, weight)
     else:
@@ -115,12 +120,18 @@ def _chunk_losses(x, weight, bias, targets, valid, scale, label_smoothing):
         logits = logits * scale
     if bias is not None:
         logits = logits + bias
-    lse = torch.logsumexp(logits, dim=-1)
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
-    z_y = logits.gather(-1, safe_t[..., None]).squeeze(-1)
-    loss = lse - (1.0 - label_smoothing) * z_y
-    if label_smoothing > 0.0:
-        loss = loss - label_smoothing * logits.mean(dim=-1)
+    if targets.is_floating_point():
+        # torch's cross_entropy with probability targets: -sum_v q'_v log p_v, q' the smoothed q
+        logp = torch.log_softmax(logits, dim=-1)
+        loss = -(1.0 - label_smoothing) * (targets * logp).sum(-1) - label_smoothing * logp.mean(dim=-1)
+        z_y = logits.gather(-1, targets.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    else:
+        lse = torch.logsumexp(logits, dim=-1)
+        safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+        z_y = logits.gather(-1, safe_t[..., None]).squeeze(-1)
+        loss = lse - (1.0 - label_smoothing) * z_y
+        if label_smoothing > 0.0:
+            loss = loss - label_smoothing * logits.mean(dim=-1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     top = (z_y >= logits.amax(dim=-1)).detach()
     return loss, top
@@ -135,24 +146,25 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
     ``return_stats``. No argument checking: ``sslfast.masked_prediction_loss`` validates.
     """
     dt = _work_dtype(x)
-    n, h_count = targets.shape
+    n, h_count = targets.shape[:2]
     xw = x.to(dt)
     ww = weight.to(dt)
     bw = None if bias is None else bias.to(dt)
     scale = 1.0
     if head == "cosine":
         xw, ww, scale = safe_normalize(xw), safe_normalize(ww), 1.0 / logit_temp
-    targets = targets.long()
+    soft = targets.is_floating_point()
+    targets = targets.to(dt) if soft else targets.long()
     w = frame_weights(n, mask=mask, frame_weight=frame_weight, pred_masked_weight=pred_masked_weight,
                       pred_nomask_weight=pred_nomask_weight, dtype=dt, device=x.device)
-    valid = targets != ignore_index
+    valid = torch.ones(n, h_count, dtype=torch.bool, device=x.device) if soft else targets != ignore_index
     counted = valid & (w != 0)[:, None]
 
     losses, tops = [], []
     for s in range(0, n, chunk_size):
         args = (xw[s:s + chunk_size], ww, bw, targets[s:s + chunk_size], valid[s:s + chunk_size], scale,
                 float(label_smoothing))
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xw, ww, bw)):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xw, ww, bw, targets)):
             loss_c, top_c = checkpoint(_chunk_losses, *args, use_reentrant=False)
         else:
             loss_c, top_c = _chunk_losses(*args)
