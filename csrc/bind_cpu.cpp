@@ -17,6 +17,7 @@ void bind_gumbel_quantize(py::module_& m);
 void bind_apply_mask(py::module_& m);
 void bind_launch(py::module_& m);
 void bind_testing(py::module_& m);
+void bind_masked_prediction(py::module_& m);
 }  // namespace sslfast
 
 PYBIND11_MODULE(_C, m) {
@@ -42,4 +43,5 @@ PYBIND11_MODULE(_C, m) {
   sslfast::bind_apply_mask(m);
   sslfast::bind_launch(m);
   sslfast::bind_testing(m);
+  sslfast::bind_masked_prediction(m);
 }

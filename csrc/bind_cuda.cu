@@ -20,6 +20,7 @@ void bind_rp_quantize(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_gumbel_quantize(py::module_& m);
 void bind_apply_mask(py::module_& m);
+void bind_masked_prediction(py::module_& m);
 }  // namespace sslfast
 
 static int device_count() {
@@ -53,4 +54,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   sslfast::bind_contrastive(m);
   sslfast::bind_gumbel_quantize(m);
   sslfast::bind_apply_mask(m);
+  sslfast::bind_masked_prediction(m);
 }
