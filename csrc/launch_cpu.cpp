@@ -54,6 +54,11 @@ void bind_launch(py::module_& m) {
   l.def("rp_quantize",
         [](int64_t rows, int64_t smem_per_warp) { return to_py(rp_quantize_launch::plan(rows, smem_per_warp)); },
         py::arg("rows"), py::arg("smem_per_warp"));
+  l.def("masked_prediction",
+        [](int64_t N, int64_t H, int64_t Hx, int64_t V, int64_t D, bool backward) {
+          return to_py(masked_prediction_launch::plan(N, H, Hx, V, D, backward));
+        },
+        py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("backward"));
   l.def("contrastive_forward", [](int64_t N) { return to_py({contrastive_launch::forward(N)}); }, py::arg("N"));
   l.def("contrastive_backward_rows", [](int64_t N) { return to_py({contrastive_launch::backward_rows(N)}); },
         py::arg("N"));

@@ -60,7 +60,12 @@ SSLFAST_HD void lse_update(RowState& st, const float* z, int n) {
 
 // Folds the logits z[0..n) of classes v0..v0+n into the state of a row with hard label target.
 SSLFAST_HD void row_update(RowState& st, const float* z, int n, int64_t v0, int64_t target) {
-  if (target >= v0 && target < v0 + n) st.zy = st.zbest = z[target - v0];
+  // a select, not a branch: with the store under a branch ptxas kept zy and zbest in local
+  // memory in the CUDA forward kernel (8 bytes of stack, 24 of spill stores on sm_90)
+  const bool hit = target >= v0 && target < v0 + n;
+  const float zt = z[hit ? target - v0 : 0];
+  st.zy = hit ? zt : st.zy;
+  st.zbest = hit ? zt : st.zbest;
   lse_update(st, z, n);
 }
 

@@ -18,17 +18,18 @@
 #include "sslfast/bind.h"
 #include "sslfast/cuda_check.h"
 #include "sslfast/dtype.h"
+#include "sslfast/launch_cuda.h"
 
 namespace py = pybind11;
 
 namespace sslfast {
 namespace {
 
-constexpr int BM = 32;        // rows of a tile
-constexpr int BV = 32;        // classes of a tile
-constexpr int BK = 32;        // feature slice staged in shared memory
-constexpr int BD = 64;        // gradient features per block
-constexpr int THREADS = 256;  // 16 x 16 threads, 2 x 2 logits each
+constexpr int BM = masked_prediction_launch::kRows;      // rows of a tile
+constexpr int BV = masked_prediction_launch::kClasses;   // classes of a tile
+constexpr int BK = 32;                                   // feature slice staged in shared memory
+constexpr int BD = masked_prediction_launch::kFeatures;  // gradient features per block
+constexpr int THREADS = masked_prediction_launch::kThreads;  // 16 x 16 threads, 2 x 2 logits each
 
 struct Args {
   const void* x;
@@ -194,17 +195,16 @@ void forward_backward_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t w, int 
                as_ptr<const int64_t>(targets), N, H, Hx, V, D, static_cast<float>(scale), static_cast<float>(eps),
                static_cast<float>(eps / static_cast<double>(V))};
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const unsigned row_blocks = static_cast<unsigned>((N + BM - 1) / BM);
-  forward_kernel<<<dim3(row_blocks, static_cast<unsigned>(H)), THREADS, 0, s>>>(
-      a, as_ptr<float>(loss), as_ptr<float>(lse), as_ptr<uint8_t>(top));
+  const Launches plan = masked_prediction_launch::plan(N, H, Hx, V, D, grad != 0);
+  forward_kernel<<<grid_of(plan[0]), plan[0].threads, 0, s>>>(a, as_ptr<float>(loss), as_ptr<float>(lse),
+                                                            as_ptr<uint8_t>(top));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
   if (grad == 0) return;
-  const unsigned d_blocks = static_cast<unsigned>((D + BD - 1) / BD);
-  dx_kernel<<<dim3(row_blocks, d_blocks, static_cast<unsigned>(Hx)), THREADS, 0, s>>>(
-      a, as_ptr<const float>(lse), as_ptr<const float>(grad), as_ptr<float>(dx));
+  dx_kernel<<<grid_of(plan[1]), plan[1].threads, 0, s>>>(a, as_ptr<const float>(lse), as_ptr<const float>(grad),
+                                                       as_ptr<float>(dx));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
-  dw_kernel<<<dim3(static_cast<unsigned>((V + BV - 1) / BV), d_blocks, static_cast<unsigned>(H)), THREADS, 0, s>>>(
-      a, as_ptr<const float>(lse), as_ptr<const float>(grad), as_ptr<float>(dw), as_ptr<float>(db));
+  dw_kernel<<<grid_of(plan[2]), plan[2].threads, 0, s>>>(a, as_ptr<const float>(lse), as_ptr<const float>(grad),
+                                                       as_ptr<float>(dw), as_ptr<float>(db));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }
 

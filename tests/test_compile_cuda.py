@@ -50,6 +50,7 @@ FILE_OF = {
     "gumbel_quantize_backward": "gumbel_quantize_cuda.cu",
     "apply_mask_forward": "apply_mask_cuda.cu",
     "apply_mask_backward": "apply_mask_cuda.cu",
+    "masked_prediction": "masked_prediction_cuda.cu",
 }
 
 
@@ -146,7 +147,8 @@ def test_every_kernel_has_a_launch_configuration(target, launch):
              ("gumbel_quantize_backward", launch.gumbel_quantize_backward(10, 2, 320, 128, True, False, 0, 10**6)),
              ("gumbel_quantize_backward", launch.gumbel_quantize_backward(10, 2, 320, 128, True, True, 0, 10**6)),
              ("apply_mask_forward", launch.apply_mask_forward(2, 10, 64)),
-             ("apply_mask_backward", launch.apply_mask_backward(2, 10, 64, True))]
+             ("apply_mask_backward", launch.apply_mask_backward(2, 10, 64, True)),
+             ("masked_prediction", launch.masked_prediction(10, 2, 2, 504, 256, True))]
     for fn, plan in plans:
         for l in plan:
             for r in _rows_of(rows, FILE_OF[fn], l["kernel"]):
@@ -205,6 +207,9 @@ def test_other_launches_fit_at_every_size_the_host_accepts(target, launch):
         check_fits(limits, rows, "apply_mask_forward", launch.apply_mask_forward(B, T, D))
         for fill in (False, True):
             check_fits(limits, rows, "apply_mask_backward", launch.apply_mask_backward(B, T, D, fill))
+    for N, H, V, D in itertools.product([1, 33, 16384, 2**22], [1, 16], [1, 504, 8192, 2**20], [1, 256, 1024]):
+        for Hx, bw in itertools.product({1, H}, [False, True]):
+            check_fits(limits, rows, "masked_prediction", launch.masked_prediction(N, H, Hx, V, D, bw))
     # rp_quantize: every staged size up to the host's limit, then the host's rejection
     for r, s in itertools.product([1, 7, 2**20], [1, 64, 3071, 3072, 3073, 6000, 12288]):
         check_fits(limits, rows, "rp_quantize", launch.rp_quantize(r, s))

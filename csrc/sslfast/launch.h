@@ -242,4 +242,27 @@ inline Launches backward(int64_t B, int64_t T, int64_t D, bool need_fill, int64_
 }
 }  // namespace apply_mask_launch
 
+// ---- masked_prediction (masked_prediction_cuda.cu)
+namespace masked_prediction_launch {
+constexpr int kRows = 32;      // BM: rows of a logit tile
+constexpr int kClasses = 32;   // BV: classes of a logit tile
+constexpr int kFeatures = 64;  // BD: gradient features per block
+constexpr int kThreads = 256;
+// forward (row blocks x heads); with a gradient, dX (row blocks x feature blocks x heads of x)
+// and dW (class blocks x feature blocks x heads). Grid y and z are capped at 65535.
+inline Launches plan(int64_t N, int64_t H, int64_t Hx, int64_t V, int64_t D, bool backward) {
+  const int64_t rows = ceil_div(N, kRows), d_blocks = ceil_div(D, kFeatures);
+  if (H > 65535 || d_blocks > 65535)
+    throw std::invalid_argument("sslfast masked_prediction (cuda): at most 65535 heads and 65535*64 features");
+  if (rows > 2147483647LL || ceil_div(V, kClasses) > 2147483647LL)
+    throw std::invalid_argument("sslfast masked_prediction (cuda): too many rows or classes for one launch");
+  Launches out{make_launch("forward_kernel", rows, H, 1, kThreads)};
+  if (backward) {
+    out.push_back(make_launch("dx_kernel", rows, d_blocks, Hx, kThreads));
+    out.push_back(make_launch("dw_kernel", ceil_div(V, kClasses), d_blocks, H, kThreads));
+  }
+  return out;
+}
+}  // namespace masked_prediction_launch
+
 }  // namespace sslfast
