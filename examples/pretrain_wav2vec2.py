@@ -116,7 +116,7 @@ def make_model(args):
         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=True,
         feat_extract_norm="layer", num_codevector_groups=2, num_codevectors_per_group=args.codevectors,
         codevector_dim=args.hidden, proj_codevector_dim=args.hidden, num_negatives=args.negatives,
-        mask_time_prob=0.65, mask_time_length=10, diversity_loss_weight=0.1, layerdrop=0.0,
+        mask_time_prob=args.mask_prob, mask_time_length=args.mask_length, diversity_loss_weight=0.1, layerdrop=0.0,
         hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
         feat_quantizer_dropout=0.0)
     torch.manual_seed(args.seed)
@@ -244,17 +244,20 @@ def main(argv=None):
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/espeak_speech"))
     p.add_argument("--utterances", type=int, default=400)
     p.add_argument("--held-out", type=float, default=0.1, help="fraction of utterances held out")
-    p.add_argument("--max-seconds", type=float, default=1.5, help="crop length")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--max-seconds", type=float, default=1.0, help="crop length")
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--conv-dim", type=int, default=48)
     p.add_argument("--codevectors", type=int, default=64)
     p.add_argument("--negatives", type=int, default=25)
-    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--mask-prob", type=float, default=0.5, help="mask_time_prob (wav2vec 2.0 base: 0.65)")
+    p.add_argument("--mask-length", type=int, default=4, help="mask_time_length (base: 10; shorter spans "
+                   "learn faster on short crops)")
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

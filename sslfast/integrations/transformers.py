@@ -272,7 +272,11 @@ def wav2vec2_pretraining_loss(projected_states: torch.Tensor, projected_quantize
 
 def _make_pretraining_forward(output_class, *, draw_mask: bool, draw_negatives: bool,
                               sync_free: Optional[bool]):
-    from transformers.utils.generic import can_return_tuple
+    try:  # return_dict=False handling of transformers >= 4.50; older versions return the output object
+        from transformers.utils.generic import can_return_tuple
+    except ImportError:  # pragma: no cover
+        def can_return_tuple(fn):
+            return fn
 
     @can_return_tuple
     def forward(self, input_values, attention_mask=None, mask_time_indices=None, sampled_negative_indices=None,
@@ -513,8 +517,8 @@ class SslfastDataCollatorForWav2Vec2Pretraining:
     def __call__(self, features):
         batch = self.feature_extractor.pad(features, padding=self.padding, pad_to_multiple_of=self.pad_to_multiple_of,
                                            return_tensors="pt")
-        config = _unwrap(self.model).config
         model = _unwrap(self.model)
+        config = model.config
         seed = self.step_seed()
         input_values = batch["input_values"]
         device = torch.device(self.device) if self.device is not None else input_values.device
