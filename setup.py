@@ -323,7 +323,7 @@ def extensions():
 
 
 setup(
-    packages=["sslfast", "sslfast.reference", "sslfast.ops", "sslfast.nn", "sslfast.bench", "sslfast.kernels"],
+    packages=["sslfast", "sslfast.reference", "sslfast.ops", "sslfast.nn", "sslfast.bench", "sslfast.integrations", "sslfast.kernels"],
     package_dir={"sslfast": "sslfast", "sslfast.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},

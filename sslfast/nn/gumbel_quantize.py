@@ -12,7 +12,7 @@ from torch import nn
 
 from ..ops.gumbel_quantize import gumbel_vector_quantize
 
-__all__ = ["GumbelVectorQuantizer", "Wav2Vec2GumbelVectorQuantizer"]
+__all__ = ["GumbelVectorQuantizer", "Wav2Vec2GumbelVectorQuantizer", "hf_quantizer_forward"]
 
 
 class GumbelVectorQuantizer(nn.Module):
@@ -142,11 +142,23 @@ class Wav2Vec2GumbelVectorQuantizer(nn.Module):
         nn.init.uniform_(self.codevectors)
 
     def forward(self, hidden_states, mask_time_indices=None, *, seed: Optional[int] = None):
-        batch_size, sequence_length, _ = hidden_states.shape
-        logits = self.weight_proj(hidden_states).reshape(batch_size * sequence_length, -1)
-        mask = None if mask_time_indices is None else mask_time_indices.bool()
-        out = gumbel_vector_quantize(logits, self.codevectors, groups=self.num_groups,
-                                     tau=float(self.temperature), hard=True, training=self.training, seed=seed,
-                                     mask=mask, perplexity_eps=0.0, backend=self.backend)
-        perplexity = out.prob_perplexity if self.training else out.code_perplexity
-        return out.quantized.view(batch_size, sequence_length, -1), perplexity
+        return hf_quantizer_forward(self, hidden_states, mask_time_indices, seed=seed, backend=self.backend)
+
+
+def hf_quantizer_forward(module, hidden_states, mask_time_indices=None, *, seed: Optional[int] = None,
+                         backend: Optional[str] = None):
+    """The forward of Hugging Face's Gumbel quantizer, fused, for any module with its attributes.
+
+    ``module`` has ``weight_proj``, ``codevectors`` (1, G*V, d), ``num_groups``, ``temperature``
+    and ``training``: this class, or transformers' own ``Wav2Vec2GumbelVectorQuantizer`` /
+    ``Wav2Vec2ConformerGumbelVectorQuantizer`` instance (``sslfast.integrations.transformers``
+    binds it as their forward). Returns ``(codevectors (B, T, G*d), perplexity)`` as HF does.
+    """
+    batch_size, sequence_length, _ = hidden_states.shape
+    logits = module.weight_proj(hidden_states).reshape(batch_size * sequence_length, -1)
+    mask = None if mask_time_indices is None else mask_time_indices.bool()
+    out = gumbel_vector_quantize(logits, module.codevectors, groups=module.num_groups,
+                                 tau=float(module.temperature), hard=True, training=module.training, seed=seed,
+                                 mask=mask, perplexity_eps=0.0, backend=backend)
+    perplexity = out.prob_perplexity if module.training else out.code_perplexity
+    return out.quantized.view(batch_size, sequence_length, -1), perplexity
