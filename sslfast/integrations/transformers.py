@@ -246,7 +246,9 @@ def wav2vec2_pretraining_loss(projected_states: torch.Tensor, projected_quantize
         sync_free: True evaluates every frame and zeroes the unmasked ones (their negatives
             are pointed at the frame itself, so the kernel masks them and they add 0): no
             data-dependent shape, no ``nonzero`` (a host sync on a GPU, a graph break under
-            torch.compile). False gathers the masked rows first (less work). None: True on
+            torch.compile) and no index-range check (``check_indices=False``: the kernels
+            clamp an index out of range, never read out of bounds; HF's sampler and sslfast's
+            give valid ones). False gathers the masked rows first (less work). None: True on
             a GPU or while compiling, False on the CPU.
 
     Returns the fp32 loss summed over masked frames, as stock's ``cross_entropy(...,
@@ -266,7 +268,7 @@ def wav2vec2_pretraining_loss(projected_states: torch.Tensor, projected_quantize
     own = torch.arange(b * t, device=x.device).view(b * t, 1)
     negatives = torch.where(flat_mask, sampled_negative_indices.reshape(b * t, -1).long(), own)
     rows = contrastive_loss(x.reshape(b * t, d), y.reshape(b * t, d), negatives, temperature=temperature,
-                            reduction="none", neg_is_pos="vector", precision="hf")
+                            reduction="none", neg_is_pos="vector", precision="hf", check_indices=False)
     return torch.where(flat_mask.view(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum()
 
 
