@@ -308,7 +308,11 @@ def _equalize_kernel(counts_ptr, keys_ptr, out_ptr, B, T, r_cap, dropout: tl.flo
 
 @triton.jit
 def _rint(x):
-    """Round half to even (numpy's rint) for x >= 0, without libdevice (the interpreter has none)."""
+    """Round half to even (numpy's rint) for x >= 0, without libdevice (the interpreter has none).
+
+    The kernels are launched with ``enable_fp_fusion=False``: fused, ``x - f`` for x = count *
+    dropout became fma(count, dropout, -f), the fraction of the unrounded product (25 * 0.1:
+    0.5000000000000001, rounded up to 3 where every other backend gives 2)."""
     f = x.to(tl.int64)
     frac = x - f.to(tl.float64)
     up = (frac > 0.5) | ((frac == 0.5) & ((f & 1) == 1))
@@ -351,8 +355,10 @@ def compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vm
                             r_cap, min_space, ivl_cap, float(mask_dropout),
                             HF=bool(hf), HAS_PAD=padding_mask is not None, NO_OVERLAP=bool(no_overlap),
                             DROPOUT=not equalize and mask_dropout > 0, BLOCK_N=block_n, BLOCK_S=block_s,
-                            BLOCK_P=min(128, triton.next_power_of_2(2 * n_cap + 1)) if no_overlap else 1)
+                            BLOCK_P=min(128, triton.next_power_of_2(2 * n_cap + 1)) if no_overlap else 1,
+                            enable_fp_fusion=False)
     if equalize:
         _equalize_kernel[(B,)](counts, keys, out, B, T, r_cap, float(mask_dropout), seed,
-                               DROPOUT=mask_dropout > 0, BLOCK_B=triton.next_power_of_2(B), BLOCK_S=block_s)
+                               DROPOUT=mask_dropout > 0, BLOCK_B=triton.next_power_of_2(B), BLOCK_S=block_s,
+                               enable_fp_fusion=False)
     return out

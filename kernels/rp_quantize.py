@@ -20,6 +20,10 @@ import triton.language as tl
 # The projected tile y (BLOCK_N, BLOCK_D) lives in registers: head widths beyond this go to
 # the other backends (sslfast/ops/rp_quantize.py says so).
 MAX_HEAD_DIM = 256
+# Integer arguments that are not specialised (an int equal to 1 becomes a compile-time
+# constant, a multiple of 16 another specialisation): counts whose divisibility adds
+# nothing (row offsets are multiples of F, d or in_dim, which stay specialised).
+_COUNTS = ("rows", "rows_per_seq", "T", "stack", "H", "V")
 
 
 @triton.jit
@@ -39,7 +43,7 @@ def _update_best(dot, cc, vv, V, best, best_idx, COSINE: tl.constexpr):
     return tl.where(take, tile_max, best), tl.where(take, tile_arg.to(tl.int64), best_idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _rp_quantize_kernel(
     x_ptr, proj_ptr, cb_ptr, mask_ptr, out_ptr,
     rows, rows_per_seq, T, F, stack, in_dim, H, V, d,
