@@ -104,7 +104,8 @@ def _problems(report):
             bad.append(f"{where}: {ln['shared']} B of shared memory > {lim['max_shared']}")
         if threads > lim["max_threads"]:
             bad.append(f"{where}: {threads} threads per block > {lim['max_threads']}")
-        if ln["regs"] > lim["max_regs_per_thread"] or ln["regs"] * threads > lim["regs_per_sm"]:
+        # registers are allocated per warp in units of 256, i.e. 8 per thread
+        if ln["regs"] > lim["max_regs_per_thread"] or -(-ln["regs"] // 8) * 8 * threads > lim["regs_per_sm"]:
             bad.append(f"{where}: {ln['regs']} registers x {threads} threads do not fit {lim['regs_per_sm']}")
         if any(g > m for g, m in zip(ln["grid"], triton_stub.GRID_LIMITS)):
             bad.append(f"{where}: grid {ln['grid']} exceeds {triton_stub.GRID_LIMITS}")
@@ -132,7 +133,7 @@ def test_problems_catch_each_limit():
     ok = dict(label="x", kernel="k", arch=90, grid=(1, 1, 1), num_warps=4, shared=0, regs=32, stack=0, local=0)
     base = dict(family="f", archs=[90], errors=[], cases=[dict(label="x", arch=90, launches=1)])
     assert _problems(dict(base, launches=[ok])) == []
-    for change in (dict(shared=232449), dict(regs=256), dict(num_warps=8, regs=255), dict(grid=(1, 65536, 1)),
+    for change in (dict(shared=232449), dict(regs=256), dict(num_warps=16, regs=129), dict(grid=(1, 65536, 1)),
                    dict(stack=8), dict(num_warps=64)):
         assert _problems(dict(base, launches=[dict(ok, **change)])), change
     assert _problems(dict(base, launches=[ok], cases=[dict(label="y", arch=90, launches=0)]))
