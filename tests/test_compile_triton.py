@@ -37,13 +37,13 @@ SPILL_BUDGET: dict[str, int] = {
     # of arguments beyond ~1e5, which Box-Muller's angles (in [0, 2 pi)) never reach; ptxas
     # reserves it when the frame loop runs more than once (FRAMES = 4).
     "apply_mask:_forward_kernel": 32,
-    # Not register pressure (72-128 registers of 255): sm_80's ptxas (and Triton 3.6's for
-    # sm_90) parks up to four 32-bit values that live across the whole no_overlap / coverage
-    # section on the stack: stored once before it, reloaded once per 128-frame block or at the
-    # end, never inside the per-span or per-key loops (read from the SASS). Was 255 registers
-    # with 1.4 KB of stack (8 KB with no_overlap) before the rank tiles and the interval list
-    # in scratch.
-    "masking:_mask_rows_kernel": 16,
+    # Not register pressure (40-168 registers of 255): ptxas parks up to eight 32-bit values
+    # that live across the whole no_overlap / coverage section on the stack (sm_80: 16 B;
+    # Triton 3.6's ptxas for sm_90: 32 B), stored once before it and reloaded once per
+    # 128-span or 128-frame block or at the end, never inside the per-span, per-slot or
+    # per-key loops (read from the SASS). Was 255 registers with 1.4 KB of stack (8 KB with
+    # no_overlap) before the rank tiles and the interval list in scratch.
+    "masking:_mask_rows_kernel": 32,
 }
 
 PYTHON = os.environ.get("SSLFAST_TRITON_PYTHON") or sys.executable
