@@ -20,6 +20,11 @@ from . import philox as kp
 _STREAM_MASK_NOISE = tl.constexpr(24)  # sslfast.random.Stream.MASK_NOISE
 _TWO_PI = tl.constexpr(6.2831854820251465)  # fp32(2 pi), as the reference multiplies
 _OPEN_LO = tl.constexpr(2.3283064365386963e-10)  # 2^-32
+# Integer arguments that are not specialised (an int equal to 1 becomes a compile-time
+# constant, a multiple of 16 another specialisation): the frame count, T (only divides) and
+# the seed. D and the strides stay specialised: a unit channel stride and 16-aligned rows
+# give vector loads.
+_COUNTS = ("n_frames", "T", "seed")
 
 
 @triton.jit
@@ -30,7 +35,7 @@ def _box_muller(w_radius, w_angle):
     return r * tl.cos(a), r * tl.sin(a)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _forward_kernel(x_ptr, out_ptr, mask_ptr, fill_ptr, n_frames, T, D, sxb, sxt, sxd, sob, sot, sod, std, seed,
                     NOISE: tl.constexpr, INPLACE: tl.constexpr, FRAMES: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -69,7 +74,7 @@ def _forward_kernel(x_ptr, out_ptr, mask_ptr, fill_ptr, n_frames, T, D, sxb, sxt
                         tl.store(o_row + (d0 + offs_d) * sod, v, mask=in_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _backward_kernel(g_ptr, gx_ptr, partial_ptr, mask_ptr, n_frames, T, D, sgb, sgt, sgd,
                      NEED_X: tl.constexpr, NEED_FILL: tl.constexpr, FRAMES: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)

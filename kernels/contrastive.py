@@ -24,6 +24,10 @@ import triton.language as tl
 
 NORM_EPS = 1e-8
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Integer arguments that are not specialised (an int equal to 1 becomes a compile-time
+# constant, a multiple of 16 another specialisation): counts used in loop bounds and
+# divisions only. D stays specialised: 16-aligned rows give vector loads.
+_COUNTS = ("M", "K", "K1")
 
 
 @triton.jit
@@ -90,7 +94,7 @@ def _row_setup(x_ptr, y_ptr, pos_ptr, row, M, D, HAS_POS: tl.constexpr, BLOCK_D:
     return x, p, jp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _forward_kernel(x_ptr, y_ptr, neg_ptr, pos_ptr, loss_ptr, lse_ptr, correct_ptr,
                     M, D, K, temperature, eps,
                     HAS_POS: tl.constexpr, NEG_MODE: tl.constexpr, PRECISION: tl.constexpr,
@@ -120,7 +124,7 @@ def _forward_kernel(x_ptr, y_ptr, neg_ptr, pos_ptr, loss_ptr, lse_ptr, correct_p
     tl.store(correct_ptr + row, ((logit0 >= max_neg) & (min_neg < logit0)).to(tl.int8))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _backward_rows_kernel(grad_rows_ptr, x_ptr, y_ptr, neg_ptr, pos_ptr, lse_ptr, gx_ptr, alpha_ptr, beta_ptr,
                           gy_acc_ptr, M, D, K, temperature, eps,
                           HAS_POS: tl.constexpr, NEG_MODE: tl.constexpr, PRECISION: tl.constexpr,
@@ -173,7 +177,7 @@ def _backward_rows_kernel(grad_rows_ptr, x_ptr, y_ptr, neg_ptr, pos_ptr, lse_ptr
     tl.store(gx_ptr + row * D + offs_d, gx.to(gx_ptr.dtype.element_ty), mask=d_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _segments_kernel(x_ptr, y_ptr, alpha_ptr, beta_ptr, order_ptr, offsets_ptr, gy_ptr, D, K1,
                      BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     j = tl.program_id(0).to(tl.int64)

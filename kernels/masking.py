@@ -5,7 +5,7 @@
   starts (scratch), their ranks by counting (BLOCK_S x BLOCK_S tiles), each chosen start's
   span end, then coverage as a running maximum of span ends (``tl.associative_scan``).
   With ``NO_OVERLAP`` steps 3-5 are fairseq's interval placement instead (``_no_overlap``):
-  sequential over the spans, the interval list in registers. When the row's result does not
+  sequential over the spans, the interval list in scratch. When the row's result does not
   depend on other rows (no require_same_masks, or B == 1) it also applies mask_dropout.
 * ``_equalize_kernel`` (fairseq style, require_same_masks with B > 1): program ``b`` takes
   the minimum count over rows, keeps the row's masked frames of smallest key, then applies
@@ -30,6 +30,16 @@ _START = tl.constexpr(3)
 _EQUALIZE = tl.constexpr(4)
 _DROPOUT = tl.constexpr(5)
 _FAR = tl.constexpr(2**63 - 1)
+_BLOCK_R = tl.constexpr(32)  # keys compared at a time by _rank
+
+
+# Integer arguments compiled kernels must not specialise on: Triton turns an int argument
+# equal to 1 into a compile-time constant (mask_length=1 then had no ``.to``; a seed of 1 or
+# one divisible by 16 would compile the kernel again). Every size here is used for
+# arithmetic only, so its value or divisibility buys nothing. The fp64 annotations make
+# mask_prob and mask_dropout reach compiled kernels in fp64, as the interpreter keeps them
+# (a Python float is otherwise passed as fp32: 0.1 * 25 would round to 3, not 2).
+_SIZES = ("T", "B", "L", "vmin", "n_thr", "min_masks", "seed", "n_cap", "r_cap", "min_space", "ivl_cap")
 
 
 @triton.jit
@@ -43,14 +53,16 @@ def _word_at(seed, row, c, stream):
 
 
 @triton.jit
-def _rank(krow, key, n, offs, BLOCK_S: tl.constexpr):
+def _rank(krow, key, n, BLOCK_R: tl.constexpr):
     """How many of the keys krow[0, n) are smaller than each of ``key`` (ranking by counting:
-    the k smallest keys are those of rank < k)."""
-    rank = key * 0
-    for j0 in range(0, n, BLOCK_S):
+    the k smallest keys are those of rank < k). The comparisons run in (len(key), BLOCK_R)
+    tiles: a square BLOCK_S x BLOCK_S tile of int64 keys does not fit in registers."""
+    offs = tl.arange(0, BLOCK_R).to(tl.int64)
+    rank = (key * 0).to(tl.int32)
+    for j0 in range(0, n, BLOCK_R):
         other = tl.load(krow + j0 + offs, mask=j0 + offs < n, other=_FAR)
-        rank += tl.sum((other[None, :] < key[:, None]).to(tl.int64), 1)
-    return rank
+        rank += tl.sum((other[None, :] < key[:, None]).to(tl.int32), 1)
+    return rank.to(tl.int64)
 
 
 @triton.jit
@@ -63,9 +75,10 @@ def _max_combine(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _mask_rows_kernel(lengths_ptr, pad_ptr, thr_ptr, lens_ptr, keys_ptr, ends_ptr, ivl_ptr, counts_ptr, out_ptr,
-                      T, mask_prob, L, vmin, n_thr, min_masks, seed, n_cap, r_cap, min_space, ivl_cap, dropout,
+                      T, mask_prob: tl.float64, L, vmin, n_thr, min_masks, seed, n_cap, r_cap, min_space, ivl_cap,
+                      dropout: tl.float64,
                       HF: tl.constexpr, HAS_PAD: tl.constexpr, NO_OVERLAP: tl.constexpr, DROPOUT: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -128,7 +141,7 @@ def _mask_rows_kernel(lengths_ptr, pad_ptr, thr_ptr, lens_ptr, keys_ptr, ends_pt
         for s0 in range(0, T, BLOCK_S):
             s = s0 + offs_s
             key = tl.load(krow + s, mask=s < R, other=_FAR)
-            rank = _rank(krow, key, R, offs_s, BLOCK_S)
+            rank = _rank(krow, key, R, _BLOCK_R)
             chosen = (s < R) & (rank < n)
             length = tl.load(lens_row + rank, mask=chosen, other=0)
             tl.store(erow + s, tl.where(chosen, tl.minimum(s + length, sz), 0), mask=s < T)
@@ -161,71 +174,88 @@ def _no_overlap(lens_row, ivl, erow, seed, b, sz, n, n_cap, min_len, min_space, 
     """fairseq's interval placement for row ``b`` (steps 3-5 with no_overlap; csrc/masking.h
     ``no_overlap_row``); writes each start's span end to ``erow`` for the coverage pass.
 
-    The interval list lives in registers (``S``, ``E``: BLOCK_P >= 2 n + 1 slots) and is kept
-    by creation slot: an interval never moves, the chosen one is emptied (width 0: no room,
-    never chosen again) and its left and right parts take the next two slots. Slot order is
-    fairseq's list order (pop, append left, append right), so the running sum of rooms and
-    the choice are the same. ``ivl`` (5 * n_cap int64 of scratch) holds the lengths sorted
-    longest first, each span's start and end, and the row's 2 n words of MASK_START, so the
-    sequential loop reads scalars and runs four reductions a span. BLOCK_P is 128 at wav2vec
-    2.0 shapes (n_cap = 51); it grows with the span count (mask_length 1 on long rows), and
-    with it the registers each program holds.
+    ``ivl`` (9 n_cap + 2 int64 of scratch) holds the lengths sorted longest first, each
+    span's start and end, the row's 2 n words of MASK_START, and the interval list (``S``,
+    ``E``: 2 n_cap + 1 slots each). The list is kept by creation slot: an interval never
+    moves, the chosen one is emptied (width 0: no room, never chosen again) and its left and
+    right parts take the next two slots. Slot order is fairseq's list order (pop, append
+    left, append right), so the running sum of rooms and the choice are the same. Each span
+    walks the slots used so far in BLOCK_P chunks twice (the total room, then the slot where
+    the running sum passes the drawn offset): registers stay bounded whatever the span count
+    (the list used to live in registers, BLOCK_P >= 2 n + 1 slots, and spilled kilobytes
+    at mask_length 1).
     """
     srt = ivl
     starts = ivl + n_cap
     ends = ivl + 2 * n_cap
     words = ivl + 3 * n_cap
+    S_row = ivl + 5 * n_cap
+    E_row = S_row + 2 * n_cap + 1
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_r = tl.arange(0, _BLOCK_R).to(tl.int64)
 
     # lengths, longest first: position = #longer + #equal before (a stable descending sort)
     for i0 in range(0, n, BLOCK_N):
         i = i0 + offs_n
         li = tl.load(lens_row + i, mask=i < n, other=0)
-        pos = i * 0
-        for j0 in range(0, n, BLOCK_N):
-            j = j0 + offs_n
+        pos = (i * 0).to(tl.int32)
+        for j0 in range(0, n, _BLOCK_R):
+            j = j0 + offs_r
             lj = tl.load(lens_row + j, mask=j < n, other=-1)
             before = (lj[None, :] > li[:, None]) | ((lj[None, :] == li[:, None]) & (j[None, :] < i[:, None]))
-            pos += tl.sum((before & (j[None, :] < n)).to(tl.int64), 1)
+            pos += tl.sum((before & (j[None, :] < n)).to(tl.int32), 1)
         tl.store(srt + pos, li, mask=i < n)
     for c0 in range(0, 2 * n, BLOCK_N):  # span i draws word 2i (the interval) and 2i + 1 (the start)
         c = c0 + offs_n
         tl.store(words + c, _word_at(seed, b, c, _START), mask=c < 2 * n)
+    tl.store(S_row, sz * 0)  # one interval, [0, sz)
+    tl.store(E_row, sz)
     tl.debug_barrier()
 
     slot = tl.arange(0, BLOCK_P).to(tl.int64)
-    S = slot * 0
-    E = tl.where(slot == 0, sz, 0)
-    st = slot * 0 - 1  # span i's start (-1: not placed, matches no frame) and end, by lane i
-    en = slot * 0
     created = sz * 0 + 1  # slots used
     going = n > 0
     for i in range(0, n):
         length = tl.load(srt + i)
-        room = tl.where(E - S >= length + min_space, E - S, 0)
-        run = tl.cumsum(room, 0)
-        total = tl.sum(room, 0)
+        need = length + min_space
+        total = sz * 0
+        for p0 in range(0, created, BLOCK_P):
+            p = p0 + slot
+            w = tl.load(E_row + p, mask=p < created, other=0) - tl.load(S_row + p, mask=p < created, other=0)
+            total += tl.sum(tl.where(w >= need, w, 0), 0)
         going = going & (total > 0)
         x = (tl.load(words + 2 * i) * tl.maximum(total, 1)) >> 32
-        hit = (room > 0) & (run > x) & (run - room <= x)  # the slot where the running sum passes x
-        s = tl.sum(tl.where(hit, S, 0), 0)
-        e = tl.sum(tl.where(hit, E, 0), 0)
+        # the slot where the running sum of rooms passes x
+        run0 = sz * 0
+        s = sz * 0
+        e = sz * 0
+        at = sz * 0 - 1
+        for p0 in range(0, created, BLOCK_P):
+            p = p0 + slot
+            S = tl.load(S_row + p, mask=p < created, other=0)
+            E = tl.load(E_row + p, mask=p < created, other=0)
+            room = tl.where(E - S >= need, E - S, 0)
+            run = run0 + tl.cumsum(room, 0)
+            hit = (room > 0) & (run > x) & (run - room <= x)
+            s += tl.sum(tl.where(hit, S, 0), 0)
+            e += tl.sum(tl.where(hit, E, 0), 0)
+            at = tl.maximum(at, tl.max(tl.where(hit, p, -1), 0))
+            run0 += tl.sum(room, 0)
         free = e - length - s
         start = s + tl.where(free > 0, (tl.load(words + 2 * i + 1) * tl.maximum(free, 1)) >> 32, 0)
         left = going & (start - s - min_space >= min_len)
         right = going & (e - start - length - min_space > min_len)
-        st = tl.where((slot == i) & going, start, st)
-        en = tl.where(slot == i, tl.minimum(start + length, sz), en)
-        E = tl.where(hit & going, S, E)  # pop
-        at_l = (slot == created) & left
-        S = tl.where(at_l, s, S)
-        E = tl.where(at_l, start - min_space + 1, E)
-        at_r = (slot == created + left.to(tl.int64)) & right
-        S = tl.where(at_r, start + length + min_space, S)
-        E = tl.where(at_r, e, E)
+        tl.store(starts + i, tl.where(going, start, -1))  # -1: not placed, matches no frame
+        tl.store(ends + i, tl.minimum(start + length, sz))
+        tl.debug_barrier()  # every thread has read the list before it changes
+        tl.store(E_row + at, s, mask=going)  # pop: width 0
+        tl.store(S_row + created, s, mask=left)
+        tl.store(E_row + created, start - min_space + 1, mask=left)
+        at_r = created + left.to(tl.int64)
+        tl.store(S_row + at_r, start + length + min_space, mask=right)
+        tl.store(E_row + at_r, e, mask=right)
         created += left.to(tl.int64) + right.to(tl.int64)
-    tl.store(starts + slot, st, mask=slot < n)
-    tl.store(ends + slot, en, mask=slot < n)
+        tl.debug_barrier()
     tl.debug_barrier()
 
     # span ends by start position (two spans can share a start when min_space = 0)
@@ -233,8 +263,8 @@ def _no_overlap(lens_row, ivl, erow, seed, b, sz, n, n_cap, min_len, min_space, 
     for t0 in range(0, T, BLOCK_S):
         t = t0 + offs_s
         reach = t * 0
-        for j0 in range(0, n, BLOCK_N):
-            j = j0 + offs_n
+        for j0 in range(0, n, _BLOCK_R):
+            j = j0 + offs_r
             sj = tl.load(starts + j, mask=j < n, other=-1)
             ej = tl.load(ends + j, mask=j < n, other=0)
             reach = tl.maximum(reach, tl.max(tl.where(sj[None, :] == t[:, None], ej[None, :], 0), 1))
@@ -253,14 +283,14 @@ def _keep_smallest(out_row, krow, seed, b, T, keep, stream, BLOCK_S: tl.constexp
     for t0 in range(0, T, BLOCK_S):
         t = t0 + offs
         key = tl.load(krow + t, mask=t < T, other=_FAR)
-        rank = _rank(krow, key, T, offs, BLOCK_S)
+        rank = _rank(krow, key, T, _BLOCK_R)
         drop = (key != _FAR) & (rank >= keep)
         tl.store(out_row + t, tl.zeros([BLOCK_S], dtype=tl.int1), mask=(t < T) & drop)
     tl.debug_barrier()
 
 
-@triton.jit
-def _equalize_kernel(counts_ptr, keys_ptr, out_ptr, B, T, r_cap, dropout, seed,
+@triton.jit(do_not_specialize=_SIZES)
+def _equalize_kernel(counts_ptr, keys_ptr, out_ptr, B, T, r_cap, dropout: tl.float64, seed,
                      DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_B)
@@ -278,7 +308,11 @@ def _equalize_kernel(counts_ptr, keys_ptr, out_ptr, B, T, r_cap, dropout, seed,
 
 @triton.jit
 def _rint(x):
-    """Round half to even (numpy's rint) for x >= 0, without libdevice (the interpreter has none)."""
+    """Round half to even (numpy's rint) for x >= 0, without libdevice (the interpreter has none).
+
+    The kernels are launched with ``enable_fp_fusion=False``: fused, ``x - f`` for x = count *
+    dropout became fma(count, dropout, -f), the fraction of the unrounded product (25 * 0.1:
+    0.5000000000000001, rounded up to 3 where every other backend gives 2)."""
     f = x.to(tl.int64)
     frac = x - f.to(tl.float64)
     up = (frac > 0.5) | ((frac == 0.5) & ((f & 1) == 1))
@@ -309,7 +343,9 @@ def compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vm
     keys = torch.empty(B * r_cap, dtype=torch.int64, device=dev)
     ends = torch.empty(B * T, dtype=torch.int64, device=dev)
     counts = torch.empty(B, dtype=torch.int64, device=dev)
-    ivl_cap = 5 * n_cap  # no_overlap: sorted lengths, starts, ends (n_cap each), 2 n_cap words
+    # no_overlap: sorted lengths, starts, ends (n_cap each), 2 n_cap words, the interval list
+    # (2 n_cap + 1 slots of S and of E)
+    ivl_cap = 9 * n_cap + 2
     ivl = torch.empty(B * ivl_cap, dtype=torch.int64, device=dev) if no_overlap else lens
     block_s = min(128, triton.next_power_of_2(max(T, 16)))
     block_n = min(128, triton.next_power_of_2(max(n_cap, 16)))
@@ -319,8 +355,10 @@ def compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vm
                             r_cap, min_space, ivl_cap, float(mask_dropout),
                             HF=bool(hf), HAS_PAD=padding_mask is not None, NO_OVERLAP=bool(no_overlap),
                             DROPOUT=not equalize and mask_dropout > 0, BLOCK_N=block_n, BLOCK_S=block_s,
-                            BLOCK_P=triton.next_power_of_2(2 * n_cap + 1) if no_overlap else 1)
+                            BLOCK_P=min(128, triton.next_power_of_2(2 * n_cap + 1)) if no_overlap else 1,
+                            enable_fp_fusion=False)
     if equalize:
         _equalize_kernel[(B,)](counts, keys, out, B, T, r_cap, float(mask_dropout), seed,
-                               DROPOUT=mask_dropout > 0, BLOCK_B=triton.next_power_of_2(B), BLOCK_S=block_s)
+                               DROPOUT=mask_dropout > 0, BLOCK_B=triton.next_power_of_2(B), BLOCK_S=block_s,
+                               enable_fp_fusion=False)
     return out

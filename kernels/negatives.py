@@ -46,6 +46,10 @@ from . import philox as kp
 
 _STREAM_NEGATIVES = tl.constexpr(16)  # sslfast.random.Stream.NEGATIVES
 _STREAM_CROSS = tl.constexpr(17)  # Stream.CROSS_NEGATIVES
+# Integer arguments compiled kernels do not specialise on: an int equal to 1 would become a
+# compile-time constant and a multiple of 16 another specialisation, one compile per class of
+# B, T, K, Kc, row count and seed for no gain (the masks are bytes, the draws scattered).
+_COUNTS = ("B", "T", "K", "Kc", "n_rows", "seed")
 
 
 @triton.jit
@@ -61,7 +65,7 @@ def _candidate(m, pad_ptr, offs, in_range, FROM_MASKED: tl.constexpr, HAS_PAD: t
     return c
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _scan_kernel(mask_ptr, pad_ptr, rank_ptr, mrank_ptr, pos_ptr, counts_ptr, B, T,
                  FROM_MASKED: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     b = tl.program_id(0)
@@ -156,7 +160,7 @@ def _cross(out_ptr, out_row, writes, masked, b, offs_t, own, row_start, total, s
             tl.store(out_ptr + out_row + K + j, tl.where(masked, v, -1), mask=writes & (zeros + j < Kc))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _one_pass_kernel(mask_ptr, pad_ptr, table_ptr, out_ptr, B, T, K, Kc, n_rows, seed,
                      FROM_MASKED: tl.constexpr, HAS_PAD: tl.constexpr, HF: tl.constexpr, CROSS: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_SCAN: tl.constexpr):
@@ -244,7 +248,7 @@ def _one_pass_kernel(mask_ptr, pad_ptr, table_ptr, out_ptr, B, T, K, Kc, n_rows,
                table_ptr, False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _draw_kernel(rank_ptr, mrank_ptr, pos_ptr, counts_ptr, out_ptr, B, T, K, Kc, n_rows, seed,
                  HF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
     b = tl.program_id(0)

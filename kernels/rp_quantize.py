@@ -20,6 +20,10 @@ import triton.language as tl
 # The projected tile y (BLOCK_N, BLOCK_D) lives in registers: head widths beyond this go to
 # the other backends (sslfast/ops/rp_quantize.py says so).
 MAX_HEAD_DIM = 256
+# Integer arguments that are not specialised (an int equal to 1 becomes a compile-time
+# constant, a multiple of 16 another specialisation): counts whose divisibility adds
+# nothing (row offsets are multiples of F, d or in_dim, which stay specialised).
+_COUNTS = ("rows", "rows_per_seq", "T", "stack", "H", "V")
 
 
 @triton.jit
@@ -39,7 +43,7 @@ def _update_best(dot, cc, vv, V, best, best_idx, COSINE: tl.constexpr):
     return tl.where(take, tile_max, best), tl.where(take, tile_arg.to(tl.int64), best_idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS)
 def _rp_quantize_kernel(
     x_ptr, proj_ptr, cb_ptr, mask_ptr, out_ptr,
     rows, rows_per_seq, T, F, stack, in_dim, H, V, d,
@@ -146,17 +150,26 @@ def rp_quantize(x, proj, codebooks, *, stack, layernorm, cosine, mask, out):
     if rows == 0:
         return out
     in_dim = F * stack
-    BLOCK_K = 32 if in_dim <= 32 else 64
-    BLOCK_D = max(16, triton.next_power_of_2(d)) if proj is not None else 16
-    # More rows per program share each codebook tile; fewer when the projected tile is wide
-    # (it lives in registers).
-    BLOCK_N = 64 if BLOCK_D <= 64 else 16
+    if proj is not None:
+        BLOCK_K = 32 if in_dim <= 32 else 64
+        BLOCK_D = max(16, triton.next_power_of_2(d))
+        # More rows per program share each codebook tile; fewer when the projected tile is
+        # wide (it lives in registers).
+        BLOCK_N = 64 if BLOCK_D <= 64 else 16
+    else:
+        # nearest_codeword: a (BLOCK_N, BLOCK_V) score tile accumulated over BLOCK_K-wide
+        # chunks of x and of the codebook, products on FMA units (IEEE fp32). 64 rows with
+        # 64-wide chunks spilled up to 872 B on sm_80 (255 registers); 32 x 16 fits in 128-200.
+        BLOCK_K = 16
+        BLOCK_D = 16
+        BLOCK_N = 32
     BLOCK_V = 64
+    num_warps = 4
     grid = (triton.cdiv(rows, BLOCK_N), H)
     _rp_quantize_kernel[grid](
         x, proj if proj is not None else codebooks, codebooks, mask if mask is not None else out, out,
         rows, rows_per_seq, T, F, stack, in_dim, H, V, d,
         HAS_PROJ=proj is not None, LAYERNORM=bool(layernorm), COSINE=bool(cosine), HAS_MASK=mask is not None,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_V=BLOCK_V,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_V=BLOCK_V, num_warps=num_warps,
     )
     return out

@@ -34,55 +34,100 @@ def _mask(B, T, p=0.5, seed=0):
 
 
 def masking():
-    shapes = [(4, 781), (16, 781), (64, 1999), (1, 1)]
+    # Sizes are not specialised (kernels/masking.py _SIZES): the compiles are the
+    # constexpr classes (style, padding, no_overlap, dropout fused or not) x the tiles
+    # (BLOCK_S by T up to 128, BLOCK_N by the span cap up to 128, BLOCK_P).
+    shapes = [(4, 781), (16, 781), (64, 1999), (1, 1), (3, 20), (2, 12288)]
     for (B, T), style, L in itertools.product(shapes, ("fairseq", "hf"), (1, 2, 10, 64)):
         yield f"B={B} T={T} style={style} L={L}", (lambda B=B, T=T, s=style, L=L: sslfast.compute_mask_indices(
             (B, T), None, 0.65, L, style=s, seed=1, **TRITON))
     pad = torch.arange(781)[None] >= torch.tensor([781, 700, 500, 3])[:, None]
+    yield "hf padded", lambda: sslfast.compute_mask_indices((4, 781), pad, 0.65, 10, style="hf", seed=1, **TRITON)
     flags = itertools.product(("static", "uniform", "normal", "poisson"), (False, True), (False, True), (0.0, 0.1))
     for mt, no_overlap, same, drop in flags:
         kw = dict(mask_type=mt, mask_other=2.0 if mt != "static" else 0.0, no_overlap=no_overlap,
                   require_same_masks=same, mask_dropout=drop, min_masks=2, seed=3)
         yield f"flags {kw}", (lambda kw=kw: sslfast.compute_mask_indices((4, 781), pad, 0.65, 10, **kw, **TRITON))
+    # no_overlap with many spans (mask_length 1 and 2, long rows): the interval list used to
+    # live in registers and grow with the span count; B = 1 fuses dropout into the row kernel
+    for (B, T), L, ms, drop in itertools.product([(1, 781), (4, 1999), (2, 12288)], (1, 2, 64), (0, 2), (0.0, 0.2)):
+        yield f"no_overlap B={B} T={T} L={L} min_space={ms} dropout={drop}", (
+            lambda B=B, T=T, L=L, ms=ms, drop=drop: sslfast.compute_mask_indices(
+                (B, T), None, 0.65, L, no_overlap=True, min_space=ms, mask_dropout=drop, min_masks=2, seed=5,
+                **TRITON))
 
 
 def negatives():
-    for (B, T), K, Kc, layout in itertools.product([(4, 781), (16, 781), (2, 4096), (1, 12288)], (1, 100), (0, 10),
-                                                   ("packed", "hf")):
+    shapes = [(4, 781), (16, 781), (2, 4096), (2, 4097), (1, 12288), (1, 1)]
+    for (B, T), K, Kc, layout in itertools.product(shapes, (1, 100), (0, 10), ("packed", "hf")):
         m = _mask(B, T)
         yield f"B={B} T={T} K={K} Kc={Kc} {layout}", (lambda m=m, K=K, Kc=Kc, lay=layout: sslfast.sample_negatives(
             m, K, cross_sample_negatives=Kc, layout=lay, seed=1, **TRITON))
+    pad = torch.arange(781)[None] >= torch.tensor([781, 700, 500, 3])[:, None]
+    m = _mask(4, 781) & ~pad
+    for Kc, layout, masked_only in itertools.product((0, 10), ("packed", "hf"), (True, False)):
+        yield f"padded Kc={Kc} {layout} from_masked_only={masked_only}", (
+            lambda Kc=Kc, lay=layout, mo=masked_only: sslfast.sample_negatives(
+                m, 100, cross_sample_negatives=Kc, padding_mask=pad, from_masked_only=mo, layout=lay, seed=1,
+                **TRITON))
 
 
 def apply_mask():
-    for (B, T, D), dtype, fill in itertools.product([(4, 781, 768), (16, 781, 1024), (2, 5, 3)], FLOATS,
-                                                    ("emb", 0.1)):
-        def run(B=B, T=T, D=D, dtype=dtype, fill=fill):
-            x = _rand(B, T, D, dtype=dtype, grad=True)
+    for (B, T, D), dtype, fill, inplace in itertools.product(
+            [(4, 781, 768), (16, 781, 1024), (2, 5, 3), (3, 7, 1), (1, 1, 16)], FLOATS, ("emb", 0.1), (False, True)):
+        def run(B=B, T=T, D=D, dtype=dtype, fill=fill, inplace=inplace):
+            x = _rand(B, T, D, dtype=dtype, grad=not inplace)
             f = _rand(D, dtype=dtype, grad=True) if fill == "emb" else fill
-            out = sslfast.apply_mask(x, _mask(B, T), f, seed=1, **TRITON)
-            out.float().sum().backward()
-        yield f"B={B} T={T} D={D} {dtype} fill={fill}", run
+            out = sslfast.apply_mask(x, _mask(B, T), f, inplace=inplace, seed=1, **TRITON)
+            if not inplace:
+                out.float().sum().backward()
+        yield f"B={B} T={T} D={D} {dtype} fill={fill} inplace={inplace}", run
+    for dtype in FLOATS:  # a strided input (channels-first storage) and an embedding that needs no grad
+        def strided(dtype=dtype):
+            x = _rand(4, 768, 781, dtype=dtype).transpose(1, 2).requires_grad_(True)
+            sslfast.apply_mask(x, _mask(4, 781), _rand(768, dtype=dtype), seed=1, **TRITON).float().sum().backward()
+        yield f"strided {dtype}", strided
 
 
 def contrastive():
-    for (N, M, D, K), dtype, det in itertools.product([(1500, 1500, 256, 100), (2000, 2000, 768, 100), (7, 5, 3, 9)],
-                                                      FLOATS, (False, True)):
+    for (N, M, D, K), dtype, det in itertools.product(
+            [(1500, 1500, 256, 100), (2000, 2000, 768, 100), (7, 5, 3, 9), (64, 64, 1024, 100), (5, 5, 1, 1)],
+            FLOATS, (False, True)):
         def run(N=N, M=M, D=D, K=K, dtype=dtype, det=det):
             x, y = _rand(N, D, dtype=dtype, grad=True), _rand(M, D, dtype=dtype, grad=True)
             neg = torch.randint(0, M, (N, K))
             pos = torch.arange(N) % M
             sslfast.contrastive_loss(x, y, neg, pos, deterministic=det, **TRITON).backward()
         yield f"N={N} D={D} K={K} {dtype} det={det}", run
+    # every flag the kernels see (reduction is applied on the host: it cycles)
+    reductions = itertools.cycle(("sum", "mean", "none"))
+    for (dtype, nip, prec, has_pos, det), red in zip(itertools.product(
+            FLOATS, ("vector", "index", "none"), ("fairseq", "hf"), (True, False), (False, True)), reductions):
+        def flags(dtype=dtype, nip=nip, prec=prec, red=red, has_pos=has_pos, det=det):
+            x, y = _rand(300, 256, dtype=dtype, grad=True), _rand(300, 256, dtype=dtype, grad=True)
+            neg = torch.randint(0, 300, (300, 100))
+            out = sslfast.contrastive_loss(x, y, neg, torch.arange(300) if has_pos else None, neg_is_pos=nip,
+                                           precision=prec, reduction=red, deterministic=det, **TRITON)
+            out.float().sum().backward()
+        yield f"flags {dtype} neg_is_pos={nip} precision={prec} reduction={red} positives={has_pos} det={det}", flags
 
 
 def info_nce():
-    for (N, D), dtype, sym in itertools.product([(4096, 512), (256, 128), (5, 1024)], FLOATS, (False, True)):
+    for (N, D), dtype, sym in itertools.product([(4096, 512), (256, 128), (5, 1024), (3, 1), (64, 16)], FLOATS,
+                                                (False, True)):
         def run(N=N, D=D, dtype=dtype, sym=sym):
             q, k = _rand(N, D, dtype=dtype, grad=True), _rand(N, D, dtype=dtype, grad=True)
             sslfast.info_nce(q, k, symmetric=sym, **TRITON).backward()
             sslfast.nt_xent(q, k, **TRITON).backward()
         yield f"N={N} D={D} {dtype} symmetric={sym}", run
+    reductions = itertools.cycle(("mean", "sum", "none"))  # applied on the host: cycles
+    for (dtype, norm), red in zip(itertools.product(FLOATS, (True, False)), reductions):
+        def queue(dtype=dtype, norm=norm, red=red):  # MoCo: a queue of extra negatives
+            q, k = _rand(256, 128, dtype=dtype, grad=True), _rand(256, 128, dtype=dtype, grad=True)
+            out = sslfast.info_nce(q, k, queue=_rand(4096, 128, dtype=dtype), normalize=norm, reduction=red,
+                                   **TRITON)
+            out.float().sum().backward()
+        yield f"queue {dtype} normalize={norm} reduction={red}", queue
 
 
 def gumbel_quantize():
@@ -98,13 +143,23 @@ def gumbel_quantize():
 
 
 def rp_quantize():
-    for (B, T, F, stack, H, V, d), dtype in itertools.product(
-            [(4, 781, 80, 4, 1, 8192, 16), (4, 781, 80, 4, 16, 8192, 16), (2, 9, 3, 1, 1, 2, 2)], FLOATS):
-        def run(B=B, T=T, F=F, stack=stack, H=H, V=V, d=d, dtype=dtype):
-            x = _rand(B, T, F, dtype=dtype)
-            sslfast.random_projection_quantize(x, _rand(F * stack, H * d), _rand(H, V, d), stack=stack, **TRITON)
-        yield f"B={B} T={T} F={F}x{stack} H={H} V={V} d={d} {dtype}", run
-    for (N, V, D), dtype, metric in itertools.product([(3124, 500, 768), (5, 2, 3)], FLOATS, ("l2", "cosine")):
+    # V from 2 to 8192, head width d up to MAX_HEAD_DIM (256), every input_norm and metric,
+    # with and without a mask (the BEST-RQ shape: B=4, T=781, F=80 x 4, H heads, V=8192, d=16)
+    heads = [(1, 8192, 16), (16, 8192, 16), (1, 2, 2), (2, 320, 64), (1, 1024, 256), (1, 8192, 256)]
+    for (H, V, d), dtype, norm, metric in itertools.product(heads, FLOATS, (None, "layernorm"), ("cosine", "l2")):
+        def run(H=H, V=V, d=d, dtype=dtype, norm=norm, metric=metric):
+            x = _rand(4, 781, 80, dtype=dtype)
+            sslfast.random_projection_quantize(x, _rand(320, H * d), _rand(H, V, d), stack=4, input_norm=norm,
+                                               metric=metric, **TRITON)
+        yield f"B=4 T=781 F=80x4 H={H} V={V} d={d} {dtype} {norm} {metric}", run
+    for stack, masked in itertools.product((1, 2), (False, True)):
+        def small(stack=stack, masked=masked):
+            x = _rand(2, 9, 3)
+            m = (torch.arange(2 * (9 // stack)) % 3 != 0).reshape(2, 9 // stack) if masked else None
+            sslfast.random_projection_quantize(x, _rand(3 * stack, 2), _rand(1, 2, 2), stack=stack, mask=m, **TRITON)
+        yield f"B=2 T=9 F=3x{stack} mask={masked}", small
+    for (N, V, D), dtype, metric in itertools.product([(3124, 500, 768), (5, 2, 3), (64, 8192, 1024), (64, 2, 1)],
+                                                      FLOATS, ("l2", "cosine")):
         yield f"nearest N={N} V={V} D={D} {dtype} {metric}", (lambda N=N, V=V, D=D, dt=dtype, m=metric:
                                                               sslfast.nearest_codeword(_rand(N, D, dtype=dt),
                                                                                        _rand(V, D, dtype=dt),

@@ -23,6 +23,26 @@ import torch  # noqa: E402
 import triton_stub  # noqa: E402
 
 
+def _fma_counts(archs) -> dict:
+    """{"sm_XX:kernel": the most fused multiply-adds (``fma.rn`` in the PTX) of any of the
+    kernel's compiled specialisations}, for every kernel of sslfast.kernels compiled here."""
+    from triton.runtime.jit import JITFunction
+
+    counts = {}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("sslfast.kernels.") or mod is None:
+            continue
+        for fn in vars(mod).values():
+            if not isinstance(fn, JITFunction):
+                continue
+            for device, cache in list(fn.device_caches.items()):
+                for kernel in cache[0].values():
+                    key = f"sm_{archs[int(device)]}:{fn.fn.__name__}"
+                    n = kernel.asm.get("ptx", "").count("fma.rn")
+                    counts[key] = max(counts.get(key, 0), n)
+    return counts
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("family")
@@ -61,7 +81,7 @@ def main(argv=None):
                               seconds=round(time.perf_counter() - t, 3)))
     import triton
 
-    report = dict(family=args.family, archs=archs, triton=triton.__version__, torch=torch.__version__,
+    report = dict(fma=_fma_counts(archs), family=args.family, archs=archs, triton=triton.__version__, torch=torch.__version__,
                   seconds=round(time.perf_counter() - t0, 1), cases=cases, errors=errors,
                   launches=[dataclasses.asdict(x) for x in stub.launches])
     with open(args.out, "w") as f:

@@ -33,6 +33,59 @@ except ImportError:  # hypothesis is a test dependency; without it those tests a
     pass
 
 
+def _fp32_like_compiled(value: float) -> float:
+    """A Python float as a compiled Triton kernel receives it: rounded to fp32."""
+    import struct
+
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def compiled_float_args(fn, args, kwargs):
+    """``args``/``kwargs`` of a launch of the jitted ``fn`` with every Python float that a
+    compiled kernel would receive as fp32 rounded to fp32: a float argument whose parameter
+    is neither a constexpr nor annotated ``tl.float64``. The interpreter passes Python floats
+    on unrounded (they combine with an fp64 tensor in fp64), so without this a kernel could
+    agree bit for bit with the reference here and not on a GPU."""
+    import inspect
+
+    from triton.runtime.jit import _normalize_ty
+
+    params = list(inspect.signature(fn).parameters.values())
+
+    def convert(param, value):
+        if not isinstance(value, float) or param is None:
+            return value
+        ty = "" if param.annotation is inspect.Parameter.empty else _normalize_ty(param.annotation)
+        return value if ty == "fp64" or "constexpr" in ty else _fp32_like_compiled(value)
+
+    by_name = {p.name: p for p in params}
+    args = tuple(convert(params[i] if i < len(params) else None, a) for i, a in enumerate(args))
+    kwargs = {k: convert(by_name.get(k), v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _interpreter_floats_as_compiled():
+    """Under TRITON_INTERPRET=1, every kernel launch gets its float arguments the way a
+    compiled kernel does (``compiled_float_args``), for the whole session."""
+    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        args, kwargs = compiled_float_args(self.fn, args, kwargs)
+        return original(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="gpu tier: no CUDA device on this machine")
     skip_triton = pytest.mark.skip(reason="interpreter tier: triton is not installed")

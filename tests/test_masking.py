@@ -463,3 +463,36 @@ def test_triton_no_host_sync(kw, triton_on_meta):
     # the detector itself: a host read on the same inputs does raise
     with pytest.raises((RuntimeError, NotImplementedError)):
         int(pad.sum())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B", [1, 3])  # B = 1: dropout in the row kernel; B = 3: in _equalize_kernel
+def test_triton_dropout_count_in_fp64(B, triton_device):
+    # 25 masked frames per row (every row, after equalisation), mask_dropout = 0.1: the
+    # reference unmasks rint(25 * 0.1) = rint(2.5) = 2 frames in fp64; with mask_dropout as
+    # fp32 (what a compiled kernel gets for a plain float argument) 25 * 0.1f rounds to 3.
+    # conftest passes float arguments to the interpreter as a compiled kernel receives them.
+    kw = dict(require_same_masks=B > 1, seed=1)
+    before = cmi((B, 60), None, 0.5, 5, backend="reference", **kw)
+    assert before.sum(1).tolist() == [25] * B
+    ref = cmi((B, 60), None, 0.5, 5, mask_dropout=0.1, backend="reference", **kw)
+    assert ref.sum(1).tolist() == [23] * B
+    out = cmi((B, 60), None, 0.5, 5, mask_dropout=0.1, device=triton_device, backend="triton", **kw)
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kw", [dict(no_overlap=True, min_space=0), dict(no_overlap=True, min_space=1, mask_dropout=0.1),
+                                dict(style="hf"), dict(mask_type="poisson", mask_dropout=0.3)])
+def test_triton_gpu_tiles_bit_identical(kw, triton_device):
+    # The tiles a GPU runs at production shapes: BLOCK_S = 128 (rows of 300 frames: three
+    # blocks), BLOCK_N = 128 and, with no_overlap at mask_length 1, the interval list
+    # (2 n + 1 > 128 slots) walked in several BLOCK_P = 128 chunks.
+    B, T = 2, 300
+    pad = torch.arange(T)[None] >= torch.tensor([300, 211])[:, None]
+    kw = dict(kw, require_same_masks=False, min_masks=2, seed=17)
+    ref = cmi((B, T), pad, 0.65, 1, backend="reference", **kw)
+    out = cmi((B, T), pad.to(triton_device), 0.65, 1, device=triton_device, backend="triton", **kw)
+    assert torch.equal(out.cpu(), ref)
+    if kw.get("no_overlap"):
+        assert int(ref.sum(1).max()) > 64  # enough spans placed that the list spans chunks
