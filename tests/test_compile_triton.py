@@ -30,8 +30,17 @@ import triton_stub  # noqa: E402
 
 # Bytes of stack (spill slots and local arrays) each kernel may use per thread. The aim is
 # none: a spill is a round trip to local memory (L1, then L2) inside the hot loop, and a
-# kernel that spills heavily also takes minutes in ptxas. A kernel listed here says why.
-SPILL_BUDGET: dict[str, int] = {}
+# kernel that spills heavily also takes minutes in ptxas. A kernel listed here says why; a key
+# "family.kernel" applies to that family's kernel only (kernel names repeat across families).
+SPILL_BUDGET: dict[str, int] = {
+    # gumbel_quantize (8 warps, 256 threads): ptxas keeps some specialisations at an occupancy
+    # step (48, 64, 80 or 128 registers: one more block per SM) by parking 1-6 loop-invariant
+    # scalars in local memory: stored once at entry, reloaded at most twice per V tile of
+    # 16 x 64 logits (L1 hits next to 2048 fp64 logs per tile), never tile data. Seen: 8-24 B
+    # (sm_80 and sm_90, compile tier cases); the tile data itself spilled 4-110 KB before.
+    "gumbel_quantize._forward_kernel": 32,
+    "gumbel_quantize._backward_logits_kernel": 32,
+}
 
 PYTHON = os.environ.get("SSLFAST_TRITON_PYTHON") or sys.executable
 TIMEOUT_S = 1500
@@ -88,7 +97,7 @@ def _problems(report):
             bad.append(f"{where}: {ln['regs']} registers x {threads} threads do not fit {lim['regs_per_sm']}")
         if any(g > m for g, m in zip(ln["grid"], triton_stub.GRID_LIMITS)):
             bad.append(f"{where}: grid {ln['grid']} exceeds {triton_stub.GRID_LIMITS}")
-        budget = SPILL_BUDGET.get(ln["kernel"], 0)
+        budget = SPILL_BUDGET.get(f"{report.get('family')}.{ln['kernel']}", SPILL_BUDGET.get(ln["kernel"], 0))
         if max(ln["stack"], ln["local"]) > budget:
             bad.append(f"{where}: {ln['stack']} B stack / {ln['local']} B local per thread > budget {budget}")
     return sorted(set(bad))
@@ -112,3 +121,8 @@ def test_problems_catch_each_limit():
                    dict(stack=8), dict(num_warps=64)):
         assert _problems(dict(base, launches=[dict(ok, **change)])), change
     assert _problems(dict(base, launches=[ok], cases=[dict(label="y", arch=90, launches=0)]))
+    # a family's budget covers that family's kernel only, up to its size
+    fwd = dict(ok, kernel="_forward_kernel", stack=24)
+    assert _problems(dict(base, family="gumbel_quantize", launches=[fwd])) == []
+    assert _problems(dict(base, family="info_nce", launches=[fwd]))
+    assert _problems(dict(base, family="gumbel_quantize", launches=[dict(fwd, stack=40)]))
