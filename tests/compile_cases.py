@@ -131,15 +131,29 @@ def info_nce():
 
 
 def gumbel_quantize():
-    for (N, G, V, d), dtype, hard in itertools.product(
-            [(3124, 2, 320, 128), (64, 1, 2, 16), (64, 2, 257, 64), (64, 1, 1024, 256), (64, 1, 8192, 16)],
-            FLOATS, (True, False)):
-        def run(N=N, G=G, V=V, d=d, dtype=dtype, hard=hard):
+    def case(N, G, V, d, dtype, hard, training=True, mask=False, diversity=True):
+        def run():
             logits = _rand(N, G * V, dtype=dtype, grad=True)
             cb = _rand(G * V, d, dtype=dtype, grad=True)
-            out = sslfast.gumbel_vector_quantize(logits, cb, groups=G, hard=hard, seed=1, **TRITON)
-            out.quantized.float().sum().backward()
-        yield f"N={N} G={G} V={V} d={d} {dtype} hard={hard}", run
+            m = _mask(1, N).reshape(N) if mask else None
+            out = sslfast.gumbel_vector_quantize(logits, cb, groups=G, hard=hard, training=training, mask=m, seed=1,
+                                                 **TRITON)
+            loss = out.quantized.float().sum()
+            if diversity:  # the prob-perplexity term of the backward (wav2vec 2.0's diversity loss)
+                loss = loss + out.prob_perplexity
+            loss.backward()
+        return f"N={N} G={G} V={V} d={d} {dtype} hard={hard} training={training} mask={mask} div={diversity}", run
+
+    production = (3124, 2, 320, 128)  # wav2vec 2.0 base: 5 V tiles of 64
+    for shape, dtype, hard in itertools.product(
+            [production, (64, 1, 2, 16), (64, 2, 257, 64), (64, 1, 1024, 256), (64, 1, 8192, 16)], FLOATS,
+            (True, False)):
+        yield case(*shape, dtype, hard)
+    # the other flags at the production shape: eval, a mask, no diversity term in the loss
+    for dtype, (training, mask, diversity) in itertools.product(
+            (torch.float32, torch.bfloat16), [(False, False, True), (True, True, True), (True, False, False)]):
+        for hard in (True, False) if training else (True,):
+            yield case(*production, dtype, hard, training=training, mask=mask, diversity=diversity)
 
 
 def rp_quantize():

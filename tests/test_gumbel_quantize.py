@@ -648,6 +648,87 @@ def test_triton_empty_batch(triton_device):
     assert out.codes.shape == (0, 2) and out.prob_perplexity.item() == 2.0 and torch.equal(gc, torch.zeros_like(gc))
 
 
+# Triton's V tiles (kernels/gumbel_quantize.py, ``plan``; the same on a GPU and here): rows of
+# V codewords spanning several BLOCK_V tiles, the last one partial (150 = 64 + 64 + 22, 129 =
+# 64 + 64 + 1), N spanning frame blocks (the last partial), d spanning several BLOCK_D slices.
+MULTI_TILE_SHAPES = [(19, 2, 150, 9), (17, 1, 129, 70)]
+
+
+def _assert_multi_tile(shapes, partial=True):
+    """The premise of a multi-tile test: V spans more than two tiles, N more than one frame
+    block, the last of each partial (unless partial=False)."""
+    from sslfast.kernels import gumbel_quantize as kgq
+
+    for n, g, v, d in shapes:
+        t = kgq.plan(v, d)
+        assert v > 2 * t["BLOCK_V"] and n > t["BLOCK_N"], (n, v, t)
+        assert not partial or (v % t["BLOCK_V"] and n % t["BLOCK_N"]), (n, v, t)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_multi_tile_parity(dtype, hard, triton_device):
+    """Forward and backward, hard and soft, training and eval, with and without a mask, where
+    the softmaxes and argmaxes run online over several V tiles: against the fp64 formulation
+    (fp32 tolerances; fp16 within twice the reference's own error)."""
+    _assert_multi_tile(MULTI_TILE_SHAPES)
+    _parity("triton", triton_device, [dtype], shapes=MULTI_TILE_SHAPES, hard=hard, tau=0.7)
+
+
+@pytest.mark.interpreter
+def test_triton_multi_tile_codes_identical_to_cpu(triton_device):
+    """V = 320 (wav2vec 2.0; five tiles of 64): the same codes and hard outputs as the C++
+    backend for one seed, hard and soft, and the soft output within fp32 rounding."""
+    _assert_multi_tile([(35, 2, 320, 6)], partial=False)
+    logits, cb, mask = inputs(35, 2, 320, 6, scale=1.0, seed=12)
+    for hard in (True, False):
+        kw = dict(groups=2, seed=2**45 + 9, mask=mask, hard=hard, tau=0.6)
+        a = gvq(logits, cb, backend="cpu", **kw)
+        b = gvq(logits.to(triton_device), cb.to(triton_device), backend="triton",
+                **{**kw, "mask": mask.to(triton_device)})
+        assert torch.equal(a.codes, b.codes.cpu())
+        assert torch.equal(a.code_perplexity, b.code_perplexity.cpu())
+        assert torch.allclose(a.prob_perplexity, b.prob_perplexity.cpu(), rtol=1e-5)
+        if hard:
+            assert torch.equal(a.quantized, b.quantized.cpu())
+        else:
+            assert torch.allclose(a.quantized, b.quantized.cpu(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("training", [True, False])
+def test_triton_argmax_ties_across_tiles_take_lowest_index(training, triton_device):
+    """Equal maxima of l + g (training) or l (eval) in different V tiles, inside one tile and
+    at a tile boundary: the code is the lowest index, as torch.argmax and the reference."""
+    n, v, seed = 6, 200, 31  # tiles of 64: [0, 64), [64, 128), [128, 192), [192, 200)
+    ties = [(10, 70), (70, 130, 199), (63, 64), (5, 6), (199,), (130, 71, 150)]
+    noise = noise_fp64(n, v, seed) if training else torch.zeros(n, v)
+    logits = torch.full((n, v), -100.0)
+    for r, pos in enumerate(ties):
+        for p in pos:
+            logits[r, p] = -noise[r, p]  # l + g == 0 exactly in fp32; elsewhere l + g < -80
+    assert all(((logits + noise)[r, list(pos)] == 0).all() for r, pos in enumerate(ties))
+    expected = torch.tensor([min(pos) for pos in ties])
+    cb = torch.randn(v, 3, generator=torch.Generator().manual_seed(0))
+    for backend, dev in (("reference", "cpu"), ("triton", triton_device)):
+        out = gvq(logits.to(dev), cb.to(dev), groups=1, seed=seed, training=training, backend=backend)
+        assert torch.equal(out.codes[:, 0].cpu(), expected), backend
+
+
+@pytest.mark.interpreter
+def test_triton_rejects_rows_past_int32_positions(triton_device):
+    """Positions g*V + v are int32 in the kernels: a G*V past that is refused on the host,
+    with V named (stride-0 views: nothing of that size is allocated)."""
+    from sslfast.kernels import gumbel_quantize as kgq
+
+    gv = kgq.MAX_COLUMNS + 2
+    logits = torch.zeros(1, 1, dtype=torch.float16, device=triton_device).expand(1, gv)
+    cb = torch.zeros(1, 1, dtype=torch.float16, device=triton_device).expand(gv, 1)
+    with pytest.raises(ValueError, match=f"V={gv // 2}"):
+        gvq(logits, cb, groups=2, backend="triton")
+
+
 # ----------------------------------------------------------------------------- GPU
 
 

@@ -14,7 +14,8 @@ computes ``softmax((l + g) / tau) @ codebook`` tile by tile (never the (N, G*V, 
 the (N, G*V) probabilities); its codebook gradient ``soft^T grad_q`` is summed in fixed chunks
 of frames whose partials are added in order (deterministic on every backend; at most 32
 (G*V, d) fp32 partials). Limits: the cuda backward keeps 2V + d floats per row in shared
-memory (2V + d <= 12288); Triton holds a row of V in one tile.
+memory (2V + d <= 12288); Triton walks a row of V in tiles of at most 64 codewords (online
+softmax and argmax), so any V fits its shared memory, up to int32 positions (G*V <= 2^31 - 2^16).
 
 Layers: validation and the public function here; the spec in
 ``sslfast/reference/gumbel_quantize.py``; kernels in ``kernels/gumbel_quantize.py`` (Triton)
@@ -294,6 +295,10 @@ def gumbel_vector_quantize(
     stream with the uniform clamped to [2^-24, 1 - 2^-24] (finite for every finite logit);
     no frame selected gives perplexity G instead of HF's NaN. See
     ``sslfast.reference.gumbel_quantize`` for the full specification.
+
+    Raises TypeError/ValueError for bad arguments (shapes, dtypes, tau, flags, mask, seed);
+    ValueError where a backend's limit is passed: cuda needs 2*V + d <= 12288; triton takes
+    any V but indexes in int32 (G*V and N at most 2^31 - 2^16).
     """
     check_tensor("logits", logits, ndim=2, dtypes=V.REFERENCE_FLOAT_DTYPES)
     check_tensor("codebook", codebook, ndim=(2, 3), dtypes=V.REFERENCE_FLOAT_DTYPES)
@@ -333,6 +338,13 @@ def gumbel_vector_quantize(
     if name == "cuda" and 2 * (gv // groups) + codebook.shape[1] > 12288:
         raise ValueError(f"the cuda backend needs 2*V + d <= 12288 (shared memory of its backward), got "
                          f"V={gv // groups}, d={codebook.shape[1]}; use backend='triton'")
+    if name == "triton":
+        from ..kernels import gumbel_quantize as kgq
+
+        if gv > kgq.MAX_COLUMNS or n > kgq.MAX_ROWS:
+            raise ValueError(f"the triton backend indexes positions g*V + v and frames in int32: it needs "
+                             f"G*V <= {kgq.MAX_COLUMNS} and N <= {kgq.MAX_ROWS}, got V={gv // groups}, G={groups}, "
+                             f"N={n}")
     if name == "reference":
         quantized, codes, prob_m, code_m = ref.gumbel_vector_quantize(
             logits, codebook, groups=groups, tau=tau, hard=hard, training=training, seed=seed, mask=mask)
