@@ -259,11 +259,15 @@ def run_provider(case: Case, name: str, device: torch.device, *, warmup: int, re
     res = Result(case, name)
     try:
         fn = case.providers[name]()
+        t0 = time.perf_counter()
         with _dispatch.record_choices() as choices:
             fn()  # the first call: which backend backend=None runs (and a warm-up call)
+        first_s = time.perf_counter() - t0
         res.backend = _backend_label(choices)
-        warm = min(warmup, case.warmup if case.warmup is not None else warmup)
-        times = time_callable(fn, device, warmup=max(warm - 1, 0), reps=min(reps, case.reps or reps),
+        warm = min(warmup, case.warmup if case.warmup is not None else warmup) - 1
+        if budget_s is not None and first_s > budget_s / 2:
+            warm = 0  # one slow call is warm-up enough (as in time_callable)
+        times = time_callable(fn, device, warmup=max(warm, 0), reps=min(reps, case.reps or reps),
                               budget_s=budget_s)
         res.median_ms = statistics.median(times)
         res.p20_ms, res.p80_ms = _percentile(times, 0.2), _percentile(times, 0.8)

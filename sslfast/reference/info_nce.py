@@ -75,8 +75,8 @@ def _row_losses(a: torch.Tensor, b: torch.Tensor, temperature, pos: torch.Tensor
 
 
 def _cross_entropy_rows(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Per-row ``logsumexp(logits) - logits[pos]``."""
-    return torch.logsumexp(logits, dim=1) - logits.gather(1, pos[:, None]).squeeze(1)
+    """Per-row ``logsumexp(logits) - logits[pos]`` (cross-entropy with target ``pos``)."""
+    return F.cross_entropy(logits, pos, reduction="none")
 
 
 def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
