@@ -180,5 +180,20 @@ def rp_quantize():
                                                                                        metric=m, **TRITON))
 
 
+def masked_prediction():
+    # HuBERT base (cosine, V=504, D=256; untied heads) and BEST-RQ (linear, V=8192, several
+    # heads, bias), hard and soft targets, each float dtype; D=1 and V=1 edge classes.
+    shapes = [("cosine", 3000, 1, 504, 256, 1), ("cosine", 64, 2, 504, 256, 2), ("linear", 2048, 4, 8192, 256, 1),
+              ("linear", 33, 2, 1, 1, 1), ("linear", 64, 1, 300, 1024, 1)]
+    for (head, N, H, V, D, Hx), dtype, soft in itertools.product(shapes, FLOATS, (False, True)):
+        def run(head=head, N=N, H=H, V=V, D=D, Hx=Hx, dtype=dtype, soft=soft):
+            x = _rand(N, D, dtype=dtype, grad=True) if Hx == 1 else _rand(N, Hx, D, dtype=dtype, grad=True)
+            w = _rand(H, V, D, dtype=dtype, grad=True)
+            b = _rand(H, V, dtype=dtype, grad=True) if head == "linear" else None
+            t = torch.softmax(torch.randn(N, H, V), -1).to(dtype) if soft else torch.randint(0, V, (N, H))
+            sslfast.masked_prediction_loss(x, w, t, head=head, bias=b, **TRITON).backward()
+        yield f"{head} N={N} H={H} V={V} D={D} x heads={Hx} {dtype} soft={soft}", run
+
+
 FAMILIES = {f.__name__: f for f in (masking, negatives, apply_mask, contrastive, info_nce, gumbel_quantize,
-                                    rp_quantize)}
+                                    rp_quantize, masked_prediction)}
