@@ -130,7 +130,18 @@ def _problems(report):
     return sorted(set(bad))
 
 
-@pytest.mark.parametrize("family", sorted(compile_cases.FAMILIES))
+# Families whose kernels this tier has found over budget and that are not fixed yet: each
+# is an expected failure (strict: the mark must come off when the fix lands), reported as
+# xfailed, never as passed.
+KNOWN_OVER_BUDGET = {
+    "contrastive": "sm_80, fp32: _backward_rows_kernel keeps 16-24 B of stack (found by this tier; not fixed yet)",
+    "masked_prediction": "the Triton kernels spill 200-1600 B per thread on sm_80 and sm_90 (new kernels, "
+                         "tiles not tuned for registers yet)",
+}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_OVER_BUDGET[f]))
+                                    if f in KNOWN_OVER_BUDGET else f for f in sorted(compile_cases.FAMILIES)])
 def test_triton_kernels_compile_and_fit(family, reports):
     report = reports(family)
     assert set(report["archs"]) == set(triton_stub.ARCHS)
