@@ -105,13 +105,14 @@ SSLFAST_HD float logit_from_cosine(float cos, float temperature, int precision) 
 // Online log-sum-exp over one row's logits plus fairseq's accuracy bookkeeping.
 struct RowState {
   float m;        // running max of finite logits
-  float s;        // sum of exp(logit - m)
+  float s;        // sum of exp(logit - m), compensated: the sum is s - c (add_compensated)
+  float c;
   float logit0;   // the positive's logit
   float max_neg;  // max / min over the negatives' logits (masked ones are -inf)
   float min_neg;
 };
 
-SSLFAST_HD RowState row_init() { return RowState{neg_inf(), 0.0f, 0.0f, neg_inf(), INFINITY}; }
+SSLFAST_HD RowState row_init() { return RowState{neg_inf(), 0.0f, 0.0f, 0.0f, neg_inf(), INFINITY}; }
 
 SSLFAST_HD void row_push(RowState& st, int64_t k, float logit) {
   if (k == 0) {
@@ -122,10 +123,13 @@ SSLFAST_HD void row_push(RowState& st, int64_t k, float logit) {
   }
   if (logit == neg_inf()) return;
   if (logit > st.m) {
-    st.s = st.s * expf(st.m - logit) + 1.0f;
+    const float rescale = expf(st.m - logit);  // 0 for the first finite logit
+    st.s *= rescale;
+    st.c *= rescale;
+    add_compensated(st.s, st.c, 1.0f);
     st.m = logit;
   } else {
-    st.s += expf(logit - st.m);
+    add_compensated(st.s, st.c, expf(logit - st.m));
   }
 }
 
@@ -138,18 +142,25 @@ SSLFAST_HD RowState row_merge(RowState a, const RowState& b, bool b_has_positive
   if (a.s == 0.0f) {
     a.m = b.m;
     a.s = b.s;
+    a.c = b.c;
     return a;
   }
   const float m = a.m > b.m ? a.m : b.m;
-  a.s = a.s * expf(a.m - m) + b.s * expf(b.m - m);
+  const float ea = expf(a.m - m), eb = expf(b.m - m);
+  a.s *= ea;
+  a.c *= ea;
+  add_compensated(a.s, a.c, b.s * eb);
+  add_compensated(a.s, a.c, -b.c * eb);
   a.m = m;
   return a;
 }
 
-SSLFAST_HD float row_lse(const RowState& st) { return st.m + logf(st.s); }
+SSLFAST_HD float row_lse(const RowState& st) { return st.m + log_denominator(st.s, st.c); }
 
-// Cross-entropy with class 0. A row with only -inf negatives gives lse == logit0: loss 0.
-SSLFAST_HD float row_loss(const RowState& st) { return row_lse(st) - st.logit0; }
+// Cross-entropy with class 0, summed as (m - logit0) + log(s): exact 0 + log(s) when the positive
+// is the maximum, so a loss far below ulp(m) is not rounded to a multiple of it (lse - logit0
+// would be). A row with only -inf negatives gives m == logit0, s == 1: loss 0.
+SSLFAST_HD float row_loss(const RowState& st) { return (st.m - st.logit0) + log_denominator(st.s, st.c); }
 
 // argmax == 0 (torch returns the first maximum) and not argmin == 0 (first minimum).
 SSLFAST_HD bool row_correct(const RowState& st) { return st.logit0 >= st.max_neg && st.min_neg < st.logit0; }

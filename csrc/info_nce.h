@@ -24,15 +24,17 @@ SSLFAST_HD int64_t pos_col(int64_t row, int64_t pos_shift, int64_t pos_mod) { re
 
 SSLFAST_HD bool excluded(int64_t row, int64_t col, bool exclude_self) { return exclude_self && row == col; }
 
-// Online log-sum-exp state of one row: running max m, running sum l of exp(s - m), and the
-// positive's score once its column has been seen.
+// Online log-sum-exp state of one row: running max m, running sum l of exp(s - m) with its
+// compensation c (add_compensated: the sum is l - c), and the positive's score once its column
+// has been seen.
 struct RowState {
   float m;
   float l;
+  float c;
   float pos;
 };
 
-SSLFAST_HD RowState row_init() { return RowState{-INFINITY, 0.0f, 0.0f}; }
+SSLFAST_HD RowState row_init() { return RowState{-INFINITY, 0.0f, 0.0f, 0.0f}; }
 
 // Folds the scores s[0..n) of columns col0..col0+n of `row` into the state. Two sweeps over
 // the tile (max, then sum) rescale the running sum once per tile instead of once per column.
@@ -46,15 +48,21 @@ SSLFAST_HD void row_update(RowState& st, const float* s, int n, int64_t col0, in
   }
   if (tile_max == -INFINITY) return;  // every column of the tile excluded
   const float m_new = fmaxf(st.m, tile_max);
-  float sum = 0.0f;
+  const float rescale = expf(st.m - m_new);  // expf(-inf) = 0 on the first tile
+  st.l *= rescale;
+  st.c *= rescale;
   for (int j = 0; j < n; ++j) {
-    if (!excluded(row, col0 + j, exclude_self)) sum += expf(s[j] - m_new);
+    if (!excluded(row, col0 + j, exclude_self)) add_compensated(st.l, st.c, expf(s[j] - m_new));
   }
-  st.l = st.l * expf(st.m - m_new) + sum;  // expf(-inf) = 0 on the first tile
   st.m = m_new;
 }
 
-SSLFAST_HD float row_lse(const RowState& st) { return st.m + logf(st.l); }
+SSLFAST_HD float row_lse(const RowState& st) { return st.m + log_denominator(st.l, st.c); }
+
+// Loss_i = lse_i - s_pos, summed as (m - s_pos) + log(l): when the positive is the row's
+// maximum the first term is exactly 0, so a loss far below ulp(m) keeps its digits (lse - s_pos
+// would round it to a multiple of ulp(m), e.g. 9.5e-7 for 6.2e-7 at m = 1/0.07).
+SSLFAST_HD float row_loss(const RowState& st) { return (st.m - st.pos) + log_denominator(st.l, st.c); }
 
 // dL/ds for one score: g * (softmax - onehot(positive)), 0 for an excluded column.
 SSLFAST_HD float dscore(float s, float lse, float g, bool is_pos, bool is_excluded) {

@@ -158,7 +158,7 @@ void forward(const Problem& p, float* loss, float* lse) {
       }
       for (int i = 0; i < nr; ++i) {
         lse[r0 + i] = infonce::row_lse(st[i]);
-        loss[r0 + i] = lse[r0 + i] - st[i].pos;
+        loss[r0 + i] = infonce::row_loss(st[i]);
       }
     }
   }

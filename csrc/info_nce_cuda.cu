@@ -95,9 +95,8 @@ __global__ void __launch_bounds__(THREADS) info_nce_forward_kernel(const void* a
     __syncthreads();  // s is rewritten by the next tile
   }
   if (tid < nx) {
-    const float v = infonce::row_lse(st);
-    lse[row] = v;
-    loss[row] = v - st.pos;
+    lse[row] = infonce::row_lse(st);
+    loss[row] = infonce::row_loss(st);
   }
 }
 

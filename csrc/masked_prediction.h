@@ -20,13 +20,15 @@
 namespace sslfast {
 namespace mpl {
 
-// Online state of one row: running max m and sum l of exp(z - m); zy = sum_v q_v z_v and
+// Online state of one row: running max m and sum l of exp(z - m), compensated (the sum is
+// l - c, add_compensated in sslfast/common.h); zy = sum_v q_v z_v and
 // qsum = sum_v q_v for the target distribution q (one-hot for a hard label: zy is the target's
 // logit, qsum 1); zsum = sum of all logits (label smoothing); zbest the logit of the target
 // (hard) or of the first most probable class (soft), qbest that probability.
 struct RowState {
   float m;
   float l;
+  float c;
   float zy;
   float zsum;
   float qsum;
@@ -35,7 +37,7 @@ struct RowState {
 };
 
 SSLFAST_HD RowState row_init(bool soft) {
-  return RowState{-INFINITY, 0.0f, 0.0f, 0.0f, soft ? 0.0f : 1.0f, -INFINITY, 0.0f};
+  return RowState{-INFINITY, 0.0f, 0.0f, 0.0f, 0.0f, soft ? 0.0f : 1.0f, -INFINITY, 0.0f};
 }
 
 SSLFAST_HD float logit(float dot, float scale, float bias) { return scale * dot + bias; }
@@ -51,9 +53,10 @@ SSLFAST_HD void lse_update(RowState& st, const float* z, int n) {
     tile_sum += z[j];
   }
   const float m_new = fmaxf(st.m, tile_max);
-  float sum = 0.0f;
-  for (int j = 0; j < n; ++j) sum += expf(z[j] - m_new);
-  st.l = st.l * expf(st.m - m_new) + sum;  // expf(-inf) = 0 on the first tile
+  const float rescale = expf(st.m - m_new);  // expf(-inf) = 0 on the first tile
+  st.l *= rescale;
+  st.c *= rescale;
+  for (int j = 0; j < n; ++j) add_compensated(st.l, st.c, expf(z[j] - m_new));
   st.m = m_new;
   st.zsum += tile_sum;
 }
@@ -84,18 +87,25 @@ SSLFAST_HD RowState row_merge(const RowState& a, const RowState& b) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return a;
   const bool b_best = b.qbest > a.qbest;
-  return RowState{m, a.l * expf(a.m - m) + b.l * expf(b.m - m), a.zy + b.zy, a.zsum + b.zsum, a.qsum + b.qsum,
-                  b_best ? b.qbest : a.qbest, b_best ? b.zbest : a.zbest};
+  const float ea = expf(a.m - m), eb = expf(b.m - m);
+  float l = a.l * ea, c = a.c * ea;
+  add_compensated(l, c, b.l * eb);
+  add_compensated(l, c, -b.c * eb);
+  return RowState{m, l, c, a.zy + b.zy, a.zsum + b.zsum, a.qsum + b.qsum, b_best ? b.qbest : a.qbest,
+                  b_best ? b.zbest : a.zbest};
 }
 
-SSLFAST_HD float row_lse(const RowState& st) { return st.m + logf(st.l); }
+SSLFAST_HD float row_lse(const RowState& st) { return st.m + log_denominator(st.l, st.c); }
 
 // torch's cross_entropy with label smoothing eps: -sum_v ((1 - eps) q_v + eps / V) log p_v;
 // 0 for an ignored row.
 SSLFAST_HD float row_loss(const RowState& st, bool valid, float eps, float eps_over_v) {
   if (!valid) return 0.0f;
-  const float lse = row_lse(st);
-  return (1.0f - eps) * (st.qsum * lse - st.zy) + eps * lse - eps_over_v * st.zsum;
+  // lse = m + log(l), expanded so that the max m meets the target logits before log(l) is added:
+  // a hard label at the row's maximum gives exactly 0 + log(l), not (m + log(l)) - m rounded to
+  // ulp(m) (the same rule as info_nce's and contrastive's row_loss).
+  const float lg = log_denominator(st.l, st.c);
+  return (1.0f - eps) * ((st.qsum * st.m - st.zy) + st.qsum * lg) + eps * lg + (eps * st.m - eps_over_v * st.zsum);
 }
 
 // fairseq's `correct`: the target's (most probable class's) logit attains the row's maximum

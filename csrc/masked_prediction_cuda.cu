@@ -55,6 +55,10 @@ __device__ void logit_tile(const Args& a, Smem& s, int64_t h, int64_t n0, int64_
   const int64_t hx = a.Hx == 1 ? 0 : h;
   float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
   for (int64_t k0 = 0; k0 < a.D; k0 += BK) {
+    // Not unrolled: unrolled, the four copies of the dtype switch in load_float left ptxas's
+    // loop-exit code with 32 bytes of stack and 68 of spill stores in forward_kernel on sm_80
+    // (tests/test_compile_cuda.py); the FMA loop below is unrolled in full instead (BK fixed).
+#pragma unroll 1
     for (int e = threadIdx.x; e < BM * BK; e += THREADS) {
       const int r = e / BK, k = e % BK;
       const int64_t n = n0 + r, d = k0 + k;
@@ -63,7 +67,7 @@ __device__ void logit_tile(const Args& a, Smem& s, int64_t h, int64_t n0, int64_
       s.ws[r][k] = (v < a.V && d < a.D) ? load_float(a.w, (h * a.V + v) * a.D + d, a.w_dtype) : 0.0f;
     }
     __syncthreads();
-#pragma unroll 8
+#pragma unroll
     for (int k = 0; k < BK; ++k) {
       const float x0 = s.xs[ty * 2][k], x1 = s.xs[ty * 2 + 1][k];
       const float w0 = s.ws[tx * 2][k], w1 = s.ws[tx * 2 + 1][k];

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .compensated import add_compensated, log_denominator
+
 NORM_EPS = 1e-8
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Integer arguments that are not specialised (an int equal to 1 becomes a compile-time
@@ -106,6 +108,7 @@ def _forward_kernel(x_ptr, y_ptr, neg_ptr, pos_ptr, loss_ptr, lse_ptr, correct_p
     logit0 = _logit(cos0, temperature, PRECISION, ROUND)
     m = logit0
     s = logit0 * 0.0 + 1.0
+    c = logit0 * 0.0  # s's compensation
     max_neg = logit0 * 0.0 + float("-inf")
     min_neg = logit0 * 0.0 + float("inf")
     for k0 in range(0, K, BLOCK_K):
@@ -115,11 +118,12 @@ def _forward_kernel(x_ptr, y_ptr, neg_ptr, pos_ptr, loss_ptr, lse_ptr, correct_p
         max_neg = tl.maximum(max_neg, tl.max(logit, axis=0))
         min_neg = tl.minimum(min_neg, tl.min(tl.where(k_valid, logit, float("inf")), axis=0))
         m_new = tl.maximum(m, tl.max(logit, axis=0))  # finite: m starts at logit0
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new), axis=0)
+        alpha = tl.exp(m - m_new)
+        s, c = add_compensated(s * alpha, c * alpha, tl.sum(tl.exp(logit - m_new), axis=0))
         m = m_new
-    lse = m + tl.log(s)
-    tl.store(loss_ptr + row, lse - logit0)
-    tl.store(lse_ptr + row, lse)
+    log_s = log_denominator(s, c)
+    tl.store(loss_ptr + row, (m - logit0) + log_s)  # not lse - logit0: see csrc/contrastive.h row_loss
+    tl.store(lse_ptr + row, m + log_s)
     # fairseq's accuracy: argmax is 0 (first maximum) and argmin is not 0 (first minimum)
     tl.store(correct_ptr + row, ((logit0 >= max_neg) & (min_neg < logit0)).to(tl.int8))
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .compensated import add_compensated, log_denominator
+
 # Integer arguments that are not specialised (an int equal to 1 becomes a compile-time
 # constant, a multiple of 16 another specialisation): row counts and the positive's shift
 # and modulus. D stays specialised: 16-aligned rows give vector loads.
@@ -54,6 +56,7 @@ def _forward_kernel(a_ptr, b_ptr, scale_ptr, loss_ptr, lse_ptr, M, C, D, pos_shi
     pos_col = (offs_m + pos_shift) % pos_mod
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    c_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # l_i's compensation
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
@@ -68,11 +71,13 @@ def _forward_kernel(a_ptr, b_ptr, scale_ptr, loss_ptr, lse_ptr, M, C, D, pos_shi
         # A row whose candidates so far are all excluded keeps m = -inf; shift by 0 instead
         # so that exp(-inf - -inf) never makes a NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        alpha = tl.exp(m_i - m_safe)
+        l_i, c_i = add_compensated(l_i * alpha, c_i * alpha, tl.sum(tl.exp(s - m_safe[:, None]), axis=1))
         m_i = m_new
-    lse = m_i + tl.log(l_i)
-    tl.store(lse_ptr + offs_m, lse, mask=row_ok)
-    tl.store(loss_ptr + offs_m, lse - pos_i, mask=row_ok)
+    log_l = log_denominator(l_i, c_i)
+    tl.store(lse_ptr + offs_m, m_i + log_l, mask=row_ok)
+    # (m - pos) + log(l), not lse - pos: exact when the positive is the maximum (csrc/info_nce.h)
+    tl.store(loss_ptr + offs_m, (m_i - pos_i) + log_l, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=_COUNTS)

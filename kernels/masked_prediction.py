@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .compensated import add_compensated, log_denominator
+
 
 @triton.jit
 def _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, scale, HAS_BIAS: tl.constexpr,
@@ -91,6 +93,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, lse_ptr, mass_p
     t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    c_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # l_i's compensation
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_v q_v z_v
     zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     qsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -114,10 +117,13 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, lse_ptr, mass_p
         zsum += tl.sum(zv, axis=1)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a class
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        alpha = tl.exp(m_i - m_new)
+        l_i, c_i = add_compensated(l_i * alpha, c_i * alpha, tl.sum(tl.exp(z - m_new[:, None]), axis=1))
         m_i = m_new
-    lse = m_i + tl.log(l_i)
-    loss = (1.0 - eps) * (qsum * lse - zy) + eps * (lse - zsum / V)
+    log_l = log_denominator(l_i, c_i)
+    lse = m_i + log_l
+    # lse expanded as in csrc/masked_prediction.h row_loss: exact for a hard label at the maximum
+    loss = (1.0 - eps) * ((qsum * m_i - zy) + qsum * log_l) + eps * log_l + eps * (m_i - zsum / V)
     if SOFT:
         valid = n_ok
     else:

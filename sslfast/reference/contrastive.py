@@ -7,7 +7,8 @@ For prediction row ``i`` (``x[i]``, shape (D,)) the candidates are the positive
     logit_k = round(cos_k / temperature)                          precision="fairseq"
             = round(round(cos_k) / temperature)                   precision="hf"
     logit_k = -inf  for k >= 1 when the negative "is" the positive (neg_is_pos)
-    loss_i  = logsumexp_k(logit_k) - logit_0                      (cross-entropy, class 0)
+    loss_i  = logsumexp_k(logit_k) - logit_0                      (cross-entropy, class 0,
+                                                                  as -log_softmax(logits)_0)
 
 ``round`` casts to the storage dtype of x and y (identity for fp32): fairseq divides by the
 temperature in fp32 and then casts the logits to the input dtype once; Hugging Face casts the
@@ -147,7 +148,10 @@ def contrastive_loss(
     """
     logits = contrastive_logits(x, y, negatives, positives, temperature=temperature,
                                 neg_is_pos=neg_is_pos, precision=precision)
-    rows = torch.logsumexp(logits, dim=-1) - logits[:, 0]
+    # -log_softmax (what F.cross_entropy computes, fairseq and Hugging Face): the max is
+    # subtracted before log(sum) is added, so a confident row's loss far below ulp(logit_0)
+    # keeps its digits (logsumexp - logit_0 rounds it to a multiple of ulp(logit_0))
+    rows = -torch.log_softmax(logits, dim=-1)[:, 0]
     loss = reduce_rows(rows, reduction)
     if not return_stats:
         return loss

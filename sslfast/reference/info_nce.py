@@ -75,7 +75,9 @@ def _row_losses(a: torch.Tensor, b: torch.Tensor, temperature, pos: torch.Tensor
 
 
 def _cross_entropy_rows(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Per-row ``logsumexp(logits) - logits[pos]`` (cross-entropy with target ``pos``)."""
+    """Per-row ``logsumexp(logits) - logits[pos]`` (cross-entropy with target ``pos``), as torch
+    computes it: ``-log_softmax``, max subtracted before log(sum) is added, so a loss far below
+    ulp(logits[pos]) keeps its digits."""
     return F.cross_entropy(logits, pos, reduction="none")
 
 
@@ -117,7 +119,7 @@ def info_nce(query, key, *, temperature=0.07, normalize=True, symmetric=False, q
             rows_t = _row_losses(k, gather_with_grad(q), temperature, pos, exclude_self=False)
         else:  # key -> query logits: the query -> key block, transposed (its columns), positives on its diagonal
             block = logits[:, :n]
-            rows_t = torch.logsumexp(block, dim=0) - block.diagonal()
+            rows_t = -torch.log_softmax(block, dim=0).diagonal()  # as cross_entropy: see _cross_entropy_rows
         rows = 0.5 * (rows + rows_t)
     return reduce_rows(rows, reduction)
 

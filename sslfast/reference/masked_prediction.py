@@ -126,12 +126,14 @@ def _chunk_losses(x, weight, bias, targets, valid, scale, label_smoothing):
         loss = -(1.0 - label_smoothing) * (targets * logp).sum(-1) - label_smoothing * logp.mean(dim=-1)
         z_y = logits.gather(-1, targets.argmax(dim=-1, keepdim=True)).squeeze(-1)
     else:
-        lse = torch.logsumexp(logits, dim=-1)
+        # torch's cross_entropy: from log_softmax (max subtracted before log(sum) is added), not
+        # logsumexp - z_y, which rounds a confident row's loss to a multiple of ulp(z_y)
+        logp = torch.log_softmax(logits, dim=-1)
         safe_t = torch.where(valid, targets, torch.zeros_like(targets))
         z_y = logits.gather(-1, safe_t[..., None]).squeeze(-1)
-        loss = lse - (1.0 - label_smoothing) * z_y
+        loss = -(1.0 - label_smoothing) * logp.gather(-1, safe_t[..., None]).squeeze(-1)
         if label_smoothing > 0.0:
-            loss = loss - label_smoothing * logits.mean(dim=-1)
+            loss = loss - label_smoothing * logp.mean(dim=-1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     top = (z_y >= logits.amax(dim=-1)).detach()
     return loss, top
