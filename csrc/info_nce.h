@@ -5,8 +5,12 @@
 // Row i's positive is column pos(i) = (i + pos_shift) mod pos_mod; with exclude_self the
 // column j == i is no candidate (NT-Xent's self-similarity). Loss_i = lse_i - s_i,pos(i).
 // Both kernels walk the score matrix tile by tile with an online log-sum-exp, so nothing
-// N x N is ever stored; the backward recomputes each tile from the saved per-row lse
-// (flash-attention style): dL/ds_ij = g_i * (exp(s_ij - lse_i) - [j == pos(i)]).
+// N x N is ever stored; the backward recomputes each tile from the saved per-row statistics
+// (flash-attention style): dL/ds_ij = g_i * (exp(s_ij - lse_i) - [j == pos(i)]). The forward
+// saves lse_i in two parts, the max m_i and log l_i, and the backward takes
+// exp((s_ij - m_i) - log l_i): their fp32 sum would be rounded to ulp(lse) (4.8e-7 at lse ~ 10),
+// an error every softmax probability would carry (the key and temperature gradients were
+// 7x the reference's error with a MoCo queue).
 #pragma once
 
 #include <cmath>
@@ -57,17 +61,19 @@ SSLFAST_HD void row_update(RowState& st, const float* s, int n, int64_t col0, in
   st.m = m_new;
 }
 
-SSLFAST_HD float row_lse(const RowState& st) { return st.m + log_denominator(st.l, st.c); }
+// The second part of the saved statistics: log l (lse = m + log l).
+SSLFAST_HD float row_log_l(const RowState& st) { return log_denominator(st.l, st.c); }
 
 // Loss_i = lse_i - s_pos, summed as (m - s_pos) + log(l): when the positive is the row's
 // maximum the first term is exactly 0, so a loss far below ulp(m) keeps its digits (lse - s_pos
 // would round it to a multiple of ulp(m), e.g. 9.5e-7 for 6.2e-7 at m = 1/0.07).
 SSLFAST_HD float row_loss(const RowState& st) { return (st.m - st.pos) + log_denominator(st.l, st.c); }
 
-// dL/ds for one score: g * (softmax - onehot(positive)), 0 for an excluded column.
-SSLFAST_HD float dscore(float s, float lse, float g, bool is_pos, bool is_excluded) {
+// dL/ds for one score: g * (softmax - onehot(positive)), 0 for an excluded column; m and
+// log_l are the row's saved statistics.
+SSLFAST_HD float dscore(float s, float m, float log_l, float g, bool is_pos, bool is_excluded) {
   if (is_excluded) return 0.0f;
-  return g * (expf(s - lse) - (is_pos ? 1.0f : 0.0f));
+  return g * (expf((s - m) - log_l) - (is_pos ? 1.0f : 0.0f));
 }
 
 }  // namespace infonce

@@ -3,7 +3,7 @@
 // Blocked like the GPU kernels: a block of 64 rows is scored against 64-column tiles, so
 // the working set is a few 64 x D fp32 buffers per thread and memory stays O(N * D). The
 // backward is two passes, one over row blocks (dA) and one over column blocks (dB), each
-// recomputing its score tiles from the saved lse: no atomics, deterministic for any number
+// recomputing its score tiles from the saved (max, log l): no atomics, deterministic for any number
 // of threads. All three products go through one register-blocked micro-kernel.
 
 // The micro-kernel is written as a * b + c; let the compiler fuse it into FMAs (the ISO
@@ -131,7 +131,7 @@ struct Problem {
   bool exclude_self;
 };
 
-void forward(const Problem& p, float* loss, float* lse) {
+void forward(const Problem& p, float* loss, float* row_max, float* row_log_l) {
   const int64_t n_blocks = (p.a.n + TILE - 1) / TILE;
 #pragma omp parallel if (parallel::use_threads(p.a.n * p.b.n * p.Dp, parallel::kMinInfoNceMacs))
   {
@@ -157,7 +157,8 @@ void forward(const Problem& p, float* loss, float* lse) {
         }
       }
       for (int i = 0; i < nr; ++i) {
-        lse[r0 + i] = infonce::row_lse(st[i]);
+        row_max[r0 + i] = st[i].m;
+        row_log_l[r0 + i] = infonce::row_log_l(st[i]);
         loss[r0 + i] = infonce::row_loss(st[i]);
       }
     }
@@ -167,8 +168,8 @@ void forward(const Problem& p, float* loss, float* lse) {
 // One backward pass. The "X side" is the block whose gradient this pass produces: the rows
 // (dA, col_side = false) or the columns (dB, col_side = true); the "Y side" is walked tile by
 // tile. dX[x] = scale * sum_y dS(x, y) * Y[y], where dS is dL/ds of the (row, col) pair.
-void backward_pass(const Problem& p, bool col_side, int64_t n_x, const float* lse, const float* g, float* dx,
-                   int64_t D) {
+void backward_pass(const Problem& p, bool col_side, int64_t n_x, const float* row_max, const float* row_log_l,
+                   const float* g, float* dx, int64_t D) {
   const Side& X = col_side ? p.b : p.a;
   const Side& Y = col_side ? p.a : p.b;
   const int64_t n_y = Y.n;
@@ -200,7 +201,7 @@ void backward_pass(const Problem& p, bool col_side, int64_t n_x, const float* ls
             const int r = col_side ? y : x;
             const int64_t row = row0 + r;
             const int64_t col = col_side ? x0 + x : y0 + y;
-            sx[y] = infonce::dscore(p.scale * sx[y], lse[row], g[row], col == pcol[r],
+            sx[y] = infonce::dscore(p.scale * sx[y], row_max[row], row_log_l[row], g[row], col == pcol[r],
                                     infonce::excluded(row, col, p.exclude_self));
           }
           std::fill(sx + ny, sx + TILE, 0.0f);
@@ -241,25 +242,26 @@ Side make_side(std::uintptr_t rows, std::uintptr_t t, std::uintptr_t f, int64_t 
 
 void info_nce_forward_cpu(std::uintptr_t a, std::uintptr_t b_t, int64_t M, int64_t C, int64_t D, std::uintptr_t scale,
                           int64_t pos_shift, int64_t pos_mod, bool exclude_self, std::uintptr_t loss,
-                          std::uintptr_t lse) {
+                          std::uintptr_t row_max, std::uintptr_t row_log_l) {
   if (M == 0) return;
   const Problem p{make_side(a, 0, 0, M), make_side(0, b_t, 0, C), round_up(D, NR), *as_ptr<const float>(scale),
                   pos_shift, pos_mod, exclude_self};
   py::gil_scoped_release nogil;
-  forward(p, as_ptr<float>(loss), as_ptr<float>(lse));
+  forward(p, as_ptr<float>(loss), as_ptr<float>(row_max), as_ptr<float>(row_log_l));
 }
 
 void info_nce_backward_cpu(std::uintptr_t a, std::uintptr_t a_t, std::uintptr_t a_f, std::uintptr_t b,
                            std::uintptr_t b_t, std::uintptr_t b_f, int64_t M, int64_t C, int64_t D,
                            std::uintptr_t scale, int64_t pos_shift, int64_t pos_mod, bool exclude_self,
-                           std::uintptr_t lse, std::uintptr_t grad, int64_t n_grad_cols, std::uintptr_t da,
-                           std::uintptr_t db) {
+                           std::uintptr_t row_max, std::uintptr_t row_log_l, std::uintptr_t grad,
+                           int64_t n_grad_cols, std::uintptr_t da, std::uintptr_t db) {
   if (M == 0) return;
   const Problem p{make_side(a, a_t, a_f, M), make_side(b, b_t, b_f, C), round_up(D, NR), *as_ptr<const float>(scale),
                   pos_shift, pos_mod, exclude_self};
   py::gil_scoped_release nogil;
-  backward_pass(p, false, M, as_ptr<const float>(lse), as_ptr<const float>(grad), as_ptr<float>(da), D);
-  backward_pass(p, true, n_grad_cols, as_ptr<const float>(lse), as_ptr<const float>(grad), as_ptr<float>(db), D);
+  const float *mx = as_ptr<const float>(row_max), *ll = as_ptr<const float>(row_log_l);
+  backward_pass(p, false, M, mx, ll, as_ptr<const float>(grad), as_ptr<float>(da), D);
+  backward_pass(p, true, n_grad_cols, mx, ll, as_ptr<const float>(grad), as_ptr<float>(db), D);
 }
 
 }  // namespace
@@ -269,11 +271,11 @@ void bind_info_nce(py::module_& m) {
         py::arg("rows"), py::arg("t"), py::arg("f"));
   m.def("info_nce_forward", &info_nce_forward_cpu, py::arg("a"), py::arg("b_t"), py::arg("M"),
         py::arg("C"), py::arg("D"), py::arg("scale"), py::arg("pos_shift"), py::arg("pos_mod"),
-        py::arg("exclude_self"), py::arg("loss"), py::arg("lse"));
+        py::arg("exclude_self"), py::arg("loss"), py::arg("row_max"), py::arg("row_log_l"));
   m.def("info_nce_backward", &info_nce_backward_cpu, py::arg("a"), py::arg("a_t"), py::arg("a_f"), py::arg("b"),
         py::arg("b_t"), py::arg("b_f"), py::arg("M"), py::arg("C"), py::arg("D"), py::arg("scale"), py::arg("pos_shift"), py::arg("pos_mod"),
-        py::arg("exclude_self"), py::arg("lse"), py::arg("grad"), py::arg("n_grad_cols"), py::arg("da"),
-        py::arg("db"));
+        py::arg("exclude_self"), py::arg("row_max"), py::arg("row_log_l"), py::arg("grad"), py::arg("n_grad_cols"),
+        py::arg("da"), py::arg("db"));
 }
 
 }  // namespace sslfast

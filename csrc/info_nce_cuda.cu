@@ -4,7 +4,7 @@
 // thread) from 16-wide slices of both sides staged in shared memory, then written to a
 // shared 64 x 64 tile that the per-row math (online log-sum-exp, dS) reads. Nothing M x C
 // is ever stored. The backward is two launches of one kernel, over row blocks (dA) and over
-// column blocks (dB), each recomputing its tiles from the saved lse: no atomics,
+// column blocks (dB), each recomputing its tiles from the saved (max, log l): no atomics,
 // deterministic. The gradient block of a program is 64 rows x 128 features (32 fp32
 // registers per thread); wider D takes more programs along grid y, each recomputing the
 // scores of its rows.
@@ -79,7 +79,8 @@ __device__ void tile_scores(const void* X, const void* Y, int dtype, int64_t x0,
 __global__ void __launch_bounds__(THREADS) info_nce_forward_kernel(const void* a, const void* b, int dtype, int64_t M,
                                                                    int64_t C, int64_t D, const float* scale_ptr,
                                                                    int64_t pos_shift, int64_t pos_mod,
-                                                                   bool exclude_self, float* loss, float* lse) {
+                                                                   bool exclude_self, float* loss, float* row_max,
+                                                                   float* row_log_l) {
   __shared__ TileSmem sm;
   const float scale = *scale_ptr;
   const int64_t x0 = static_cast<int64_t>(blockIdx.x) * BM;
@@ -95,7 +96,8 @@ __global__ void __launch_bounds__(THREADS) info_nce_forward_kernel(const void* a
     __syncthreads();  // s is rewritten by the next tile
   }
   if (tid < nx) {
-    lse[row] = infonce::row_lse(st);
+    row_max[row] = st.m;
+    row_log_l[row] = infonce::row_log_l(st);
     loss[row] = infonce::row_loss(st);
   }
 }
@@ -105,8 +107,8 @@ __global__ void __launch_bounds__(THREADS) info_nce_forward_kernel(const void* a
 // t / DV + 2 i, i < 32.
 __global__ void __launch_bounds__(THREADS) info_nce_backward_kernel(
     const void* X, const void* Y, int dtype, int64_t n_x, int64_t n_y, int64_t D, const float* scale_ptr,
-    const float* lse, const float* g, int64_t pos_shift, int64_t pos_mod, bool exclude_self, bool col_side,
-    float* dx) {
+    const float* row_max, const float* row_log_l, const float* g, int64_t pos_shift, int64_t pos_mod,
+    bool exclude_self, bool col_side, float* dx) {
   constexpr int ROWS_PER_PASS = THREADS / DV;
   constexpr int ROWS_PER_THREAD = BM / ROWS_PER_PASS;
   __shared__ TileSmem sm;
@@ -130,8 +132,8 @@ __global__ void __launch_bounds__(THREADS) info_nce_backward_kernel(
       if (x < nx && y < ny) {
         const int64_t row = col_side ? y0 + y : x0 + x;
         const int64_t col = col_side ? x0 + x : y0 + y;
-        v = infonce::dscore(sm.s[x][y], lse[row], g[row], col == infonce::pos_col(row, pos_shift, pos_mod),
-                            infonce::excluded(row, col, exclude_self));
+        v = infonce::dscore(sm.s[x][y], row_max[row], row_log_l[row], g[row],
+                            col == infonce::pos_col(row, pos_shift, pos_mod), infonce::excluded(row, col, exclude_self));
       }
       sm.s[x][y] = v;
     }
@@ -155,19 +157,20 @@ __global__ void __launch_bounds__(THREADS) info_nce_backward_kernel(
 
 void info_nce_forward_cuda(std::uintptr_t a, std::uintptr_t b, int dtype, int64_t M, int64_t C, int64_t D,
                            std::uintptr_t scale, int64_t pos_shift, int64_t pos_mod, bool exclude_self,
-                           std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t stream) {
+                           std::uintptr_t loss, std::uintptr_t row_max, std::uintptr_t row_log_l,
+                           std::uintptr_t stream) {
   if (M == 0) return;
   const Launch l = info_nce_launch::forward(M)[0];
   info_nce_forward_kernel<<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream)>>>(
       as_ptr<const void>(a), as_ptr<const void>(b), dtype, M, C, D, as_ptr<const float>(scale), pos_shift, pos_mod,
-      exclude_self, as_ptr<float>(loss), as_ptr<float>(lse));
+      exclude_self, as_ptr<float>(loss), as_ptr<float>(row_max), as_ptr<float>(row_log_l));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }
 
 void info_nce_backward_cuda(std::uintptr_t a, std::uintptr_t b, int dtype, int64_t M, int64_t C, int64_t D,
                             std::uintptr_t scale, int64_t pos_shift, int64_t pos_mod, bool exclude_self,
-                            std::uintptr_t lse, std::uintptr_t grad, int64_t n_grad_cols, std::uintptr_t da,
-                            std::uintptr_t db, std::uintptr_t stream) {
+                            std::uintptr_t row_max, std::uintptr_t row_log_l, std::uintptr_t grad,
+                            int64_t n_grad_cols, std::uintptr_t da, std::uintptr_t db, std::uintptr_t stream) {
   if (M == 0) return;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const Launches plan = info_nce_launch::backward(M, n_grad_cols, D);  // one per pass with rows
@@ -183,7 +186,8 @@ void info_nce_backward_cuda(std::uintptr_t a, std::uintptr_t b, int dtype, int64
     const Launch& l = plan[next++];
     info_nce_backward_kernel<<<grid_of(l), l.threads, l.dyn_smem, s>>>(
         as_ptr<const void>(p.x), as_ptr<const void>(p.y), dtype, p.n_x, p.n_y, D, as_ptr<const float>(scale),
-        as_ptr<const float>(lse), as_ptr<const float>(grad), pos_shift, pos_mod, exclude_self, p.col_side,
+        as_ptr<const float>(row_max), as_ptr<const float>(row_log_l), as_ptr<const float>(grad), pos_shift, pos_mod,
+        exclude_self, p.col_side,
         as_ptr<float>(p.dx));
     SSLFAST_CUDA_CHECK(cudaGetLastError());
   }
@@ -194,11 +198,11 @@ void info_nce_backward_cuda(std::uintptr_t a, std::uintptr_t b, int dtype, int64
 void bind_info_nce(py::module_& m) {
   m.def("info_nce_forward", &info_nce_forward_cuda, py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("M"),
         py::arg("C"), py::arg("D"), py::arg("scale"), py::arg("pos_shift"), py::arg("pos_mod"),
-        py::arg("exclude_self"), py::arg("loss"), py::arg("lse"), py::arg("cuda_stream"));
+        py::arg("exclude_self"), py::arg("loss"), py::arg("row_max"), py::arg("row_log_l"), py::arg("cuda_stream"));
   m.def("info_nce_backward", &info_nce_backward_cuda, py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("M"),
         py::arg("C"), py::arg("D"), py::arg("scale"), py::arg("pos_shift"), py::arg("pos_mod"),
-        py::arg("exclude_self"), py::arg("lse"), py::arg("grad"), py::arg("n_grad_cols"), py::arg("da"),
-        py::arg("db"), py::arg("cuda_stream"));
+        py::arg("exclude_self"), py::arg("row_max"), py::arg("row_log_l"), py::arg("grad"), py::arg("n_grad_cols"),
+        py::arg("da"), py::arg("db"), py::arg("cuda_stream"));
 }
 
 }  // namespace sslfast

@@ -46,7 +46,7 @@ def _scores(a_ptr, b_ptr, offs_a, offs_b, a_ok, b_ok, D, BLOCK_A: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=_COUNTS)
-def _forward_kernel(a_ptr, b_ptr, scale_ptr, loss_ptr, lse_ptr, M, C, D, pos_shift, pos_mod,
+def _forward_kernel(a_ptr, b_ptr, scale_ptr, loss_ptr, max_ptr, log_l_ptr, M, C, D, pos_shift, pos_mod,
                     EXCLUDE_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -75,18 +75,22 @@ def _forward_kernel(a_ptr, b_ptr, scale_ptr, loss_ptr, lse_ptr, M, C, D, pos_shi
         l_i, c_i = add_compensated(l_i * alpha, c_i * alpha, tl.sum(tl.exp(s - m_safe[:, None]), axis=1))
         m_i = m_new
     log_l = log_denominator(l_i, c_i)
-    tl.store(lse_ptr + offs_m, m_i + log_l, mask=row_ok)
+    # lse = m + log l saved in its two parts (csrc/info_nce.h: their fp32 sum loses ulp(lse))
+    tl.store(max_ptr + offs_m, m_i, mask=row_ok)
+    tl.store(log_l_ptr + offs_m, log_l, mask=row_ok)
     # (m - pos) + log(l), not lse - pos: exact when the positive is the maximum (csrc/info_nce.h)
     tl.store(loss_ptr + offs_m, (m_i - pos_i) + log_l, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=_COUNTS)
-def _backward_kernel(x_ptr, y_ptr, scale_ptr, gmax_ptr, lse_ptr, g_ptr, dx_ptr, n_x, n_y, D, pos_shift, pos_mod,
+def _backward_kernel(x_ptr, y_ptr, scale_ptr, gmax_ptr, max_ptr, log_l_ptr, g_ptr, dx_ptr, n_x, n_y, D, pos_shift,
+                     pos_mod,
                      COL_SIDE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, BLOCK_X: tl.constexpr,
                      BLOCK_Y: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
                      PRECISION: tl.constexpr):
     """dX[x, dv-block] = scale * sum_y dS(row, col) Y[y, dv-block]; X is the row side (dA) or,
-    with COL_SIDE, the column side (dB); lse and g are always indexed by the row. g arrives
+    with COL_SIDE, the column side (dB); the row statistics (max, log l) and g are always
+    indexed by the row. g arrives
     divided by gmax = max |g|, so dS stays in [-1, 1] when it is rounded to fp16 (with a
     mean over N rows, g = 1/N and g * p would underflow fp16 at N in the thousands)."""
     pid_x = tl.program_id(0)
@@ -97,7 +101,8 @@ def _backward_kernel(x_ptr, y_ptr, scale_ptr, gmax_ptr, lse_ptr, g_ptr, dx_ptr, 
     dv_ok = offs_dv < D
     scale = tl.load(scale_ptr)
     if not COL_SIDE:
-        lse_x = tl.load(lse_ptr + offs_x, mask=x_ok, other=0.0)
+        max_x = tl.load(max_ptr + offs_x, mask=x_ok, other=0.0)
+        log_l_x = tl.load(log_l_ptr + offs_x, mask=x_ok, other=0.0)
         g_x = tl.load(g_ptr + offs_x, mask=x_ok, other=0.0)
     acc = tl.zeros((BLOCK_X, BLOCK_DV), dtype=tl.float32)
     for y0 in range(0, n_y, BLOCK_Y):
@@ -107,18 +112,20 @@ def _backward_kernel(x_ptr, y_ptr, scale_ptr, gmax_ptr, lse_ptr, g_ptr, dx_ptr, 
         if COL_SIDE:
             rows = offs_y[None, :]
             cols = offs_x[:, None]
-            lse = tl.load(lse_ptr + offs_y, mask=y_ok, other=0.0)[None, :]
+            row_max = tl.load(max_ptr + offs_y, mask=y_ok, other=0.0)[None, :]
+            log_l = tl.load(log_l_ptr + offs_y, mask=y_ok, other=0.0)[None, :]
             g = tl.load(g_ptr + offs_y, mask=y_ok, other=0.0)[None, :]
         else:
             rows = offs_x[:, None]
             cols = offs_y[None, :]
-            lse = lse_x[:, None]
+            row_max = max_x[:, None]
+            log_l = log_l_x[:, None]
             g = g_x[:, None]
         candidate = x_ok[:, None] & y_ok[None, :]
         if EXCLUDE_SELF:
             candidate = candidate & (rows != cols)
         onehot = tl.where(cols == (rows + pos_shift) % pos_mod, 1.0, 0.0)
-        ds = tl.where(candidate, g * (tl.exp(s - lse) - onehot), 0.0)
+        ds = tl.where(candidate, g * (tl.exp((s - row_max) - log_l) - onehot), 0.0)
         y = tl.load(y_ptr + offs_y.to(tl.int64)[:, None] * D + offs_dv[None, :],
                     mask=y_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(ds.to(y.dtype), y, acc, input_precision=PRECISION)
@@ -140,21 +147,22 @@ def _precision(a: torch.Tensor) -> str:
 
 
 def forward(a, b, scale, pos_shift, pos_mod, exclude_self):
-    """Per-row (loss, lse), fp32; a (M, D), b (C, D) contiguous, one dtype; scale 0-d fp32."""
+    """Per-row (loss (M,), stats (2, M): the max and log l, lse = their sum), fp32; a (M, D),
+    b (C, D) contiguous, one dtype; scale 0-d fp32."""
     m, d = a.shape
     loss = torch.empty(m, dtype=torch.float32, device=a.device)
-    lse = torch.empty(m, dtype=torch.float32, device=a.device)
+    stats = torch.empty(2, m, dtype=torch.float32, device=a.device)
     if m == 0:
-        return loss, lse
+        return loss, stats
     cfg = _config(a, d)
     grid = (triton.cdiv(m, cfg["BLOCK"]),)
-    _forward_kernel[grid](a, b, scale, loss, lse, m, b.shape[0], d, pos_shift, pos_mod,
+    _forward_kernel[grid](a, b, scale, loss, stats[0], stats[1], m, b.shape[0], d, pos_shift, pos_mod,
                           EXCLUDE_SELF=exclude_self, BLOCK_M=cfg["BLOCK"], BLOCK_N=cfg["BLOCK"],
                           BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(a), num_warps=cfg["num_warps"])
-    return loss, lse
+    return loss, stats
 
 
-def backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_grad_cols):
+def backward(a, b, scale, stats, grad, pos_shift, pos_mod, exclude_self, n_grad_cols):
     """(dA, dB) in fp32; rows of dB at or past n_grad_cols are zero."""
     m, d = a.shape
     da = torch.empty(m, d, dtype=torch.float32, device=a.device)
@@ -168,7 +176,7 @@ def backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_grad_co
         if n_x == 0:
             continue
         grid = (triton.cdiv(n_x, cfg["BLOCK"]), triton.cdiv(d, cfg["BLOCK_DV"]))
-        _backward_kernel[grid](x, y, scale, gmax, lse, grad, dx, n_x, n_y, d, pos_shift, pos_mod,
+        _backward_kernel[grid](x, y, scale, gmax, stats[0], stats[1], grad, dx, n_x, n_y, d, pos_shift, pos_mod,
                                COL_SIDE=col_side, EXCLUDE_SELF=exclude_self, BLOCK_X=cfg["BLOCK"],
                                BLOCK_Y=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DV=cfg["BLOCK_DV"],
                                PRECISION=_precision(a), num_warps=cfg["num_warps"])

@@ -4,7 +4,8 @@ Every kernel backend computes the same core: rows A (M, D) scored against column
 ``s_ij = scale * <A_i, B_j>``, row i's positive at column ``(i + pos_shift) % pos_mod``,
 optionally without the column ``j == i``; per-row loss ``lse_i - s_i,pos``. The kernels walk
 the score matrix in tiles with an online log-sum-exp and keep only the per-row lse for the
-backward, which recomputes the tiles: memory O((M + C) * D), never M x C, forward and
+backward (as its two parts, the row's max and log l: their fp32 sum would lose ulp(lse) in
+every probability the backward recomputes), which recomputes the tiles: memory O((M + C) * D), never M x C, forward and
 backward. The backward runs one pass over row blocks (dA) and one over column blocks (dB)
 instead of atomics, so it is deterministic on every backend.
 
@@ -28,8 +29,9 @@ OP, OP_BWD, OP_NTX = "info_nce", "info_nce_backward", "nt_xent"
 
 
 # ----------------------------------------------------------------------------- backends
-# forward(a, b, scale, pos_shift, pos_mod, exclude_self) -> (loss (M,) fp32, lse (M,) fp32)
-# backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_grad_cols)
+# forward(a, b, scale, pos_shift, pos_mod, exclude_self) -> (loss (M,) fp32, stats (2, M) fp32)
+#     stats: each row's max score and log l (lse = max + log l, kept apart: csrc/info_nce.h)
+# backward(a, b, scale, stats, grad, pos_shift, pos_mod, exclude_self, n_grad_cols)
 #     -> (dA (M, D) fp32, dB (C, D) fp32, rows of dB at or past n_grad_cols zero)
 # a, b: contiguous, one float dtype; scale: 0-d fp32 tensor (1 / temperature) on the device.
 
@@ -60,19 +62,19 @@ def _cpu_operands(x: torch.Tensor, layouts: str = "rtf") -> list[torch.Tensor | 
 def _cpu_forward(a, b, scale, pos_shift, pos_mod, exclude_self):
     m, d = a.shape
     loss = torch.empty(m, dtype=torch.float32, device=a.device)
-    lse = torch.empty(m, dtype=torch.float32, device=a.device)
+    stats = torch.empty(2, m, dtype=torch.float32, device=a.device)
     if b is a:
         ar, bt, _ = _cpu_operands(a, "rt")
     else:
         ar, bt = _cpu_operands(a, "r")[0], _cpu_operands(b, "t")[1]
     _ext.cpu_module().info_nce_forward(
         _ext.ptr(ar), _ext.ptr(bt), m, b.shape[0], d, _ext.ptr(scale), pos_shift, pos_mod, exclude_self,
-        _ext.ptr(loss), _ext.ptr(lse))
-    return loss, lse
+        _ext.ptr(loss), _ext.ptr(stats[0]), _ext.ptr(stats[1]))
+    return loss, stats
 
 
 @_dispatch.register(OP_BWD, "cpu")
-def _cpu_backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_grad_cols):
+def _cpu_backward(a, b, scale, stats, grad, pos_shift, pos_mod, exclude_self, n_grad_cols):
     m, d = a.shape
     da = torch.empty(m, d, dtype=torch.float32, device=a.device)
     db = torch.zeros(b.shape[0], d, dtype=torch.float32, device=a.device)
@@ -80,7 +82,7 @@ def _cpu_backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_gr
     pb = pa if b is a else _cpu_operands(b)
     _ext.cpu_module().info_nce_backward(
         *map(_ext.ptr, pa), *map(_ext.ptr, pb), m, b.shape[0], d, _ext.ptr(scale), pos_shift, pos_mod,
-        exclude_self, _ext.ptr(lse), _ext.ptr(grad), n_grad_cols, _ext.ptr(da), _ext.ptr(db))
+        exclude_self, _ext.ptr(stats[0]), _ext.ptr(stats[1]), _ext.ptr(grad), n_grad_cols, _ext.ptr(da), _ext.ptr(db))
     return da, db
 
 
@@ -89,22 +91,23 @@ def _cpu_backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_gr
 def _cuda_forward(a, b, scale, pos_shift, pos_mod, exclude_self):
     m, d = a.shape
     loss = torch.empty(m, dtype=torch.float32, device=a.device)
-    lse = torch.empty(m, dtype=torch.float32, device=a.device)
+    stats = torch.empty(2, m, dtype=torch.float32, device=a.device)
     _ext.cuda_module().info_nce_forward(
         _ext.ptr(a), _ext.ptr(b), _ext.DTYPE_CODE[a.dtype], m, b.shape[0], d, _ext.ptr(scale),
-        pos_shift, pos_mod, exclude_self, _ext.ptr(loss), _ext.ptr(lse), _ext.stream(a.device))
-    return loss, lse
+        pos_shift, pos_mod, exclude_self, _ext.ptr(loss), _ext.ptr(stats[0]), _ext.ptr(stats[1]),
+        _ext.stream(a.device))
+    return loss, stats
 
 
 @_dispatch.register(OP_BWD, "cuda")
-def _cuda_backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_grad_cols):
+def _cuda_backward(a, b, scale, stats, grad, pos_shift, pos_mod, exclude_self, n_grad_cols):
     m, d = a.shape
     da = torch.empty(m, d, dtype=torch.float32, device=a.device)
     db = torch.zeros(b.shape[0], d, dtype=torch.float32, device=a.device)
     _ext.cuda_module().info_nce_backward(
         _ext.ptr(a), _ext.ptr(b), _ext.DTYPE_CODE[a.dtype], m, b.shape[0], d, _ext.ptr(scale),
-        pos_shift, pos_mod, exclude_self, _ext.ptr(lse), _ext.ptr(grad), n_grad_cols, _ext.ptr(da), _ext.ptr(db),
-        _ext.stream(a.device))
+        pos_shift, pos_mod, exclude_self, _ext.ptr(stats[0]), _ext.ptr(stats[1]), _ext.ptr(grad), n_grad_cols,
+        _ext.ptr(da), _ext.ptr(db), _ext.stream(a.device))
     return da, db
 
 
@@ -117,10 +120,10 @@ def _triton_forward(a, b, scale, pos_shift, pos_mod, exclude_self):
 
 
 @_dispatch.register(OP_BWD, "triton")
-def _triton_backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_grad_cols):
+def _triton_backward(a, b, scale, stats, grad, pos_shift, pos_mod, exclude_self, n_grad_cols):
     from ..kernels import info_nce as kern
 
-    return kern.backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_grad_cols)
+    return kern.backward(a, b, scale, stats, grad, pos_shift, pos_mod, exclude_self, n_grad_cols)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -128,7 +131,7 @@ def _triton_backward(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n
 @torch.library.custom_op("sslfast::info_nce", mutates_args=())
 def _info_nce_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, pos_shift: int, pos_mod: int,
                  exclude_self: bool, n_grad_cols: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses and log-sum-exps of the tiled core (module docstring)."""
+    """Per-row losses (M,) and the row statistics (2, M) of the tiled core: max and log l."""
     return _dispatch.get(OP, backend)(a.contiguous(), b.contiguous(), scale.contiguous(), pos_shift, pos_mod,
                                       exclude_self)
 
@@ -136,16 +139,16 @@ def _info_nce_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, pos_shif
 @_info_nce_op.register_fake
 def _(a, b, scale, pos_shift, pos_mod, exclude_self, n_grad_cols, backend):
     m = a.shape[0]
-    return a.new_empty(m, dtype=torch.float32), a.new_empty(m, dtype=torch.float32)
+    return a.new_empty(m, dtype=torch.float32), a.new_empty(2, m, dtype=torch.float32)
 
 
 @torch.library.custom_op("sslfast::info_nce_backward", mutates_args=())
-def _info_nce_backward_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
+def _info_nce_backward_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, stats: torch.Tensor,
                           grad: torch.Tensor, pos_shift: int, pos_mod: int, exclude_self: bool, n_grad_cols: int,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the per-row losses w.r.t. a, b and scale (fused, tile recomputation)."""
     a = a.contiguous()
-    da, db = _dispatch.get(OP_BWD, backend)(a, b.contiguous(), scale.contiguous(), lse.contiguous(),
+    da, db = _dispatch.get(OP_BWD, backend)(a, b.contiguous(), scale.contiguous(), stats.contiguous(),
                                             grad.float().contiguous(), pos_shift, pos_mod, exclude_self,
                                             n_grad_cols)
     # dL/dscale = sum_ij dS_ij <a_i, b_j> = sum_i <a_i, dA_i> / scale, since dA_i = scale *
@@ -155,7 +158,7 @@ def _info_nce_backward_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
 
 
 @_info_nce_backward_op.register_fake
-def _(a, b, scale, lse, grad, pos_shift, pos_mod, exclude_self, n_grad_cols, backend):
+def _(a, b, scale, stats, grad, pos_shift, pos_mod, exclude_self, n_grad_cols, backend):
     return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
 
 
@@ -165,10 +168,10 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (pos_shift, pos_mod, exclude_self, n_grad_cols, backend)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    # grad_lse is never used: lse is an internal output kept for the backward only.
-    a, b, scale, lse = ctx.saved_tensors
-    da, db, dscale = torch.ops.sslfast.info_nce_backward(a, b, scale, lse, grad_loss, *ctx.args)
+def _backward(ctx, grad_loss, grad_stats):
+    # grad_stats is never used: the row statistics are an internal output for the backward only.
+    a, b, scale, stats = ctx.saved_tensors
+    da, db, dscale = torch.ops.sslfast.info_nce_backward(a, b, scale, stats, grad_loss, *ctx.args)
     return da, db, dscale, None, None, None, None, None
 
 
