@@ -135,8 +135,8 @@ SSLFAST_HD void lane_copy_code(const char* codebook, int esize, int64_t src, int
 // into the chunk's partial. m, inv_z, am, sel: each frame's row max, 1 / normaliser, argmax
 // and selection.
 SSLFAST_HD void chunk_marginals(const void* logits, int ldtype, int64_t chunk, int64_t g, int64_t G, int64_t V,
-                                const float* m, const float* inv_z, const int64_t* am, const int* sel, int tid,
-                                int nt, float* partial) {
+                                const float* m, const float* inv_z, const int64_t* am, const int* sel, unsigned tid,
+                                unsigned nt, float* partial) {
   const int64_t GV = G * V;
   for (int64_t v = tid; v < V; v += nt) {
     float acc_p = 0.0f;
@@ -261,6 +261,59 @@ SSLFAST_HD float soft_prob(const void* logits, int ldtype, const float* stats, i
   const int64_t row = n * G + g;
   const float y = load_float(logits, n * G * V + g * V + v, ldtype) + gumbel_at(seed, n, g * V + v);
   return tempered_weight(y, stats[row * 2], tau) * stats[row * 2 + 1];
+}
+
+// soft_codebook_kernel's block: frames in steps of kSoftCbRows, codewords v0 .. v0 + kSoftCbVars,
+// dims k0 .. k0 + kSoftCbDims; thread tid = 32 vv + lane owns codeword v0 + vv, dims k0 + lane + 32 i.
+using SoftCbProbs = float[gumbel_launch::kSoftCbRows][gumbel_launch::kSoftCbVars];
+using SoftCbGrads = float[gumbel_launch::kSoftCbRows][gumbel_launch::kSoftCbDims];
+constexpr int kSoftCbPerLane = gumbel_launch::kSoftCbDims / 32;
+
+// Staging of the frames r0 ..: thread tid's probability (frame tid / kSoftCbVars, codeword
+// tid % kSoftCbVars) and its share of the grad_q slice, 0 past the chunk's frames, V or D.
+SSLFAST_HD void soft_cb_stage(const void* grad_q, int gdtype, const void* logits, int ldtype, const float* stats,
+                              int64_t G, int64_t g, int64_t V, int64_t v0, int64_t D, int64_t k0, int64_t r0,
+                              int64_t row_end, float tau, uint64_t seed, unsigned tid, SoftCbProbs& s_p,
+                              SoftCbGrads& s_gq) {
+  using namespace gumbel_launch;
+  {
+    const int t = tid / kSoftCbVars;
+    const int u = tid % kSoftCbVars;
+    const int64_t n = r0 + t;
+    const int64_t v = v0 + u;
+    float p = 0.0f;
+    if (n < row_end && v < V) p = soft_prob(logits, ldtype, stats, n, G, g, V, v, tau, seed);
+    s_p[t][u] = p;
+  }
+  for (int i = tid; i < kSoftCbRows * kSoftCbDims; i += kSoftThreads) {
+    const int t = i / kSoftCbDims;
+    const int kk = i % kSoftCbDims;
+    const int64_t n = r0 + t;
+    s_gq[t][kk] = soft_grad_q_at(grad_q, gdtype, n, row_end, G, g, D, k0 + kk);
+  }
+}
+
+// After the barrier: acc[i] += p[t, vv] grad_q[t, lane + 32 i] over the staged frames.
+SSLFAST_HD void soft_cb_accumulate(const SoftCbProbs& s_p, const SoftCbGrads& s_gq, int vv, int lane,
+                                   float (&acc)[kSoftCbPerLane]) {
+  for (int t = 0; t < gumbel_launch::kSoftCbRows; ++t) {
+    const float p = s_p[t][vv];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int i = 0; i < kSoftCbPerLane; ++i) acc[i] += p * s_gq[t][lane + 32 * i];
+  }
+}
+
+// The thread's sums into its codeword's row `out` of the chunk partial (dims < D).
+SSLFAST_HD void soft_cb_store(const float (&acc)[kSoftCbPerLane], int64_t k0, int64_t D, int lane, float* out) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int i = 0; i < kSoftCbPerLane; ++i) {
+    const int64_t k = k0 + lane + 32 * i;
+    if (k < D) out[k] = acc[i];
+  }
 }
 
 }  // namespace gq

@@ -243,39 +243,17 @@ __global__ void soft_codebook_kernel(const void* grad_q, int gdtype, const void*
   const int vv = threadIdx.x / 32;  // this thread's codeword v0 + vv ...
   const int lane = threadIdx.x % 32;  // ... and dims k0 + lane + 32 i
   const int64_t row_end = (chunk + 1) * chunk_rows < N ? (chunk + 1) * chunk_rows : N;
-  float acc[kSoftCbDims / 32] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float acc[gq::kSoftCbPerLane] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t r0 = chunk * chunk_rows; r0 < row_end; r0 += kSoftCbRows) {
-    {
-      const int t = threadIdx.x / kSoftCbVars;
-      const int u = threadIdx.x % kSoftCbVars;
-      const int64_t n = r0 + t;
-      const int64_t v = v0 + u;
-      float p = 0.0f;
-      if (n < row_end && v < V) p = gq::soft_prob(logits, ldtype, stats, n, G, g, V, v, tau, seed);
-      s_p[t][u] = p;
-    }
-    for (int i = threadIdx.x; i < kSoftCbRows * kSoftCbDims; i += kSoftThreads) {
-      const int t = i / kSoftCbDims;
-      const int kk = i % kSoftCbDims;
-      const int64_t n = r0 + t;
-      s_gq[t][kk] = gq::soft_grad_q_at(grad_q, gdtype, n, row_end, G, g, D, k0 + kk);
-    }
+    gq::soft_cb_stage(grad_q, gdtype, logits, ldtype, stats, G, g, V, v0, D, k0, r0, row_end, tau, seed, threadIdx.x,
+                      s_p, s_gq);
     __syncthreads();
-    for (int t = 0; t < kSoftCbRows; ++t) {
-      const float p = s_p[t][vv];
-#pragma unroll
-      for (int i = 0; i < kSoftCbDims / 32; ++i) acc[i] += p * s_gq[t][lane + 32 * i];
-    }
+    gq::soft_cb_accumulate(s_p, s_gq, vv, lane, acc);
     __syncthreads();
   }
   const int64_t v = v0 + vv;
   if (v >= V) return;
-  float* out = partial + (chunk * G * V + g * V + v) * D;
-#pragma unroll
-  for (int i = 0; i < kSoftCbDims / 32; ++i) {
-    const int64_t k = k0 + lane + 32 * i;
-    if (k < D) out[k] = acc[i];
-  }
+  gq::soft_cb_store(acc, k0, D, lane, partial + (chunk * G * V + g * V + v) * D);
 }
 
 __global__ void reduce_chunks_kernel(const float* partial, int64_t n_chunks, int64_t width, void* out, int dtype) {

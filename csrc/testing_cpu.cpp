@@ -1,24 +1,28 @@
 // sslfast._C._testing: the CUDA kernels' device code run on the host, for the tests.
 //
-// The kernels of masking_cuda.cu, negatives_cuda.cu and gumbel_quantize_cuda.cu are built
-// from SSLFAST_HD phases in csrc/masking.h, csrc/negatives.h and csrc/gumbel_quantize.h, each
-// what one thread (or one lane of a warp) does between two barriers (or shuffles). The
-// functions here run a kernel's blocks one after another and, inside a block, each phase for
-// every thread index the kernel uses before the next phase (what the barrier guarantees), so
-// tests/test_cuda_device_code.py compares the CUDA algorithm with the reference on a CPU.
-// Only the warp intrinsics of the one-pass negatives kernel (block_scan, warp_sum) are
-// replaced, by the plain sums they compute.
+// The kernels of masking_cuda.cu, negatives_cuda.cu, gumbel_quantize_cuda.cu,
+// rp_quantize_cuda.cu, contrastive_cuda.cu, apply_mask_cuda.cu and masked_prediction_cuda.cu
+// are built from SSLFAST_HD phases in their csrc/<family>.h, each what one thread (or one lane
+// of a warp) does between two barriers (or shuffles). The functions here run a kernel's blocks
+// one after another and, inside a block, each phase for every thread index the kernel uses
+// before the next phase (what the barrier guarantees), so tests/test_cuda_device_code.py
+// compares the CUDA algorithm with the reference on a CPU. Only the warp intrinsics are
+// replaced: shuffle reductions by the same xor butterflies over the 32 lanes' values,
+// __any_sync and __ballot_sync by the or / the in-order list they compute, block scans and
+// atomics by plain sums.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
 #include "apply_mask.h"
 #include "contrastive.h"
 #include "gumbel_quantize.h"
+#include "masked_prediction.h"
 #include "masking.h"
 #include "negatives.h"
 #include "rp_quantize.h"
@@ -346,37 +350,25 @@ void gumbel_backward(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_
     const int64_t chunk_rows = gq::soft_chunk_rows(N, kSoftCbRows);
     const int64_t n_chunks = gq::soft_num_chunks(N, kSoftCbRows);
     float* partial = stats + N * G * 2;
-    float s_p[kSoftCbRows][kSoftCbVars];
-    float s_gq[kSoftCbRows][kSoftCbDims];
+    gq::SoftCbProbs s_p;
+    gq::SoftCbGrads s_gq;
+    float acc[kSoftThreads][gq::kSoftCbPerLane];
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk)
       for (int64_t g = 0; g < G; ++g)
         for (int64_t v0 = 0; v0 < V; v0 += kSoftCbVars)
           for (int64_t k0 = 0; k0 < D; k0 += kSoftCbDims) {
             const int64_t row_end = (chunk + 1) * chunk_rows < N ? (chunk + 1) * chunk_rows : N;
-            std::vector<std::array<float, kSoftCbDims / 32>> acc(kSoftThreads);
-            for (auto& a : acc) a.fill(0.0f);
+            std::fill(&acc[0][0], &acc[0][0] + kSoftThreads * gq::kSoftCbPerLane, 0.0f);
             for (int64_t r0 = chunk * chunk_rows; r0 < row_end; r0 += kSoftCbRows) {
-              for (int x = 0; x < kSoftThreads; ++x) {
-                const int t = x / kSoftCbVars, u = x % kSoftCbVars;
-                const int64_t n = r0 + t, v = v0 + u;
-                s_p[t][u] = n < row_end && v < V ? gq::soft_prob(logits, ldtype, stats, n, G, g, V, v, tau, seed) : 0.0f;
-              }
-              for (int i = 0; i < kSoftCbRows * kSoftCbDims; ++i) {
-                const int t = i / kSoftCbDims, kk = i % kSoftCbDims;
-                s_gq[t][kk] = gq::soft_grad_q_at(grad_q, gdtype, r0 + t, row_end, G, g, D, k0 + kk);
-              }
+              for (unsigned x = 0; x < kSoftThreads; ++x)
+                gq::soft_cb_stage(grad_q, gdtype, logits, ldtype, stats, G, g, V, v0, D, k0, r0, row_end, tau, seed, x,
+                                  s_p, s_gq);
               for (int x = 0; x < kSoftThreads; ++x)
-                for (int t = 0; t < kSoftCbRows; ++t)
-                  for (int i = 0; i < kSoftCbDims / 32; ++i) acc[x][i] += s_p[t][x / 32] * s_gq[t][x % 32 + 32 * i];
+                gq::soft_cb_accumulate(s_p, s_gq, x / 32, x % 32, acc[x]);
             }
-            for (int x = 0; x < kSoftThreads; ++x) {
-              const int64_t v = v0 + x / 32;
-              if (v >= V) continue;
-              for (int i = 0; i < kSoftCbDims / 32; ++i) {
-                const int64_t k = k0 + x % 32 + 32 * i;
-                if (k < D) partial[(chunk * G * V + g * V + v) * D + k] = acc[x][i];
-              }
-            }
+            for (int x = 0; x < kSoftThreads; ++x)
+              if (v0 + x / 32 < V)
+                gq::soft_cb_store(acc[x], k0, D, x % 32, partial + (chunk * G * V + g * V + v0 + x / 32) * D);
           }
     for (int64_t j = 0; j < G * V * D; ++j)  // reduce_chunks_kernel
       store_float(as_ptr<void>(grad_cb_p), j, cdtype, gq::sum_partials(partial, n_chunks, G * V * D, j));
@@ -623,6 +615,95 @@ void apply_mask_backward(std::uintptr_t g, int64_t sgb, int64_t sgt, int64_t sgd
     if (d < D) as_ptr<float>(gfill)[d] = apply_mask::sum_partials(as_ptr<const float>(partial), chunks, D, d);
 }
 
+// ---- masked_prediction_cuda.cu: each block's threads phase by phase (the barriers).
+// logit_tile of the .cu for every thread of a block.
+void mpl_logit_tile(const mpl::Args& a, mpl::Smem& s, int64_t h, int64_t n0, int64_t v0) {
+  const int64_t hx = a.Hx == 1 ? 0 : h;
+  float tile[mpl::THREADS][2][2] = {};
+  for (int64_t k0 = 0; k0 < a.D; k0 += mpl::BK) {
+    for (unsigned tid = 0; tid < mpl::THREADS; ++tid) mpl::stage_slice(a, s, h, hx, n0, v0, k0, tid);
+    for (unsigned tid = 0; tid < mpl::THREADS; ++tid) mpl::fma_slice(s, tile[tid], tid);
+  }
+  for (unsigned tid = 0; tid < mpl::THREADS; ++tid) mpl::write_tile(a, s, tile[tid], h, v0, tid);
+}
+
+// forward_kernel, then with a gradient dx_kernel and dw_kernel: the arguments of
+// masked_prediction_forward_backward less the stream.
+void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias, int b_dtype,
+                       std::uintptr_t targets, std::uintptr_t grad_p, int64_t N, int64_t H, int64_t Hx, int64_t V,
+                       int64_t D, double scale, double eps, std::uintptr_t loss, std::uintptr_t lse_p,
+                       std::uintptr_t top, std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db) {
+  using namespace mpl;
+  if (N == 0) return;
+  const Args a{as_ptr<const void>(x), x_dtype, as_ptr<const void>(w), w_dtype, as_ptr<const void>(bias), b_dtype,
+               as_ptr<const int64_t>(targets), N, H, Hx, V, D, static_cast<float>(scale), static_cast<float>(eps),
+               static_cast<float>(eps / static_cast<double>(V))};
+  const Launches plan = masked_prediction_launch::plan(N, H, Hx, V, D, grad_p != 0);
+  auto s = std::make_unique<Smem>();
+  const float* lse = as_ptr<const float>(lse_p);
+  const float* grad = as_ptr<const float>(grad_p);
+  for (int64_t bx = 0; bx < plan[0].grid_x; ++bx)
+    for (int64_t h = 0; h < plan[0].grid_y; ++h) {  // forward_kernel, block (row block, head)
+      const int64_t n0 = bx * BM;
+      RowState st[BM];
+      int64_t t[BM];
+      for (int r = 0; r < BM; ++r) {
+        st[r] = row_init(false);
+        t[r] = n0 + r < N ? a.targets[(n0 + r) * H + h] : -1;
+      }
+      for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        mpl_logit_tile(a, *s, h, n0, v0);
+        for (int r = 0; r < BM; ++r) row_update(st[r], s->z[r], static_cast<int>(V - v0 < BV ? V - v0 : BV), v0, t[r]);
+      }
+      for (int r = 0; r < BM; ++r)
+        if (n0 + r < N)
+          forward_row_out(a, st[r], n0 + r, h, t[r], as_ptr<float>(loss), as_ptr<float>(lse_p), as_ptr<uint8_t>(top));
+    }
+  if (grad_p == 0) return;
+  float acc[THREADS][BD / 8];
+  for (int64_t bx = 0; bx < plan[1].grid_x; ++bx)  // dx_kernel, block (row block, feature block, head of x)
+    for (int64_t by = 0; by < plan[1].grid_y; ++by)
+      for (int64_t hx = 0; hx < plan[1].grid_z; ++hx) {
+        const int64_t n0 = bx * BM, d0 = by * BD;
+        std::fill(&acc[0][0], &acc[0][0] + THREADS * (BD / 8), 0.0f);
+        const int64_t heads = Hx == 1 ? H : 1;
+        for (int64_t i = 0; i < heads; ++i) {
+          const int64_t h = hx + i;
+          for (int64_t v0 = 0; v0 < V; v0 += BV) {
+            mpl_logit_tile(a, *s, h, n0, v0);
+            for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, lse, grad, tid);
+            for (int tid = 0; tid < THREADS; ++tid)
+              dx_tile(a, *s, acc[tid], h, v0, d0, tid / 8, tid % 8);
+          }
+        }
+        for (int tid = 0; tid < THREADS; ++tid) {
+          const int64_t n = n0 + tid / 8;
+          if (n < N)
+            store_features(acc[tid], as_ptr<float>(dx), (n * Hx + hx) * D, d0, tid % 8, D);
+        }
+      }
+  float dbias[THREADS];
+  for (int64_t bx = 0; bx < plan[2].grid_x; ++bx)  // dw_kernel, block (class block, feature block, head)
+    for (int64_t by = 0; by < plan[2].grid_y; ++by)
+      for (int64_t h = 0; h < plan[2].grid_z; ++h) {
+        const int64_t v0 = bx * BV, d0 = by * BD, hx = Hx == 1 ? 0 : h;
+        std::fill(&acc[0][0], &acc[0][0] + THREADS * (BD / 8), 0.0f);
+        std::fill(dbias, dbias + THREADS, 0.0f);
+        for (int64_t n0 = 0; n0 < N; n0 += BM) {
+          mpl_logit_tile(a, *s, h, n0, v0);
+          for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, lse, grad, tid);
+          for (int tid = 0; tid < THREADS; ++tid)
+            dw_tile(a, *s, acc[tid], dbias[tid], hx, n0, d0, tid / 8, tid % 8);
+        }
+        for (int tid = 0; tid < THREADS; ++tid) {
+          const int64_t v = v0 + tid / 8;
+          if (v >= V) continue;
+          store_features(acc[tid], as_ptr<float>(dw), (h * V + v) * D, d0, tid % 8, D);
+          if (db != 0 && by == 0 && tid % 8 == 0) as_ptr<float>(db)[h * V + v] = dbias[tid] / a.scale;
+        }
+      }
+}
+
 // tempered_weight over arrays, as soft_forward_kernel and soft_codebook_kernel call it.
 void gumbel_tempered_weight(std::uintptr_t y, std::uintptr_t ym, int64_t n, float tau, std::uintptr_t out) {
   for (int64_t i = 0; i < n; ++i)
@@ -679,6 +760,10 @@ void bind_testing(py::module_& m) {
         py::arg("grad_x"), py::arg("mask"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"),
         py::arg("partial"), py::arg("grad_fill"));
   t.attr("apply_mask_grad_chunk") = apply_mask::kGradChunk;
+  t.def("masked_prediction", &masked_prediction, py::arg("x"), py::arg("x_dtype"), py::arg("w"), py::arg("w_dtype"),
+        py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("grad"), py::arg("N"), py::arg("H"),
+        py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"), py::arg("loss"), py::arg("lse"),
+        py::arg("top"), py::arg("dx"), py::arg("dw"), py::arg("db"));
   t.def("gumbel_tempered_weight", &gumbel_tempered_weight, py::arg("y"), py::arg("ym"), py::arg("n"), py::arg("tau"),
         py::arg("out"));
 }

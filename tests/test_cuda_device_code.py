@@ -1,12 +1,14 @@
 """The CUDA kernels' device code run on the CPU (cpu tier), against the references.
 
-The masking and negatives kernels are built from SSLFAST_HD phases of csrc/masking.h and
-csrc/negatives.h; ``sslfast._C._testing`` runs a kernel's blocks on the host, each phase for
-every thread index the kernel uses (the launch configuration's, from ``sslfast._C.launch``)
-before the next (what the barriers guarantee). The CUDA host path of ops/*.py runs unchanged
-on CPU tensors: ``sslfast._ext.cuda_module()`` is replaced by a module that hands the same
-arguments to the host emulation. Expected values come from sslfast/reference (bit-identical
-random streams), never from the C++ CPU backend, which shares these headers.
+The kernels of masking, negatives, gumbel_quantize, rp_quantize, contrastive, apply_mask and
+masked_prediction are built from SSLFAST_HD phases of their csrc/<family>.h; ``sslfast._C._testing``
+runs a kernel's blocks on the host, each phase for every thread (or warp lane) index the
+kernel uses (the launch configuration's, from ``sslfast._C.launch``) before the next (what
+the barriers guarantee), warp shuffles as the same xor butterflies. The CUDA host path of
+ops/*.py runs unchanged on CPU tensors: ``sslfast._ext.cuda_module()`` is replaced by a module
+that hands the same arguments to the host emulation. Expected values come from
+sslfast/reference or fp64 formulas (the ops' own test files' checks, called with
+backend="cuda"), never from the C++ CPU backend, which shares these headers.
 """
 import types
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 import sslfast
-from sslfast import _ext, _validation
+from sslfast import _dispatch, _ext
 from sslfast.ops import masking as ops_masking
 from sslfast.ops import negatives as ops_negatives
 from sslfast.reference import masking as ref_masking
@@ -191,21 +193,30 @@ def test_gumbel_tempered_weight_matches_fp64(C):
         assert out[-3] == 1.0 and (want[:4096] > 0).any()
 
 
+def _install_emulation(monkeypatch, **functions):
+    """Makes ``backend="cuda"`` run on CPU tensors through the ops' unchanged CUDA host code:
+    the CUDA module is replaced by `functions` (the host emulations, called with the module's
+    arguments less the stream), and the dispatch takes an explicit "cuda" on CPU tensors."""
+    monkeypatch.setattr(_ext, "cuda_module", lambda: types.SimpleNamespace(**functions))
+    monkeypatch.setattr(_ext, "stream", lambda device: 0)
+    unavailable = _dispatch.backend_unavailable_reason
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason",
+                        lambda backend, device: None if backend == "cuda" else unavailable(backend, device))
+
+
+def _no_stream(fn):
+    return lambda *args: fn(*args[:-1])
+
+
 @pytest.fixture
 def emulated_gumbel_cuda(C, monkeypatch):
     """ops/gumbel_quantize.py's cuda backend on CPU tensors, its kernels run by the host
     emulation (csrc/testing_cpu.cpp: every lane of every warp, the shuffle butterflies)."""
     t = C._testing
-    fake = types.SimpleNamespace(gumbel_quantize_num_chunks=t.gumbel_num_chunks,
-                                 gumbel_quantize_soft_workspace=t.gumbel_soft_workspace,
-                                 gumbel_quantize_forward=lambda *a: t.gumbel_forward(*a[:-1]),
-                                 gumbel_quantize_backward=lambda *a: t.gumbel_backward(*a[:-1]))
-    monkeypatch.setattr(_ext, "cuda_module", lambda: fake)
-    monkeypatch.setattr(_ext, "stream", lambda device: 0)
-    resolve = _validation.resolve_backend
-    monkeypatch.setattr(_validation, "resolve_backend",
-                        lambda op, backend, device, *a, **k: "cuda" if backend == "cuda" else
-                        resolve(op, backend, device, *a, **k))
+    _install_emulation(monkeypatch, gumbel_quantize_num_chunks=t.gumbel_num_chunks,
+                       gumbel_quantize_soft_workspace=t.gumbel_soft_workspace,
+                       gumbel_quantize_forward=_no_stream(t.gumbel_forward),
+                       gumbel_quantize_backward=_no_stream(t.gumbel_backward))
 
 
 # (N, G, V, d): V > 64 and d > 128 give lanes several columns, dims two soft_codebook tiles;
@@ -231,13 +242,7 @@ def test_gumbel_kernels_on_the_host_match_fp64(emulated_gumbel_cuda, dtype, hard
 def emulated_rp_cuda(C, monkeypatch):
     """ops/rp_quantize.py's cuda backend on CPU tensors, rp_quantize_kernel run by the host
     emulation (every lane of each row's warp, the shuffle reductions as butterflies)."""
-    t = C._testing
-    monkeypatch.setattr(_ext, "cuda_module", lambda: types.SimpleNamespace(rp_quantize=lambda *a: t.rp_quantize(*a[:-1])))
-    monkeypatch.setattr(_ext, "stream", lambda device: 0)
-    resolve = _validation.resolve_backend
-    monkeypatch.setattr(_validation, "resolve_backend",
-                        lambda op, backend, device, *a, **k: "cuda" if backend == "cuda" else
-                        resolve(op, backend, device, *a, **k))
+    _install_emulation(monkeypatch, rp_quantize=_no_stream(C._testing.rp_quantize))
 
 
 @pytest.mark.parametrize("metric,input_norm", [("cosine", None), ("cosine", "layernorm"), ("l2", None),
@@ -288,15 +293,9 @@ def emulated_contrastive_cuda(C, monkeypatch):
     """ops/contrastive.py's cuda backend on CPU tensors, its kernels run by the host emulation
     (every lane of each row's warp, the butterflies, __any_sync as an or over the lanes)."""
     t = C._testing
-    fake = types.SimpleNamespace(contrastive_forward=lambda *a: t.contrastive_forward(*a[:-1]),
-                                 contrastive_backward_rows=lambda *a: t.contrastive_backward_rows(*a[:-1]),
-                                 contrastive_backward_segments=lambda *a: t.contrastive_backward_segments(*a[:-1]))
-    monkeypatch.setattr(_ext, "cuda_module", lambda: fake)
-    monkeypatch.setattr(_ext, "stream", lambda device: 0)
-    resolve = _validation.resolve_backend
-    monkeypatch.setattr(_validation, "resolve_backend",
-                        lambda op, backend, device, *a, **k: "cuda" if backend == "cuda" else
-                        resolve(op, backend, device, *a, **k))
+    _install_emulation(monkeypatch, contrastive_forward=_no_stream(t.contrastive_forward),
+                       contrastive_backward_rows=_no_stream(t.contrastive_backward_rows),
+                       contrastive_backward_segments=_no_stream(t.contrastive_backward_segments))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -338,15 +337,9 @@ def emulated_apply_mask_cuda(C, monkeypatch):
     """ops/apply_mask.py's cuda backend on CPU tensors, its kernels run by the host emulation
     (every thread of the launch plan's grid)."""
     t = C._testing
-    fake = types.SimpleNamespace(apply_mask_forward=lambda *a: t.apply_mask_forward(*a[:-1]),
-                                 apply_mask_backward=lambda *a: t.apply_mask_backward(*a[:-1]),
-                                 apply_mask_grad_chunk=t.apply_mask_grad_chunk)
-    monkeypatch.setattr(_ext, "cuda_module", lambda: fake)
-    monkeypatch.setattr(_ext, "stream", lambda device: 0)
-    resolve = _validation.resolve_backend
-    monkeypatch.setattr(_validation, "resolve_backend",
-                        lambda op, backend, device, *a, **k: "cuda" if backend == "cuda" else
-                        resolve(op, backend, device, *a, **k))
+    _install_emulation(monkeypatch, apply_mask_forward=_no_stream(t.apply_mask_forward),
+                       apply_mask_backward=_no_stream(t.apply_mask_backward),
+                       apply_mask_grad_chunk=t.apply_mask_grad_chunk)
 
 
 @pytest.mark.parametrize("case", ["test_embedding_fill_exact", "test_noise_fill_matches_reference",
@@ -371,3 +364,40 @@ def test_apply_mask_kernels_on_the_host_edge_cases(emulated_apply_mask_cuda, cas
     import test_apply_mask as ta
 
     getattr(ta, case)("cuda")
+
+
+@pytest.fixture
+def emulated_masked_prediction_cuda(C, monkeypatch):
+    """ops/masked_prediction.py's cuda backend on CPU tensors: forward_kernel, dx_kernel and
+    dw_kernel run by the host emulation (every thread of every block, phase by phase)."""
+    import test_masked_prediction as tm
+
+    _install_emulation(monkeypatch, masked_prediction_forward_backward=_no_stream(C._testing.masked_prediction))
+    monkeypatch.setattr(tm, "_device", lambda backend: torch.device("cpu"))
+    return tm
+
+
+@pytest.mark.parametrize("n,h,v,d", [(1, 1, 1, 1), (5, 2, 7, 3), (97, 3, 50, 33), (40, 2, 70, 130)])
+def test_masked_prediction_kernels_on_the_host_match_the_reference(emulated_masked_prediction_cuda, n, h, v, d):
+    # tests/test_masked_prediction.py's kernel check (loss, count, correct, grads of x, W and b
+    # against the reference) over its heads and options on the emulated kernels; N, V and D
+    # off the 32-row, 32-class and 64-feature tiles, D = 130 over several 32-wide slices.
+    tm = emulated_masked_prediction_cuda
+    for hd in tm.HEADS:
+        for opt in (tm.OPTIONS[0], tm.OPTIONS[3], tm.OPTIONS[5], tm.OPTIONS[7]):
+            tm.test_kernel_matches_reference("cuda", n, h, v, d, hd, opt)
+
+
+@pytest.mark.parametrize("case", ["test_kernel_no_grad_path_and_none_reduction_agree",
+                                  "test_all_labels_ignored_gives_zero_and_zero_grads",
+                                  "test_all_frames_unmasked_with_zero_nomask_weight", "test_one_class_loss_is_zero",
+                                  "test_cosine_zero_vectors", "test_cosine_huge_and_tiny_norms", "test_empty_batch"])
+def test_masked_prediction_kernels_on_the_host_edge_cases(emulated_masked_prediction_cuda, case):
+    getattr(emulated_masked_prediction_cuda, case)("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_masked_prediction_kernels_on_the_host_low_precision(emulated_masked_prediction_cuda, dtype, head):
+    # at most twice PyTorch's own error in the dtype (tests/test_masked_prediction.py's rule)
+    emulated_masked_prediction_cuda.test_kernel_low_precision_error_at_most_twice_pytorch("cuda", dtype, head)
