@@ -316,5 +316,32 @@ SSLFAST_HD void soft_cb_store(const float (&acc)[kSoftCbPerLane], int64_t k0, in
   }
 }
 
+// forward_kernel, lane 0 of row (n, g) = frame i of the chunk: the code, and the row's max,
+// 1 / normaliser, argmax and selection for the chunk's marginals.
+SSLFAST_HD void record_row(int64_t n, int64_t G, int64_t g, int64_t code, const MaxArg& ml, float z,
+                           const uint8_t* mask, int i, int64_t* codes, float* m, float* inv_z, int64_t* am, int* sel) {
+  codes[n * G + g] = code;
+  m[i] = ml.m;
+  inv_z[i] = 1.0f / z;
+  am[i] = ml.i;
+  sel[i] = mask == nullptr ? 1 : (mask[n] != 0);
+}
+
+// backward_logits_kernel: out[base + v] = acc[v] (in dtype) over the lane's v.
+SSLFAST_HD void lane_store(const float* acc, int64_t V, int64_t base, int dtype, int lane, void* out) {
+  for (int64_t v = lane; v < V; v += kLanes) store_float(out, base + v, dtype, acc[v]);
+}
+
+// backward_codebook_kernel: from the hit counts of the block's warps, this warp's offset in
+// the frame list (the hits of the warps before it) and the block's total.
+SSLFAST_HD void warp_offsets(const int* count, int warp, int& offset, int& total) {
+  offset = 0;
+  total = 0;
+  for (int q = 0; q < gumbel_launch::kCodebookThreads / 32; ++q) {
+    if (q < warp) offset += count[q];
+    total += count[q];
+  }
+}
+
 }  // namespace gq
 }  // namespace sslfast

@@ -102,13 +102,7 @@ __global__ void forward_kernel(const void* logits, int ldtype, const char* codeb
       code = mz.i == V ? 0 : mz.i;
     }
     const float z = warp_sum(gq::lane_exp_sum(logits, ldtype, base, V, ml.m, lane));
-    if (lane == 0) {
-      codes[n * G + g] = code;
-      s_m[i] = ml.m;
-      s_inv_z[i] = 1.0f / z;
-      s_am[i] = ml.i;
-      s_sel[i] = mask == nullptr ? 1 : (mask[n] != 0);
-    }
+    if (lane == 0) gq::record_row(n, G, g, code, ml, z, mask, i, codes, s_m, s_inv_z, s_am, s_sel);
     const int64_t src = (g * V + code) * D;
     const int64_t dst = (n * G + g) * D;
     if (!gather) continue;  // soft: soft_forward_kernel writes the output
@@ -164,7 +158,7 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
     const float pw = warp_sum(gq::lane_probs_dot(logits, ldtype, base, V, m, inv_z, wg, lane, s_buf));
     gq::lane_add_softmax_grad(s_buf, wg, pw, V, lane, acc);
   }
-  for (int64_t v = lane; v < V; v += 32) store_float(grad_logits, base + v, ldtype, acc[v]);
+  gq::lane_store(acc, V, base, ldtype, lane, grad_logits);
 }
 
 using gumbel_launch::kCodebookThreads;
@@ -186,12 +180,8 @@ __global__ void backward_codebook_kernel(const void* grad_q, int gdtype, const i
     const unsigned bits = __ballot_sync(kFull, hit);
     if (lane == 0) s_count[warp] = __popc(bits);
     __syncthreads();
-    int offset = 0;
-    int total = 0;
-    for (int q = 0; q < kCodebookThreads / 32; ++q) {
-      if (q < warp) offset += s_count[q];
-      total += s_count[q];
-    }
+    int offset, total;
+    gq::warp_offsets(s_count, warp, offset, total);
     // frames land in s_list in frame order, so the sum order is fixed
     if (hit) s_list[offset + __popc(bits & ((1u << lane) - 1u))] = n;
     __syncthreads();

@@ -257,11 +257,7 @@ void gumbel_forward(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook
         }
         Lanes z;
         for (int l = 0; l < gq::kLanes; ++l) z[l] = gq::lane_exp_sum(logits, ldtype, base, V, a.m, l);
-        codes[n * G + g] = code;
-        s_m[i] = a.m;
-        s_inv_z[i] = 1.0f / warp_sum(z);
-        s_am[i] = a.i;
-        s_sel[i] = mask == nullptr ? 1 : (mask[n] != 0);
+        gq::record_row(n, G, g, code, a, warp_sum(z), mask, i, codes, s_m, s_inv_z, s_am, s_sel);
         if (!gather) continue;
         for (int l = 0; l < gq::kLanes; ++l)
           gq::lane_copy_code(as_ptr<const char>(codebook_p), esize, (g * V + code) * D, (n * G + g) * D, D, l,
@@ -344,7 +340,7 @@ void gumbel_backward(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_
       const float pw = warp_sum(part);
       for (int l = 0; l < gq::kLanes; ++l) gq::lane_add_softmax_grad(s_buf, wg, pw, V, l, acc);
     }
-    for (int64_t v = 0; v < V; ++v) store_float(as_ptr<void>(grad_logits_p), base + v, ldtype, acc[v]);
+    for (int l = 0; l < gq::kLanes; ++l) gq::lane_store(acc, V, base, ldtype, l, as_ptr<void>(grad_logits_p));
   }
   if (soft) {  // soft_codebook_kernel, blocks (chunk, g x codeword tile, dim tile), kSoftThreads threads
     const int64_t chunk_rows = gq::soft_chunk_rows(N, kSoftCbRows);
@@ -381,9 +377,14 @@ void gumbel_backward(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_
     const int64_t g = j / V, v = j % V;
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t n0 = 0; n0 < N; n0 += kCodebookThreads) {
-      int total = 0;
-      for (int64_t n = n0; n < n0 + kCodebookThreads && n < N; ++n)
-        if (codes[n * G + g] == v) list[total++] = n;
+      // the ballot: hit counts per warp, then each hit at its warp's offset + its rank in the warp
+      int count[kCodebookThreads / 32] = {}, rank[kCodebookThreads / 32] = {}, offset, total;
+      for (int64_t n = n0; n < n0 + kCodebookThreads && n < N; ++n) count[(n - n0) / 32] += codes[n * G + g] == v;
+      for (int64_t n = n0; n < n0 + kCodebookThreads && n < N; ++n) {
+        const int warp = static_cast<int>(n - n0) / 32;
+        gq::warp_offsets(count, warp, offset, total);
+        if (codes[n * G + g] == v) list[offset + rank[warp]++] = n;
+      }
       for (int64_t k = 0; k < D; ++k) gq::add_listed(grad_q, gdtype, list.data(), total, G, g, D, k, acc[k]);
     }
     for (int64_t k = 0; k < D; ++k) store_float(as_ptr<void>(grad_cb_p), j * D + k, cdtype, acc[k]);
