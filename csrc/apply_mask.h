@@ -89,5 +89,55 @@ struct Strides {
   int64_t b, t, d;
 };
 
+// ---- apply_mask_cuda.cu's threads (csrc/testing_cpu.cpp runs them on the host).
+
+// Forward, work item i = (frame f, channel block q of 4): a masked frame's block gets the fill
+// or the noise, an unmasked frame's block is copied from x (nothing to do in place).
+template <class S>
+SSLFAST_HD void forward_item(const typename S::T* x, Strides sx, typename S::T* out, Strides so, const uint8_t* mask,
+                             const typename S::T* fill, int64_t T, int64_t D, float std, uint64_t seed, bool inplace,
+                             int64_t i) {
+  const int64_t qb = (D + 3) / 4;
+  const int64_t f = i / qb, q = i % qb;
+  const int64_t b = f / T, t = f % T;
+  typename S::T* o = out + b * so.b + t * so.t;
+  if (mask[f]) {
+    fill_block<S>(o, so.d, D, q, fill, std, seed, b, t);
+  } else if (!inplace) {
+    const typename S::T* xi = x + b * sx.b + t * sx.t;
+    const int64_t d_end = 4 * q + 4 < D ? 4 * q + 4 : D;
+    for (int64_t d = 4 * q; d < d_end; ++d) o[d * so.d] = xi[d * sx.d];
+  }
+}
+
+// Backward, channel d of chunk c (frames [c kGradChunk, ...) of the n = B T): grad_x (zero on
+// masked frames, grad elsewhere) and, with `partial`, the chunk's fp32 sum of grad over the
+// masked frames in frame order.
+template <class S>
+SSLFAST_HD void backward_item(const typename S::T* g, Strides sg, typename S::T* gx, const uint8_t* mask, int64_t T,
+                              int64_t D, int64_t n, float* partial, int64_t c, int64_t d) {
+  const int64_t f0 = c * kGradChunk;
+  const int64_t f1 = f0 + kGradChunk < n ? f0 + kGradChunk : n;
+  float acc = 0.0f;
+  for (int64_t f = f0; f < f1; ++f) {
+    const int64_t b = f / T, t = f % T;
+    const bool m = mask[f] != 0;
+    if (m) {
+      if (partial) acc += S::load(g[b * sg.b + t * sg.t + d * sg.d]);
+      if (gx) gx[f * D + d] = S::store(0.0f);
+    } else if (gx) {
+      gx[f * D + d] = g[b * sg.b + t * sg.t + d * sg.d];
+    }
+  }
+  if (partial) partial[c * D + d] = acc;
+}
+
+// Channel d of the embedding gradient: the chunks' partials added in chunk order.
+SSLFAST_HD float sum_partials(const float* partial, int64_t chunks, int64_t D, int64_t d) {
+  float s = 0.0f;
+  for (int64_t c = 0; c < chunks; ++c) s += partial[c * D + d];
+  return s;
+}
+
 }  // namespace apply_mask
 }  // namespace sslfast

@@ -28,17 +28,7 @@ __global__ void apply_mask_forward_kernel(const typename S::T* x, Strides sx, ty
                                           int64_t work, float std, uint64_t seed, bool inplace) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= work) return;
-  const int64_t qb = (D + 3) / 4;
-  const int64_t f = i / qb, q = i % qb;
-  const int64_t b = f / T, t = f % T;
-  typename S::T* o = out + b * so.b + t * so.t;
-  if (mask[f]) {
-    apply_mask::fill_block<S>(o, so.d, D, q, fill, std, seed, b, t);
-  } else if (!inplace) {
-    const typename S::T* xi = x + b * sx.b + t * sx.t;
-    const int64_t d_end = 4 * q + 4 < D ? 4 * q + 4 : D;
-    for (int64_t d = 4 * q; d < d_end; ++d) o[d * so.d] = xi[d * sx.d];
-  }
+  apply_mask::forward_item<S>(x, sx, out, so, mask, fill, T, D, std, seed, inplace, i);
 }
 
 template <class S>
@@ -47,28 +37,13 @@ __global__ void apply_mask_backward_kernel(const typename S::T* g, Strides sg, t
   const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t c = blockIdx.x;
   if (d >= D) return;
-  const int64_t f0 = c * apply_mask::kGradChunk;
-  const int64_t f1 = f0 + apply_mask::kGradChunk < n ? f0 + apply_mask::kGradChunk : n;
-  float acc = 0.0f;
-  for (int64_t f = f0; f < f1; ++f) {
-    const int64_t b = f / T, t = f % T;
-    const bool m = mask[f] != 0;
-    if (m) {
-      if (partial) acc += S::load(g[b * sg.b + t * sg.t + d * sg.d]);
-      if (gx) gx[f * D + d] = S::store(0.0f);
-    } else if (gx) {
-      gx[f * D + d] = g[b * sg.b + t * sg.t + d * sg.d];
-    }
-  }
-  if (partial) partial[c * D + d] = acc;
+  apply_mask::backward_item<S>(g, sg, gx, mask, T, D, n, partial, c, d);
 }
 
 __global__ void apply_mask_sum_partials_kernel(const float* partial, int64_t chunks, int64_t D, float* gfill) {
   const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (d >= D) return;
-  float s = 0.0f;
-  for (int64_t c = 0; c < chunks; ++c) s += partial[c * D + d];
-  gfill[d] = s;
+  gfill[d] = apply_mask::sum_partials(partial, chunks, D, d);
 }
 
 template <class S>

@@ -20,6 +20,7 @@
 
 #include "sslfast/common.h"
 #include "sslfast/dtype.h"
+#include "sslfast/launch.h"
 
 
 namespace sslfast {
@@ -190,6 +191,114 @@ SSLFAST_HD float x_self_coefficient(float sum_gc, float nx_sq) {
   if (!norm_active(nx_sq)) return 0.0f;
   const float nx = clamped_norm(nx_sq);
   return -sum_gc / (nx * nx);
+}
+
+// ---- contrastive_cuda.cu's per-lane phases: a warp owns prediction row i (or target row j),
+// lane `lane` takes columns d = lane, lane + kWarp, ...; the kernels reduce the lanes' results
+// with shuffles between the phases (csrc/testing_cpu.cpp runs them for every lane on the host).
+constexpr int kWarp = contrastive_launch::kWarp;
+
+// The lane's share of dot(x_row, t) and |t|^2.
+template <class S>
+SSLFAST_HD void lane_dot_sq(const typename S::T* xr, const typename S::T* t, int64_t D, int lane, float& dot,
+                            float& sq) {
+  float a = 0.0f, b = 0.0f;
+  for (int64_t d = lane; d < D; d += kWarp) {
+    const float tv = S::load(t[d]);
+    a += S::load(xr[d]) * tv;
+    b += tv * tv;
+  }
+  dot = a;
+  sq = b;
+}
+
+// The lane's share of |x_row|^2.
+template <class S>
+SSLFAST_HD float lane_sq(const typename S::T* xr, int64_t D, int lane) {
+  float s = 0.0f;
+  for (int64_t d = lane; d < D; d += kWarp) {
+    const float v = S::load(xr[d]);
+    s += v * v;
+  }
+  return s;
+}
+
+// Whether rows a and b differ in one of the lane's columns.
+template <class S>
+SSLFAST_HD int lane_rows_differ(const typename S::T* a, const typename S::T* b, int64_t D, int lane) {
+  int differ = 0;
+  for (int64_t d = lane; d < D; d += kWarp) differ |= S::load(a[d]) != S::load(b[d]);
+  return differ;
+}
+
+// Forward: candidate k's logit (-inf when masked as a copy of the positive) pushed into the
+// row's state, from its warp-reduced dot with x and squared norm; nx = |x| clamped.
+template <class S>
+SSLFAST_HD void push_candidate(const Args<S>& a, RowState& st, int64_t k, bool masked, float dot, float sq, float nx) {
+  float logit = neg_inf();
+  if (!masked) logit = logit_from_cosine<S>(cosine(dot, nx, clamped_norm(sq)), a.temperature, a.precision);
+  row_push(st, k, logit);
+}
+
+// Backward: candidate k's (alpha, beta), 0 when masked; its g * cos added to sum_gc.
+template <class S>
+SSLFAST_HD void candidate_coeffs(const Args<S>& a, int64_t k, bool masked, float dot, float sq, float nx, float lse,
+                                 float grad_row, float& al, float& be, float& sum_gc) {
+  al = 0.0f;
+  be = 0.0f;
+  if (!masked) {
+    const float cos = cosine(dot, nx, clamped_norm(sq));
+    const float logit = logit_from_cosine<S>(cos, a.temperature, a.precision);
+    const CandidateGrad cg = candidate_grad(logit, lse, k == 0, grad_row, a.temperature, cos, nx, sq);
+    al = cg.alpha;
+    be = cg.beta;
+    sum_gc += cg.gc;
+  }
+}
+
+// grad x[i, d] = sum_k alpha[i, k] y[j_k, d] + cx x[i, d] over the lane's columns (candidates
+// with alpha 0, masked or without weight, skipped).
+template <class S>
+SSLFAST_HD void lane_grad_x(const Args<S>& a, int64_t i, const float* __restrict__ alpha, float cx, int lane,
+                            typename S::T* __restrict__ grad_x) {
+  const int64_t D = a.D, K1 = a.K + 1;
+  const typename S::T* xr = a.x + i * D;
+  for (int64_t d = lane; d < D; d += kWarp) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K1; ++k) {
+      const float al = alpha[i * K1 + k];
+      if (al == 0.0f) continue;
+      const int64_t j = candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, k, a.K, a.M);
+      acc += al * S::load(a.y[j * D + d]);
+    }
+    grad_x[i * D + d] = S::store(acc + cx * S::load(xr[d]));
+  }
+}
+
+// Deterministic grad y: the betas of target row j's CSR segment [start, end) of candidate
+// entries (order: entries i * K1 + k sorted by target row), in order ...
+SSLFAST_HD float segment_beta_sum(const float* __restrict__ beta, const int64_t* __restrict__ order, int64_t start,
+                                  int64_t end) {
+  float bsum = 0.0f;
+  for (int64_t e = start; e < end; ++e) bsum += beta[order[e]];
+  return bsum;
+}
+
+// ... and grad y[j, d] = sum_e alpha_e x[i_e, d] + bsum y[j, d] over the lane's columns.
+template <class S>
+SSLFAST_HD void lane_segment_grad(const typename S::T* __restrict__ x, const typename S::T* __restrict__ y,
+                                  const float* __restrict__ alpha, const int64_t* __restrict__ order, int64_t start,
+                                  int64_t end, int64_t j, int64_t D, int64_t K1, float bsum, int lane,
+                                  typename S::T* __restrict__ grad_y) {
+  for (int64_t d = lane; d < D; d += kWarp) {
+    float acc = 0.0f;
+    for (int64_t e = start; e < end; ++e) {
+      const int64_t ent = order[e];
+      const float al = alpha[ent];
+      if (al != 0.0f) acc += al * S::load(x[(ent / K1) * D + d]);
+    }
+    grad_y[j * D + d] = S::store(acc + bsum * S::load(y[j * D + d]));
+  }
 }
 
 }  // namespace contrastive

@@ -22,7 +22,6 @@ namespace sslfast {
 namespace contrastive {
 namespace {
 
-constexpr int kWarp = contrastive_launch::kWarp;
 constexpr int kWarpsPerBlock = contrastive_launch::kWarpsPerBlock;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -37,21 +36,15 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <class S>
 __device__ __forceinline__ void dot_sq(const typename S::T* xr, const typename S::T* t, int64_t D, int lane,
                                        float& dot, float& sq) {
-  float a = 0.0f, b = 0.0f;
-  for (int64_t d = lane; d < D; d += kWarp) {
-    const float tv = S::load(t[d]);
-    a += S::load(xr[d]) * tv;
-    b += tv * tv;
-  }
+  float a, b;
+  lane_dot_sq<S>(xr, t, D, lane, a, b);
   dot = warp_sum(a);
   sq = warp_sum(b);
 }
 
 template <class S>
 __device__ __forceinline__ bool rows_equal(const typename S::T* a, const typename S::T* b, int64_t D, int lane) {
-  int differ = 0;
-  for (int64_t d = lane; d < D; d += kWarp) differ |= S::load(a[d]) != S::load(b[d]);
-  return !__any_sync(kFull, differ);
+  return !__any_sync(kFull, lane_rows_differ<S>(a, b, D, lane));
 }
 
 // Full comparison only when norm and dot already agree (exact filter, as on the CPU).
@@ -68,12 +61,7 @@ __device__ __forceinline__ bool candidate_masked(const Args<S>& a, int64_t j, in
 
 template <class S>
 __device__ __forceinline__ float x_sq_norm(const typename S::T* xr, int64_t D, int lane) {
-  float s = 0.0f;
-  for (int64_t d = lane; d < D; d += kWarp) {
-    const float v = S::load(xr[d]);
-    s += v * v;
-  }
-  return warp_sum(s);
+  return warp_sum(lane_sq<S>(xr, D, lane));
 }
 
 template <class S>
@@ -96,10 +84,7 @@ __global__ void forward_kernel(Args<S> a, float* __restrict__ loss, float* __res
       dot0 = dot;
       sq0 = sq;
     }
-    float logit = neg_inf();
-    if (k == 0 || !candidate_masked(a, j, jp, dot, sq, dot0, sq0, lane))
-      logit = logit_from_cosine<S>(cosine(dot, nx, clamped_norm(sq)), a.temperature, a.precision);
-    row_push(st, k, logit);
+    push_candidate(a, st, k, k != 0 && candidate_masked(a, j, jp, dot, sq, dot0, sq0, lane), dot, sq, nx);
   }
   if (lane == 0) {
     loss[i] = row_loss(st);
@@ -131,15 +116,9 @@ __global__ void backward_rows_kernel(Args<S> a, const float* __restrict__ grad_r
       dot0 = dot;
       sq0 = sq;
     }
-    float al = 0.0f, be = 0.0f;
-    if (k == 0 || !candidate_masked(a, j, jp, dot, sq, dot0, sq0, lane)) {
-      const float cos = cosine(dot, nx, clamped_norm(sq));
-      const float logit = logit_from_cosine<S>(cos, a.temperature, a.precision);
-      const CandidateGrad cg = candidate_grad(logit, row_lse, k == 0, go, a.temperature, cos, nx, sq);
-      al = cg.alpha;
-      be = cg.beta;
-      sum_gc += cg.gc;
-    }
+    float al, be;
+    candidate_coeffs(a, k, k != 0 && candidate_masked(a, j, jp, dot, sq, dot0, sq0, lane), dot, sq, nx, row_lse, go,
+                     al, be, sum_gc);
     if (lane == 0) {
       alpha[i * K1 + k] = al;
       if (beta) beta[i * K1 + k] = be;
@@ -150,17 +129,7 @@ __global__ void backward_rows_kernel(Args<S> a, const float* __restrict__ grad_r
     }
   }
   __syncwarp();  // lane 0's alphas are read by every lane below
-  const float cx = x_self_coefficient(sum_gc, nx_sq);
-  for (int64_t d = lane; d < D; d += kWarp) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < K1; ++k) {
-      const float al = alpha[i * K1 + k];
-      if (al == 0.0f) continue;
-      const int64_t j = candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, k, a.K, a.M);
-      acc += al * S::load(a.y[j * D + d]);
-    }
-    grad_x[i * D + d] = S::store(acc + cx * S::load(xr[d]));
-  }
+  lane_grad_x(a, i, alpha, x_self_coefficient(sum_gc, nx_sq), lane, grad_x);
 }
 
 template <class S>
@@ -172,17 +141,8 @@ __global__ void segments_kernel(const typename S::T* __restrict__ x, const typen
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (j >= M) return;
   const int64_t start = offsets[j], end = offsets[j + 1];
-  float bsum = 0.0f;
-  for (int64_t e = start; e < end; ++e) bsum += beta[order[e]];
-  for (int64_t d = lane; d < D; d += kWarp) {
-    float acc = 0.0f;
-    for (int64_t e = start; e < end; ++e) {
-      const int64_t ent = order[e];
-      const float al = alpha[ent];
-      if (al != 0.0f) acc += al * S::load(x[(ent / K1) * D + d]);
-    }
-    grad_y[j * D + d] = S::store(acc + bsum * S::load(y[j * D + d]));
-  }
+  lane_segment_grad<S>(x, y, alpha, order, start, end, j, D, K1, segment_beta_sum(beta, order, start, end), lane,
+                       grad_y);
 }
 
 void forward_cuda(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int neg_itype, std::uintptr_t pos,

@@ -65,19 +65,8 @@ __device__ __forceinline__ gq::MaxArg warp_maxarg(gq::MaxArg a) {
 // returns 1 / sum of the weights.
 __device__ __forceinline__ float tempered_row(const void* logits, int ldtype, int64_t base, int64_t V, int64_t n,
                                               int64_t g, float tau, uint64_t seed, int lane, float* buf, float* ym) {
-  float m = -INFINITY;
-  for (int64_t v = lane; v < V; v += 32) {
-    const float y = load_float(logits, base + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
-    buf[v] = y;
-    m = fmaxf(m, y);
-  }
-  m = warp_max(m);
-  float z = 0.0f;
-  for (int64_t v = lane; v < V; v += 32) {
-    const float e = gq::tempered_weight(buf[v], m, tau);
-    buf[v] = e;
-    z += e;
-  }
+  const float m = warp_max(gq::lane_noisy_logits(logits, ldtype, base, V, n, g, seed, lane, buf));
+  const float z = gq::lane_tempered_weights(V, m, tau, lane, buf);
   *ym = m;
   return 1.0f / warp_sum(z);
 }
@@ -104,11 +93,7 @@ __global__ void forward_kernel(const void* logits, int ldtype, const char* codeb
     const int64_t base = n * GV + g * V;
     gq::MaxArg ml{-INFINITY, V};
     gq::MaxArg mz{-INFINITY, V};
-    for (int64_t v = lane; v < V; v += 32) {
-      const float l = load_float(logits, base + v, ldtype);
-      gq::maxarg_update(ml, l, v);
-      if (training) gq::maxarg_update(mz, l + gq::gumbel_at(seed, n, g * V + v), v);
-    }
+    gq::lane_maxargs(logits, ldtype, base, V, n, g, training, seed, lane, ml, mz);
     ml = warp_maxarg(ml);
     if (ml.i == V) ml.i = 0;  // all -inf or NaN: code 0, like the CPU kernel
     int64_t code = ml.i;
@@ -116,50 +101,21 @@ __global__ void forward_kernel(const void* logits, int ldtype, const char* codeb
       mz = warp_maxarg(mz);
       code = mz.i == V ? 0 : mz.i;
     }
-    float z = 0.0f;
-    for (int64_t v = lane; v < V; v += 32) z += expf(load_float(logits, base + v, ldtype) - ml.m);
-    z = warp_sum(z);
-    if (lane == 0) {
-      codes[n * G + g] = code;
-      s_m[i] = ml.m;
-      s_inv_z[i] = 1.0f / z;
-      s_am[i] = ml.i;
-      s_sel[i] = mask == nullptr ? 1 : (mask[n] != 0);
-    }
+    const float z = warp_sum(gq::lane_exp_sum(logits, ldtype, base, V, ml.m, lane));
+    if (lane == 0) gq::record_row(n, G, g, code, ml, z, mask, i, codes, s_m, s_inv_z, s_am, s_sel);
     const int64_t src = (g * V + code) * D;
     const int64_t dst = (n * G + g) * D;
     if (!gather) continue;  // soft: soft_forward_kernel writes the output
-    if (esize == 4) {
-      const float* s = reinterpret_cast<const float*>(codebook);
-      float* q = reinterpret_cast<float*>(quant);
-      for (int64_t k = lane; k < D; k += 32) q[dst + k] = s[src + k];
-    } else {
-      const uint16_t* s = reinterpret_cast<const uint16_t*>(codebook);
-      uint16_t* q = reinterpret_cast<uint16_t*>(quant);
-      for (int64_t k = lane; k < D; k += 32) q[dst + k] = s[src + k];
-    }
+    gq::lane_copy_code(codebook, esize, src, dst, D, lane, quant);
   }
   __syncthreads();
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    float acc_p = 0.0f;
-    float acc_c = 0.0f;
-    for (int i = 0; i < kChunk; ++i) {
-      if (!s_sel[i]) continue;
-      const int64_t n = chunk * kChunk + i;
-      acc_p += expf(load_float(logits, n * GV + g * V + v, ldtype) - s_m[i]) * s_inv_z[i];
-      acc_c += s_am[i] == v ? 1.0f : 0.0f;
-    }
-    partial[(chunk * 2 + 0) * GV + g * V + v] = acc_p;
-    partial[(chunk * 2 + 1) * GV + g * V + v] = acc_c;
-  }
+  gq::chunk_marginals(logits, ldtype, chunk, g, G, V, s_m, s_inv_z, s_am, s_sel, threadIdx.x, blockDim.x, partial);
 }
 
 __global__ void reduce_partials_kernel(const float* partial, int64_t n_chunks, int64_t width, float* out) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= width) return;
-  float acc = 0.0f;
-  for (int64_t c = 0; c < n_chunks; ++c) acc += partial[c * width + j];
-  out[j] = acc;
+  out[j] = gq::sum_partials(partial, n_chunks, width, j);
 }
 
 __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const void* logits, int ldtype,
@@ -186,42 +142,23 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
       soft_stats[row * 2] = ym;
       soft_stats[row * 2 + 1] = inv_z;
     }
-    for (int64_t k = lane; k < D; k += 32) gq_row[k] = load_float(grad_q, row * D + k, gdtype);
+    gq::lane_load(grad_q, gdtype, row * D, D, lane, gq_row);
     __syncwarp();
     const float* ct = cbt + g * D * V;
-    float sa = 0.0f;
-    for (int64_t v = lane; v < V; v += 32) {
-      float a = 0.0f;
-      for (int64_t k = 0; k < D; ++k) a += gq_row[k] * ct[k * V + v];
-      const float s = s_buf[v] * inv_z;
-      s_buf[v] = s;
-      acc[v] = a;
-      sa += s * a;
-    }
-    sa = warp_sum(sa);
-    for (int64_t v = lane; v < V; v += 32) acc[v] = gq::softmax_grad(s_buf[v], acc[v], sa, tau);
+    const float sa = warp_sum(gq::lane_soft_dot(gq_row, ct, V, D, inv_z, lane, s_buf, acc));
+    gq::lane_softmax_grad(s_buf, sa, tau, V, lane, acc);
   } else {
     for (int64_t v = lane; v < V; v += 32) acc[v] = 0.0f;
   }
   const bool sel = mask == nullptr || mask[n] != 0;
   if (sel && w != nullptr) {
-    float m = -INFINITY;
-    for (int64_t v = lane; v < V; v += 32) m = fmaxf(m, load_float(logits, base + v, ldtype));
-    m = warp_max(m);
-    float z = 0.0f;
-    for (int64_t v = lane; v < V; v += 32) z += expf(load_float(logits, base + v, ldtype) - m);
-    const float inv_z = 1.0f / warp_sum(z);
+    const float m = warp_max(gq::lane_max(logits, ldtype, base, V, lane));
+    const float inv_z = 1.0f / warp_sum(gq::lane_exp_sum(logits, ldtype, base, V, m, lane));
     const float* wg = w + g * V;
-    float pw = 0.0f;
-    for (int64_t v = lane; v < V; v += 32) {
-      const float p = expf(load_float(logits, base + v, ldtype) - m) * inv_z;
-      s_buf[v] = p;
-      pw += p * wg[v];
-    }
-    pw = warp_sum(pw);
-    for (int64_t v = lane; v < V; v += 32) acc[v] += gq::softmax_grad(s_buf[v], wg[v], pw, 1.0f);
+    const float pw = warp_sum(gq::lane_probs_dot(logits, ldtype, base, V, m, inv_z, wg, lane, s_buf));
+    gq::lane_add_softmax_grad(s_buf, wg, pw, V, lane, acc);
   }
-  for (int64_t v = lane; v < V; v += 32) store_float(grad_logits, base + v, ldtype, acc[v]);
+  gq::lane_store(acc, V, base, ldtype, lane, grad_logits);
 }
 
 using gumbel_launch::kCodebookThreads;
@@ -243,17 +180,12 @@ __global__ void backward_codebook_kernel(const void* grad_q, int gdtype, const i
     const unsigned bits = __ballot_sync(kFull, hit);
     if (lane == 0) s_count[warp] = __popc(bits);
     __syncthreads();
-    int offset = 0;
-    int total = 0;
-    for (int q = 0; q < kCodebookThreads / 32; ++q) {
-      if (q < warp) offset += s_count[q];
-      total += s_count[q];
-    }
+    int offset, total;
+    gq::warp_offsets(s_count, warp, offset, total);
     // frames land in s_list in frame order, so the sum order is fixed
     if (hit) s_list[offset + __popc(bits & ((1u << lane) - 1u))] = n;
     __syncthreads();
-    if (k < D)
-      for (int i = 0; i < total; ++i) acc += load_float(grad_q, (s_list[i] * G + g) * D + k, gdtype);
+    if (k < D) gq::add_listed(grad_q, gdtype, s_list, total, G, g, D, k, acc);
     __syncthreads();
   }
   if (k < D) store_float(grad_cb, j * D + k, cdtype, acc);
@@ -278,17 +210,13 @@ __global__ void soft_forward_kernel(const void* logits, int ldtype, const void* 
     const int64_t base = n * G * V + g * V;
     float* p = s_p + t * V;
     float ym;
-    const float inv_z = tempered_row(logits, ldtype, base, V, n, g, tau, seed, lane, p, &ym);
-    for (int64_t v = lane; v < V; v += 32) p[v] *= inv_z;
+    gq::lane_scale(V, tempered_row(logits, ldtype, base, V, n, g, tau, seed, lane, p, &ym), lane, p);
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < nt * D; i += kSoftThreads) {
     const int64_t t = i / D;
     const int64_t k = i % D;
-    const float* p = s_p + t * V;
-    float acc = 0.0f;
-    for (int64_t v = 0; v < V; ++v) acc += p[v] * load_float(codebook, (g * V + v) * D + k, cdtype);
-    store_float(quant, ((n0 + t) * G + g) * D + k, cdtype, acc);
+    store_float(quant, ((n0 + t) * G + g) * D + k, cdtype, gq::soft_q(s_p + t * V, codebook, cdtype, g, V, D, k));
   }
 }
 
@@ -305,59 +233,29 @@ __global__ void soft_codebook_kernel(const void* grad_q, int gdtype, const void*
   const int vv = threadIdx.x / 32;  // this thread's codeword v0 + vv ...
   const int lane = threadIdx.x % 32;  // ... and dims k0 + lane + 32 i
   const int64_t row_end = (chunk + 1) * chunk_rows < N ? (chunk + 1) * chunk_rows : N;
-  float acc[kSoftCbDims / 32] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float acc[gq::kSoftCbPerLane] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t r0 = chunk * chunk_rows; r0 < row_end; r0 += kSoftCbRows) {
-    {
-      const int t = threadIdx.x / kSoftCbVars;
-      const int u = threadIdx.x % kSoftCbVars;
-      const int64_t n = r0 + t;
-      const int64_t v = v0 + u;
-      float p = 0.0f;
-      if (n < row_end && v < V) {
-        const int64_t row = n * G + g;
-        const float y = load_float(logits, n * G * V + g * V + v, ldtype) + gq::gumbel_at(seed, n, g * V + v);
-        p = gq::tempered_weight(y, stats[row * 2], tau) * stats[row * 2 + 1];
-      }
-      s_p[t][u] = p;
-    }
-    for (int i = threadIdx.x; i < kSoftCbRows * kSoftCbDims; i += kSoftThreads) {
-      const int t = i / kSoftCbDims;
-      const int kk = i % kSoftCbDims;
-      const int64_t n = r0 + t;
-      s_gq[t][kk] = n < row_end && k0 + kk < D ? load_float(grad_q, (n * G + g) * D + k0 + kk, gdtype) : 0.0f;
-    }
+    gq::soft_cb_stage(grad_q, gdtype, logits, ldtype, stats, G, g, V, v0, D, k0, r0, row_end, tau, seed, threadIdx.x,
+                      s_p, s_gq);
     __syncthreads();
-    for (int t = 0; t < kSoftCbRows; ++t) {
-      const float p = s_p[t][vv];
-#pragma unroll
-      for (int i = 0; i < kSoftCbDims / 32; ++i) acc[i] += p * s_gq[t][lane + 32 * i];
-    }
+    gq::soft_cb_accumulate(s_p, s_gq, vv, lane, acc);
     __syncthreads();
   }
   const int64_t v = v0 + vv;
   if (v >= V) return;
-  float* out = partial + (chunk * G * V + g * V + v) * D;
-#pragma unroll
-  for (int i = 0; i < kSoftCbDims / 32; ++i) {
-    const int64_t k = k0 + lane + 32 * i;
-    if (k < D) out[k] = acc[i];
-  }
+  gq::soft_cb_store(acc, k0, D, lane, partial + (chunk * G * V + g * V + v) * D);
 }
 
 __global__ void reduce_chunks_kernel(const float* partial, int64_t n_chunks, int64_t width, void* out, int dtype) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= width) return;
-  float acc = 0.0f;
-  for (int64_t c = 0; c < n_chunks; ++c) acc += partial[c * width + j];
-  store_float(out, j, dtype, acc);
+  store_float(out, j, dtype, gq::sum_partials(partial, n_chunks, width, j));
 }
 
 int64_t num_chunks(int64_t n) { return gumbel_launch::num_chunks(n); }
 
 // Floats of the soft backward's workspace: (N, G, 2) row statistics, then the chunk partials.
-int64_t soft_workspace(int64_t N, int64_t G, int64_t V, int64_t D) {
-  return N * G * 2 + gq::soft_num_chunks(N, kSoftCbRows) * G * V * D;
-}
+int64_t soft_workspace(int64_t N, int64_t G, int64_t V, int64_t D) { return gq::soft_workspace_floats(N, G, V, D); }
 
 void forward_cuda(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, int64_t N, int64_t G,
                   int64_t V, int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t mask_p,

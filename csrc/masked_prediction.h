@@ -16,6 +16,8 @@
 #include <cstdint>
 
 #include "sslfast/common.h"
+#include "sslfast/dtype.h"
+#include "sslfast/launch.h"
 
 namespace sslfast {
 namespace mpl {
@@ -124,6 +126,145 @@ SSLFAST_HD float dlogit(float z, float lse, float g, float q, float mass, float 
 
 // g * dloss/dq_v for a soft target.
 SSLFAST_HD float dtarget(float z, float lse, float g, float eps) { return g * (1.0f - eps) * (lse - z); }
+
+// ---- masked_prediction_cuda.cu's tiles, each function what one thread of a block does
+// between two barriers (csrc/testing_cpu.cpp runs them for every thread on the host).
+constexpr int BM = masked_prediction_launch::kRows;          // rows of a tile
+constexpr int BV = masked_prediction_launch::kClasses;       // classes of a tile
+constexpr int BK = 32;                                       // feature slice staged in shared memory
+constexpr int BD = masked_prediction_launch::kFeatures;      // gradient features per block
+constexpr int THREADS = masked_prediction_launch::kThreads;  // 16 x 16 threads, 2 x 2 logits each
+
+struct Args {
+  const void* x;
+  int x_dtype;
+  const void* w;
+  int w_dtype;
+  const void* bias;
+  int b_dtype;
+  const int64_t* targets;
+  int64_t N, H, Hx, V, D;
+  float scale, eps, eps_over_v;  // eps / V from the host: no division in the kernels
+};
+
+struct Smem {
+  float xs[BM][BK + 1];
+  float ws[BV][BK + 1];
+  float z[BM][BV + 1];
+};
+
+// logit_tile, staging: thread tid's elements of the feature slice k0 of rows n0.. (head hx of
+// x) and classes v0.. (head h of W), 0 outside N, V or D.
+SSLFAST_HD void stage_slice(const Args& a, Smem& s, int64_t h, int64_t hx, int64_t n0, int64_t v0, int64_t k0,
+                            unsigned tid) {
+  // Not unrolled: unrolled, the four copies of the dtype switch in load_float left ptxas's
+  // loop-exit code with 32 bytes of stack and 68 of spill stores in forward_kernel on sm_80
+  // (tests/test_compile_cuda.py); the FMA loop below is unrolled in full instead (BK fixed).
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+  for (int e = tid; e < BM * BK; e += THREADS) {
+    const int r = e / BK, k = e % BK;
+    const int64_t n = n0 + r, d = k0 + k;
+    s.xs[r][k] = (n < a.N && d < a.D) ? load_float(a.x, (n * a.Hx + hx) * a.D + d, a.x_dtype) : 0.0f;
+    const int64_t v = v0 + r;
+    s.ws[r][k] = (v < a.V && d < a.D) ? load_float(a.w, (h * a.V + v) * a.D + d, a.w_dtype) : 0.0f;
+  }
+}
+
+// logit_tile, after the staging barrier: thread tid's 2 x 2 dot products (rows 2 ty.., classes
+// 2 tx..) over the staged slice.
+SSLFAST_HD void fma_slice(const Smem& s, float (&acc)[2][2], unsigned tid) {
+  const int tx = tid % 16, ty = tid / 16;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < BK; ++k) {
+    const float x0 = s.xs[ty * 2][k], x1 = s.xs[ty * 2 + 1][k];
+    const float w0 = s.ws[tx * 2][k], w1 = s.ws[tx * 2 + 1][k];
+    acc[0][0] = fmaf(x0, w0, acc[0][0]);
+    acc[0][1] = fmaf(x0, w1, acc[0][1]);
+    acc[1][0] = fmaf(x1, w0, acc[1][0]);
+    acc[1][1] = fmaf(x1, w1, acc[1][1]);
+  }
+}
+
+// logit_tile, last: thread tid's 2 x 2 logits (scale, bias) into s.z (0 past V).
+SSLFAST_HD void write_tile(const Args& a, Smem& s, const float (&acc)[2][2], int64_t h, int64_t v0, unsigned tid) {
+  const int tx = tid % 16, ty = tid / 16;
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t v = v0 + tx * 2 + j;
+      const float b = (a.bias != nullptr && v < a.V) ? load_float(a.bias, h * a.V + v, a.b_dtype) : 0.0f;
+      s.z[ty * 2 + i][tx * 2 + j] = v < a.V ? logit(acc[i][j], a.scale, b) : 0.0f;
+    }
+}
+
+// dlogit_tile: s.z -> scale * g * dloss/dz in place for thread tid's elements, from each row's
+// saved lse and gradient weight (0 when ignored).
+SSLFAST_HD void dlogit_items(const Args& a, Smem& s, int64_t h, int64_t n0, int64_t v0, const float* lse,
+                             const float* grad, unsigned tid) {
+  for (int e = tid; e < BM * BV; e += THREADS) {
+    const int r = e / BV, c = e % BV;
+    const int64_t n = n0 + r, v = v0 + c;
+    float ds = 0.0f;
+    if (n < a.N && v < a.V) {
+      const int64_t t = a.targets[n * a.H + h];
+      const float g = t < 0 ? 0.0f : grad[n * a.H + h];
+      ds = dlogit(s.z[r][c], lse[n * a.H + h], g, v == t ? 1.0f : 0.0f, 1.0f, a.eps, a.eps_over_v);
+    }
+    s.z[r][c] = a.scale * ds;
+  }
+}
+
+// The 8 features of a thread in a BD-wide gradient block: d0 + k + 8 j.
+SSLFAST_HD void axpy_features(float (&acc)[BD / 8], float ds, const void* src, int dtype, int64_t row, int64_t d0,
+                              int k, int64_t D) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int j = 0; j < BD / 8; ++j) {
+    const int64_t d = d0 + k + 8 * j;
+    if (d < D) acc[j] = fmaf(ds, load_float(src, row + d, dtype), acc[j]);
+  }
+}
+
+SSLFAST_HD void store_features(const float (&acc)[BD / 8], float* dst, int64_t row, int64_t d0, int k, int64_t D) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int j = 0; j < BD / 8; ++j) {
+    const int64_t d = d0 + k + 8 * j;
+    if (d < D) dst[row + d] = acc[j];
+  }
+}
+
+// forward_kernel, thread r < BM at the end: row n = n0 + r's loss, lse and top-1 flag.
+SSLFAST_HD void forward_row_out(const Args& a, const RowState& st, int64_t n, int64_t h, int64_t t, float* loss,
+                                float* lse, uint8_t* top) {
+  const int64_t i = n * a.H + h;
+  loss[i] = row_loss(st, t >= 0, a.eps, a.eps_over_v);
+  lse[i] = row_lse(st);
+  top[i] = row_top(st, t >= 0) ? 1 : 0;
+}
+
+// dx_kernel, one dS tile: thread (row r, k)'s 8 features of dX += dS[r, :] W[h, v0.., :].
+SSLFAST_HD void dx_tile(const Args& a, const Smem& s, float (&acc)[BD / 8], int64_t h, int64_t v0, int64_t d0, int r,
+                        int k) {
+  const int nv = static_cast<int>(a.V - v0 < BV ? a.V - v0 : BV);
+  for (int c = 0; c < nv; ++c) axpy_features(acc, s.z[r][c], a.w, a.w_dtype, (h * a.V + v0 + c) * a.D, d0, k, a.D);
+}
+
+// dw_kernel, one dS tile: thread (class c, k)'s 8 features of dW += dS[:, c]^T X[n0.., hx, :]
+// and its bias gradient.
+SSLFAST_HD void dw_tile(const Args& a, const Smem& s, float (&acc)[BD / 8], float& dbias, int64_t hx, int64_t n0,
+                        int64_t d0, int c, int k) {
+  const int nr = static_cast<int>(a.N - n0 < BM ? a.N - n0 : BM);
+  for (int r = 0; r < nr; ++r) {
+    dbias += s.z[r][c];
+    axpy_features(acc, s.z[r][c], a.x, a.x_dtype, ((n0 + r) * a.Hx + hx) * a.D, d0, k, a.D);
+  }
+}
 
 }  // namespace mpl
 }  // namespace sslfast

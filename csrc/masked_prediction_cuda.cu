@@ -25,101 +25,33 @@ namespace py = pybind11;
 namespace sslfast {
 namespace {
 
-constexpr int BM = masked_prediction_launch::kRows;      // rows of a tile
-constexpr int BV = masked_prediction_launch::kClasses;   // classes of a tile
-constexpr int BK = 32;                                   // feature slice staged in shared memory
-constexpr int BD = masked_prediction_launch::kFeatures;  // gradient features per block
-constexpr int THREADS = masked_prediction_launch::kThreads;  // 16 x 16 threads, 2 x 2 logits each
-
-struct Args {
-  const void* x;
-  int x_dtype;
-  const void* w;
-  int w_dtype;
-  const void* bias;
-  int b_dtype;
-  const int64_t* targets;
-  int64_t N, H, Hx, V, D;
-  float scale, eps, eps_over_v;  // eps / V from the host: no division in the kernels
-};
-
-struct Smem {
-  float xs[BM][BK + 1];
-  float ws[BV][BK + 1];
-  float z[BM][BV + 1];
-};
+using mpl::Args;
+using mpl::BD;
+using mpl::BK;
+using mpl::BM;
+using mpl::BV;
+using mpl::Smem;
+using mpl::THREADS;
 
 // s.z[r][c] = logit of row n0 + r of head h against class v0 + c (0 outside N or V).
 __device__ void logit_tile(const Args& a, Smem& s, int64_t h, int64_t n0, int64_t v0) {
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t hx = a.Hx == 1 ? 0 : h;
   float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
   for (int64_t k0 = 0; k0 < a.D; k0 += BK) {
-    // Not unrolled: unrolled, the four copies of the dtype switch in load_float left ptxas's
-    // loop-exit code with 32 bytes of stack and 68 of spill stores in forward_kernel on sm_80
-    // (tests/test_compile_cuda.py); the FMA loop below is unrolled in full instead (BK fixed).
-#pragma unroll 1
-    for (int e = threadIdx.x; e < BM * BK; e += THREADS) {
-      const int r = e / BK, k = e % BK;
-      const int64_t n = n0 + r, d = k0 + k;
-      s.xs[r][k] = (n < a.N && d < a.D) ? load_float(a.x, (n * a.Hx + hx) * a.D + d, a.x_dtype) : 0.0f;
-      const int64_t v = v0 + r;
-      s.ws[r][k] = (v < a.V && d < a.D) ? load_float(a.w, (h * a.V + v) * a.D + d, a.w_dtype) : 0.0f;
-    }
+    mpl::stage_slice(a, s, h, hx, n0, v0, k0, threadIdx.x);
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < BK; ++k) {
-      const float x0 = s.xs[ty * 2][k], x1 = s.xs[ty * 2 + 1][k];
-      const float w0 = s.ws[tx * 2][k], w1 = s.ws[tx * 2 + 1][k];
-      acc[0][0] = fmaf(x0, w0, acc[0][0]);
-      acc[0][1] = fmaf(x0, w1, acc[0][1]);
-      acc[1][0] = fmaf(x1, w0, acc[1][0]);
-      acc[1][1] = fmaf(x1, w1, acc[1][1]);
-    }
+    mpl::fma_slice(s, acc, threadIdx.x);
     __syncthreads();
   }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) {
-      const int64_t v = v0 + tx * 2 + j;
-      const float b = (a.bias != nullptr && v < a.V) ? load_float(a.bias, h * a.V + v, a.b_dtype) : 0.0f;
-      s.z[ty * 2 + i][tx * 2 + j] = v < a.V ? mpl::logit(acc[i][j], a.scale, b) : 0.0f;
-    }
+  mpl::write_tile(a, s, acc, h, v0, threadIdx.x);
   __syncthreads();
 }
 
 // s.z -> g * dloss/dz in place, from each row's saved lse and gradient weight (0 when ignored).
 __device__ void dlogit_tile(const Args& a, Smem& s, int64_t h, int64_t n0, int64_t v0, const float* lse,
                             const float* grad) {
-  for (int e = threadIdx.x; e < BM * BV; e += THREADS) {
-    const int r = e / BV, c = e % BV;
-    const int64_t n = n0 + r, v = v0 + c;
-    float ds = 0.0f;
-    if (n < a.N && v < a.V) {
-      const int64_t t = a.targets[n * a.H + h];
-      const float g = t < 0 ? 0.0f : grad[n * a.H + h];
-      ds = mpl::dlogit(s.z[r][c], lse[n * a.H + h], g, v == t ? 1.0f : 0.0f, 1.0f, a.eps, a.eps_over_v);
-    }
-    s.z[r][c] = a.scale * ds;
-  }
+  mpl::dlogit_items(a, s, h, n0, v0, lse, grad, threadIdx.x);
   __syncthreads();
-}
-
-// The 8 features of this thread in a BD-wide gradient block: d0 + k + 8 j.
-__device__ void axpy_features(float (&acc)[BD / 8], float ds, const void* src, int dtype, int64_t row, int64_t d0,
-                              int k, int64_t D) {
-#pragma unroll
-  for (int j = 0; j < BD / 8; ++j) {
-    const int64_t d = d0 + k + 8 * j;
-    if (d < D) acc[j] = fmaf(ds, load_float(src, row + d, dtype), acc[j]);
-  }
-}
-
-__device__ void store_features(const float (&acc)[BD / 8], float* dst, int64_t row, int64_t d0, int k, int64_t D) {
-#pragma unroll
-  for (int j = 0; j < BD / 8; ++j) {
-    const int64_t d = d0 + k + 8 * j;
-    if (d < D) dst[row + d] = acc[j];
-  }
 }
 
 __global__ void __launch_bounds__(THREADS) forward_kernel(Args a, float* loss, float* lse, uint8_t* top) {
@@ -134,12 +66,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(Args a, float* loss, f
     if (r < BM) mpl::row_update(st, s.z[r], static_cast<int>(a.V - v0 < BV ? a.V - v0 : BV), v0, t);
     __syncthreads();
   }
-  if (r < BM && n < a.N) {
-    const int64_t i = n * a.H + h;
-    loss[i] = mpl::row_loss(st, t >= 0, a.eps, a.eps_over_v);
-    lse[i] = mpl::row_lse(st);
-    top[i] = mpl::row_top(st, t >= 0) ? 1 : 0;
-  }
+  if (r < BM && n < a.N) mpl::forward_row_out(a, st, n, h, t, loss, lse, top);
 }
 
 __global__ void __launch_bounds__(THREADS) dx_kernel(Args a, const float* lse, const float* grad, float* dx) {
@@ -155,13 +82,12 @@ __global__ void __launch_bounds__(THREADS) dx_kernel(Args a, const float* lse, c
     for (int64_t v0 = 0; v0 < a.V; v0 += BV) {
       logit_tile(a, s, h, n0, v0);
       dlogit_tile(a, s, h, n0, v0, lse, grad);
-      const int nv = static_cast<int>(a.V - v0 < BV ? a.V - v0 : BV);
-      for (int c = 0; c < nv; ++c) axpy_features(acc, s.z[r][c], a.w, a.w_dtype, (h * a.V + v0 + c) * a.D, d0, k, a.D);
+      mpl::dx_tile(a, s, acc, h, v0, d0, r, k);
       __syncthreads();
     }
   }
   const int64_t n = n0 + r;
-  if (n < a.N) store_features(acc, dx, (n * a.Hx + hx) * a.D, d0, k, a.D);
+  if (n < a.N) mpl::store_features(acc, dx, (n * a.Hx + hx) * a.D, d0, k, a.D);
 }
 
 __global__ void __launch_bounds__(THREADS) dw_kernel(Args a, const float* lse, const float* grad, float* dw,
@@ -175,16 +101,12 @@ __global__ void __launch_bounds__(THREADS) dw_kernel(Args a, const float* lse, c
   for (int64_t n0 = 0; n0 < a.N; n0 += BM) {
     logit_tile(a, s, h, n0, v0);
     dlogit_tile(a, s, h, n0, v0, lse, grad);
-    const int nr = static_cast<int>(a.N - n0 < BM ? a.N - n0 : BM);
-    for (int r = 0; r < nr; ++r) {
-      dbias += s.z[r][c];
-      axpy_features(acc, s.z[r][c], a.x, a.x_dtype, ((n0 + r) * a.Hx + hx) * a.D, d0, k, a.D);
-    }
+    mpl::dw_tile(a, s, acc, dbias, hx, n0, d0, c, k);
     __syncthreads();
   }
   const int64_t v = v0 + c;
   if (v >= a.V) return;
-  store_features(acc, dw, (h * a.V + v) * a.D, d0, k, a.D);
+  mpl::store_features(acc, dw, (h * a.V + v) * a.D, d0, k, a.D);
   // dS carries the scale; the bias enters the logits unscaled.
   if (db != nullptr && blockIdx.y == 0 && k == 0) db[h * a.V + v] = dbias / a.scale;
 }

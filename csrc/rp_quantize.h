@@ -19,6 +19,7 @@
 
 #include "sslfast/common.h"
 #include "sslfast/dtype.h"
+#include "sslfast/launch.h"
 
 namespace sslfast {
 namespace rpq {
@@ -114,6 +115,95 @@ SSLFAST_HD void codeword_coeffs(float cc, int metric, float* a, float* b) {
 SSLFAST_HD bool better(float score, int64_t index, float best, int64_t best_index) {
   return score > best || (score == best && index < best_index);
 }
+
+// ---- rp_quantize_cuda.cu's per-lane phases: a warp owns stacked row n, lane `lane` takes
+// elements lane, lane + kWarp, ...; the kernel reduces the lanes' results with shuffles between
+// the phases (csrc/testing_cpu.cpp runs them for every lane on the host).
+constexpr int kWarp = rp_quantize_launch::kWarp;
+constexpr int64_t kNoIndex = INT64_MAX;  // no winner yet
+
+// A masked row: label -1 for each head.
+SSLFAST_HD void lane_masked_row(const Problem& p, int64_t n, int lane) {
+  for (int64_t h = lane; h < p.H; h += kWarp) p.out[n * p.H + h] = -1;
+}
+
+// xs[i] = x[off + i] (as fp32) for the row's in_dim elements.
+SSLFAST_HD void lane_stage_row(const Problem& p, int64_t off, int lane, float* xs) {
+  for (int64_t i = lane; i < p.in_dim; i += kWarp) xs[i] = load_float(p.x, off + i, p.x_dtype);
+}
+
+// The lane's share of sum_i v[i] and of sum_i (v[i] - mean)^2.
+SSLFAST_HD float lane_sum(const float* v, int64_t len, int lane) {
+  float s = 0.0f;
+  for (int64_t i = lane; i < len; i += kWarp) s += v[i];
+  return s;
+}
+
+SSLFAST_HD float lane_centred_sumsq(const float* v, int64_t len, float mean, int lane) {
+  float m2 = 0.0f;
+  for (int64_t i = lane; i < len; i += kWarp) m2 += (v[i] - mean) * (v[i] - mean);
+  return m2;
+}
+
+// v[i] = (v[i] - mean) * rstd (LayerNorm without affine).
+SSLFAST_HD void lane_layernorm(float* v, int64_t len, float mean, float rstd, int lane) {
+  for (int64_t i = lane; i < len; i += kWarp) v[i] = (v[i] - mean) * rstd;
+}
+
+// y[c] = sum_i xs[i] proj[i, c] over the lane's output columns c < H*d.
+SSLFAST_HD void lane_project(const Problem& p, const float* xs, int lane, float* y) {
+  const int64_t hd = p.H * p.d;
+  for (int64_t c = lane; c < hd; c += kWarp) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < p.in_dim; ++i) acc += xs[i] * p.proj[i * hd + c];
+    y[c] = acc;
+  }
+}
+
+// The lane's share of sum_j v[j]^2, and v[j] *= s.
+SSLFAST_HD float lane_sumsq(const float* v, int64_t len, int lane) {
+  float ss = 0.0f;
+  for (int64_t j = lane; j < len; j += kWarp) ss += v[j] * v[j];
+  return ss;
+}
+
+SSLFAST_HD void lane_scale(float* v, int64_t len, float s, int lane) {
+  for (int64_t j = lane; j < len; j += kWarp) v[j] *= s;
+}
+
+// The lane's running best (score, index) over codewords v = lane, lane + kWarp, ... of head h
+// against the head's vector yh (score formula and tie rule at the top of this file).
+SSLFAST_HD void lane_best_codeword(const Problem& p, const float* yh, int64_t h, int lane, float& best,
+                                   int64_t& best_index) {
+  const int64_t cb0 = h * p.V * p.d;
+  for (int64_t v = lane; v < p.V; v += kWarp) {
+    float dot = 0.0f, cc = 0.0f;
+    for (int64_t j = 0; j < p.d; ++j) {
+      const float c = load_float(p.cb, cb0 + v * p.d + j, p.cb_dtype);
+      dot += yh[j] * c;
+      cc += c * c;
+    }
+    float a, b;
+    codeword_coeffs(cc, p.metric, &a, &b);
+    const float s = dot * a + b;
+    if (better(s, v, best, best_index)) {
+      best = s;
+      best_index = v;
+    }
+  }
+}
+
+// A shuffle step of the kernel's winner reduction: the other lane's (score, index) replaces the
+// running best when it is better().
+SSLFAST_HD void merge_best(float other, int64_t other_index, float& best, int64_t& best_index) {
+  if (better(other, other_index, best, best_index)) {
+    best = other;
+    best_index = other_index;
+  }
+}
+
+// The head's label: only NaN scores everywhere leave no winner, label 0 as on the CPU.
+SSLFAST_HD int64_t label_of(int64_t best_index) { return best_index == kNoIndex ? 0 : best_index; }
 
 }  // namespace rpq
 }  // namespace sslfast

@@ -28,10 +28,6 @@ namespace sslfast {
 namespace rpq {
 namespace {
 
-constexpr int kWarp = rp_quantize_launch::kWarp;
-constexpr int64_t kNoIndex = INT64_MAX;
-
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -46,72 +42,42 @@ __global__ void rp_quantize_kernel(Problem p) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * warps + warp;
   if (n >= p.rows) return;  // warp-uniform
   if (p.mask != nullptr && p.mask[n] == 0) {
-    for (int64_t h = lane; h < p.H; h += kWarp) p.out[n * p.H + h] = -1;
+    lane_masked_row(p, n, lane);
     return;
   }
   float* xs = smem + warp * p.smem_per_warp;
   float* y = p.proj != nullptr ? xs + p.in_dim : xs;
   const int64_t off = stacked_row_offset(n, p.rows_per_seq, p.T, p.F, p.k);
-  for (int64_t i = lane; i < p.in_dim; i += kWarp) xs[i] = load_float(p.x, off + i, p.x_dtype);
+  lane_stage_row(p, off, lane, xs);
   __syncwarp();
   if (p.layernorm) {
-    float s = 0.0f;
-    for (int64_t i = lane; i < p.in_dim; i += kWarp) s += xs[i];
-    const float mean = warp_sum(s) / static_cast<float>(p.in_dim);
-    float m2 = 0.0f;
-    for (int64_t i = lane; i < p.in_dim; i += kWarp) m2 += (xs[i] - mean) * (xs[i] - mean);
-    const float rstd = layernorm_rstd(warp_sum(m2), p.in_dim, kLayerNormEps);
-    for (int64_t i = lane; i < p.in_dim; i += kWarp) xs[i] = (xs[i] - mean) * rstd;
+    const float mean = warp_sum(lane_sum(xs, p.in_dim, lane)) / static_cast<float>(p.in_dim);
+    const float rstd = layernorm_rstd(warp_sum(lane_centred_sumsq(xs, p.in_dim, mean, lane)), p.in_dim, kLayerNormEps);
+    lane_layernorm(xs, p.in_dim, mean, rstd, lane);
     __syncwarp();
   }
-  const int64_t hd = p.H * p.d;
   if (p.proj != nullptr) {
-    for (int64_t c = lane; c < hd; c += kWarp) {
-      float acc = 0.0f;
-      for (int64_t i = 0; i < p.in_dim; ++i) acc += xs[i] * p.proj[i * hd + c];
-      y[c] = acc;
-    }
+    lane_project(p, xs, lane, y);
     __syncwarp();
   }
   for (int64_t h = 0; h < p.H; ++h) {
     float* yh = y + h * p.d;
     if (p.metric == kCosine) {
-      float ss = 0.0f;
-      for (int64_t j = lane; j < p.d; j += kWarp) ss += yh[j] * yh[j];
-      const float scale = normalize_scale(warp_sum(ss));
+      const float scale = normalize_scale(warp_sum(lane_sumsq(yh, p.d, lane)));
       __syncwarp();
-      for (int64_t j = lane; j < p.d; j += kWarp) yh[j] *= scale;
+      lane_scale(yh, p.d, scale, lane);
       __syncwarp();
     }
     float best = -INFINITY;
     int64_t best_index = kNoIndex;
-    const int64_t cb0 = h * p.V * p.d;
-    for (int64_t v = lane; v < p.V; v += kWarp) {
-      float dot = 0.0f, cc = 0.0f;
-      for (int64_t j = 0; j < p.d; ++j) {
-        const float c = load_float(p.cb, cb0 + v * p.d + j, p.cb_dtype);
-        dot += yh[j] * c;
-        cc += c * c;
-      }
-      float a, b;
-      codeword_coeffs(cc, p.metric, &a, &b);
-      const float s = dot * a + b;
-      if (better(s, v, best, best_index)) {
-        best = s;
-        best_index = v;
-      }
-    }
+    lane_best_codeword(p, yh, h, lane, best, best_index);
 #pragma unroll
     for (int o = kWarp / 2; o > 0; o >>= 1) {
       const float ob = __shfl_xor_sync(0xffffffffu, best, o);
       const int64_t oi = __shfl_xor_sync(0xffffffffu, best_index, o);
-      if (better(ob, oi, best, best_index)) {
-        best = ob;
-        best_index = oi;
-      }
+      merge_best(ob, oi, best, best_index);
     }
-    // Only NaN scores everywhere leave no winner: label 0, as on the CPU.
-    if (lane == 0) p.out[n * p.H + h] = best_index == kNoIndex ? 0 : best_index;
+    if (lane == 0) p.out[n * p.H + h] = label_of(best_index);
   }
 }
 

@@ -1,19 +1,22 @@
 """The CUDA kernels' device code run on the CPU (cpu tier), against the references.
 
-The masking and negatives kernels are built from SSLFAST_HD phases of csrc/masking.h and
-csrc/negatives.h; ``sslfast._C._testing`` runs a kernel's blocks on the host, each phase for
-every thread index the kernel uses (the launch configuration's, from ``sslfast._C.launch``)
-before the next (what the barriers guarantee). The CUDA host path of ops/*.py runs unchanged
-on CPU tensors: ``sslfast._ext.cuda_module()`` is replaced by a module that hands the same
-arguments to the host emulation. Expected values come from sslfast/reference (bit-identical
-random streams), never from the C++ CPU backend, which shares these headers.
+The kernels of masking, negatives, gumbel_quantize, rp_quantize, contrastive, apply_mask and
+masked_prediction are built from SSLFAST_HD phases of their csrc/<family>.h; ``sslfast._C._testing``
+runs a kernel's blocks on the host, each phase for every thread (or warp lane) index the
+kernel uses (the launch configuration's, from ``sslfast._C.launch``) before the next (what
+the barriers guarantee), warp shuffles as the same xor butterflies. The CUDA host path of
+ops/*.py runs unchanged on CPU tensors: ``sslfast._ext.cuda_module()`` is replaced by a module
+that hands the same arguments to the host emulation. Expected values come from
+sslfast/reference or fp64 formulas (the ops' own test files' checks, called with
+backend="cuda"), never from the C++ CPU backend, which shares these headers.
 """
 import types
 
 import pytest
 import torch
 
-from sslfast import _ext
+import sslfast
+from sslfast import _dispatch, _ext
 from sslfast.ops import masking as ops_masking
 from sslfast.ops import negatives as ops_negatives
 from sslfast.reference import masking as ref_masking
@@ -188,3 +191,213 @@ def test_gumbel_tempered_weight_matches_fp64(C):
         bound = want * (x.abs() * 2.0**-23 + 2.0**-21) + 1e-38  # + the fp32 subnormal range
         assert ((out.double() - want).abs() <= bound).all(), tau
         assert out[-3] == 1.0 and (want[:4096] > 0).any()
+
+
+def _install_emulation(monkeypatch, **functions):
+    """Makes ``backend="cuda"`` run on CPU tensors through the ops' unchanged CUDA host code:
+    the CUDA module is replaced by `functions` (the host emulations, called with the module's
+    arguments less the stream), and the dispatch takes an explicit "cuda" on CPU tensors."""
+    monkeypatch.setattr(_ext, "cuda_module", lambda: types.SimpleNamespace(**functions))
+    monkeypatch.setattr(_ext, "stream", lambda device: 0)
+    unavailable = _dispatch.backend_unavailable_reason
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason",
+                        lambda backend, device: None if backend == "cuda" else unavailable(backend, device))
+
+
+def _no_stream(fn):
+    return lambda *args: fn(*args[:-1])
+
+
+@pytest.fixture
+def emulated_gumbel_cuda(C, monkeypatch):
+    """ops/gumbel_quantize.py's cuda backend on CPU tensors, its kernels run by the host
+    emulation (csrc/testing_cpu.cpp: every lane of every warp, the shuffle butterflies)."""
+    t = C._testing
+    _install_emulation(monkeypatch, gumbel_quantize_num_chunks=t.gumbel_num_chunks,
+                       gumbel_quantize_soft_workspace=t.gumbel_soft_workspace,
+                       gumbel_quantize_forward=_no_stream(t.gumbel_forward),
+                       gumbel_quantize_backward=_no_stream(t.gumbel_backward))
+
+
+# (N, G, V, d): V > 64 and d > 128 give lanes several columns, dims two soft_codebook tiles;
+# N > 128 several forward chunks, soft-codebook chunks and backward_codebook scans.
+GUMBEL_HOST_SHAPES = [(37, 2, 13, 7), (5, 3, 5, 1), (1, 1, 17, 3), (301, 2, 70, 130)]
+
+
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gumbel_kernels_on_the_host_match_fp64(emulated_gumbel_cuda, dtype, hard):
+    # The whole cuda path of gumbel_vector_quantize (forward_kernel, soft_forward_kernel,
+    # reduce_partials_kernel; backward_logits_kernel, backward_codebook_kernel or
+    # soft_codebook_kernel + reduce_chunks_kernel), training and eval, with and without a mask:
+    # codes and the hard gather exact, perplexities and gradients against the fp64 formulation
+    # of tests/test_gumbel_quantize.py (fp32: its FP32_TOL; fp16/bf16: twice the reference's
+    # own error), the checks the GPU tier applies to the real kernels.
+    import test_gumbel_quantize as tg
+
+    tg._parity("cuda", "cpu", [dtype], shapes=GUMBEL_HOST_SHAPES, hard=hard)
+
+
+@pytest.fixture
+def emulated_rp_cuda(C, monkeypatch):
+    """ops/rp_quantize.py's cuda backend on CPU tensors, rp_quantize_kernel run by the host
+    emulation (every lane of each row's warp, the shuffle reductions as butterflies)."""
+    _install_emulation(monkeypatch, rp_quantize=_no_stream(C._testing.rp_quantize))
+
+
+@pytest.mark.parametrize("metric,input_norm", [("cosine", None), ("cosine", "layernorm"), ("l2", None),
+                                               ("l2", "layernorm")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rp_quantize_kernel_on_the_host_matches_fp64(emulated_rp_cuda, dtype, metric, input_norm):
+    # rp_quantize_kernel's labels against the fp64 scores of tests/test_rp_quantize.py (NeMo's
+    # formulation): the fp64 winner or a near-tie within its GAP_TOL, as the GPU tier checks.
+    # Shapes: rows wider than a warp (F*k up to 320, H*d up to 99), V off multiples of 32, V = 1.
+    import test_rp_quantize as tr
+
+    for shape in tr.SHAPES:
+        B, T, Fdim, k, H, V, d = shape
+        x, P, CB = tr.make_problem(B, T, Fdim, k, H, V, d, dtype=dtype, seed=sum(shape))
+        mask = torch.rand(B, T // k, generator=torch.Generator().manual_seed(1)) < 0.7
+        got = sslfast.random_projection_quantize(x, P, CB, stack=k, input_norm=input_norm, metric=metric, mask=mask,
+                                                 backend="cuda")
+        assert got.shape == (B, T // k, H) and got[~mask].eq(-1).all()
+        scores = tr.rpq_scores64(x, P, CB, stack=k, input_norm=input_norm, metric=metric)
+        ref_labels = tr.rpq(x, P, CB, stack=k, input_norm=input_norm, metric=metric, backend="reference")
+        tr._check(got[mask], scores[mask], dtype, ref_labels[mask])
+
+
+@pytest.mark.parametrize("D,V", [(39, 100), (129, 70), (1, 3)])
+def test_rp_nearest_codeword_kernel_on_the_host_matches_fp64(emulated_rp_cuda, D, V):
+    import test_rp_quantize as tr
+
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(2, 45, D, generator=g)
+    C = torch.randn(V, D, generator=g)
+    tr._check(sslfast.nearest_codeword(x, C, backend="cuda"), tr.kmeans_scores64(x, C), torch.float32)
+
+
+@pytest.mark.parametrize("case", ["test_ties_go_to_lowest_index", "test_zero_rows_give_label_zero",
+                                  "test_mask_computes_only_masked_positions",
+                                  "test_stacking_truncates_trailing_frames"])
+def test_rp_quantize_kernel_on_the_host_edge_cases(emulated_rp_cuda, case):
+    # tests/test_rp_quantize.py's closed-form cases (ties to the lowest index across lanes,
+    # zero rows label 0, masked rows -1 and never read, trailing frames never read) on the
+    # emulated kernel.
+    import test_rp_quantize as tr
+
+    getattr(tr, case)("cuda")
+
+
+@pytest.fixture
+def emulated_contrastive_cuda(C, monkeypatch):
+    """ops/contrastive.py's cuda backend on CPU tensors, its kernels run by the host emulation
+    (every lane of each row's warp, the butterflies, __any_sync as an or over the lanes)."""
+    t = C._testing
+    _install_emulation(monkeypatch, contrastive_forward=_no_stream(t.contrastive_forward),
+                       contrastive_backward_rows=_no_stream(t.contrastive_backward_rows),
+                       contrastive_backward_segments=_no_stream(t.contrastive_backward_segments))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("precision", ["fairseq", "hf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_contrastive_kernels_on_the_host_match_the_reference(emulated_contrastive_cuda, dtype, precision,
+                                                            deterministic):
+    # forward_kernel, backward_rows_kernel (atomic grad y) or + segments_kernel (deterministic)
+    # under tests/test_contrastive.py's error rule against fp64 (loss, grad x, grad y) and the
+    # reference's correct count. D = 67 and 129 give lanes three and five columns; the stored
+    # duplicate of a positive exercises the vote of the "vector" mask, int32 indices "index".
+    import test_contrastive as tc
+
+    for shape in [(1, 1, 1, 1), (13, 17, 19, 11), (37, 41, 67, 29)]:
+        tc._check_backend("cuda", shape, dtype, precision, "vector", "sum", torch.int64, "random", deterministic)
+    tc._check_backend("cuda", (19, 21, 129, 40), dtype, precision, "index", "none", torch.int32, None,
+                      deterministic)
+
+
+@pytest.mark.parametrize("case", ["test_correct_count_definition", "test_all_negatives_equal_positive_gives_zero_loss",
+                                  "test_zero_vectors_are_finite", "test_identical_negatives_and_k_larger_than_m",
+                                  "test_empty_batch_and_no_negatives"])
+def test_contrastive_kernels_on_the_host_edge_cases(emulated_contrastive_cuda, case):
+    # tests/test_contrastive.py's closed-form and edge cases on the emulated kernels.
+    import test_contrastive as tc
+
+    getattr(tc, case)("cuda")
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 6.0e4), (torch.float32, 1e15), (torch.float32, 1e-20)])
+def test_contrastive_kernels_on_the_host_extreme_norms(emulated_contrastive_cuda, dtype, scale):
+    import test_contrastive as tc
+
+    tc.test_huge_and_tiny_norms("cuda", dtype, scale)
+
+
+@pytest.fixture
+def emulated_apply_mask_cuda(C, monkeypatch):
+    """ops/apply_mask.py's cuda backend on CPU tensors, its kernels run by the host emulation
+    (every thread of the launch plan's grid)."""
+    t = C._testing
+    _install_emulation(monkeypatch, apply_mask_forward=_no_stream(t.apply_mask_forward),
+                       apply_mask_backward=_no_stream(t.apply_mask_backward),
+                       apply_mask_grad_chunk=t.apply_mask_grad_chunk)
+
+
+@pytest.mark.parametrize("case", ["test_embedding_fill_exact", "test_noise_fill_matches_reference",
+                                  "test_gradients_against_fp64_reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_apply_mask_kernels_on_the_host_match_the_reference(emulated_apply_mask_cuda, case, dtype):
+    # tests/test_apply_mask.py's checks against the reference (embedding copy and Philox
+    # Box-Muller noise bit-exact or to its noise tolerance, gradients against fp64) on the
+    # emulated apply_mask_forward_kernel, apply_mask_backward_kernel and
+    # apply_mask_sum_partials_kernel, over its shapes (D off multiples of 4, < 4, > 256 threads)
+    # and 150 frames (three 64-frame gradient chunks).
+    import test_apply_mask as ta
+
+    for shape in ta.SHAPES + [(3, 50, 9), (1, 2, 300)]:
+        getattr(ta, case)("cuda", dtype, shape)
+
+
+@pytest.mark.parametrize("case", ["test_unmasked_frames_untouched_bit_for_bit", "test_all_and_none_masked_and_empty",
+                                  "test_non_contiguous_x_and_integer_masks", "test_inplace_semantics",
+                                  "test_noise_depends_only_on_seed_frame_and_channel"])
+def test_apply_mask_kernels_on_the_host_edge_cases(emulated_apply_mask_cuda, case):
+    import test_apply_mask as ta
+
+    getattr(ta, case)("cuda")
+
+
+@pytest.fixture
+def emulated_masked_prediction_cuda(C, monkeypatch):
+    """ops/masked_prediction.py's cuda backend on CPU tensors: forward_kernel, dx_kernel and
+    dw_kernel run by the host emulation (every thread of every block, phase by phase)."""
+    import test_masked_prediction as tm
+
+    _install_emulation(monkeypatch, masked_prediction_forward_backward=_no_stream(C._testing.masked_prediction))
+    monkeypatch.setattr(tm, "_device", lambda backend: torch.device("cpu"))
+    return tm
+
+
+@pytest.mark.parametrize("n,h,v,d", [(1, 1, 1, 1), (5, 2, 7, 3), (97, 3, 50, 33), (40, 2, 70, 130)])
+def test_masked_prediction_kernels_on_the_host_match_the_reference(emulated_masked_prediction_cuda, n, h, v, d):
+    # tests/test_masked_prediction.py's kernel check (loss, count, correct, grads of x, W and b
+    # against the reference) over its heads and options on the emulated kernels; N, V and D
+    # off the 32-row, 32-class and 64-feature tiles, D = 130 over several 32-wide slices.
+    tm = emulated_masked_prediction_cuda
+    for hd in tm.HEADS:
+        for opt in (tm.OPTIONS[0], tm.OPTIONS[3], tm.OPTIONS[5], tm.OPTIONS[7]):
+            tm.test_kernel_matches_reference("cuda", n, h, v, d, hd, opt)
+
+
+@pytest.mark.parametrize("case", ["test_kernel_no_grad_path_and_none_reduction_agree",
+                                  "test_all_labels_ignored_gives_zero_and_zero_grads",
+                                  "test_all_frames_unmasked_with_zero_nomask_weight", "test_one_class_loss_is_zero",
+                                  "test_cosine_zero_vectors", "test_cosine_huge_and_tiny_norms", "test_empty_batch"])
+def test_masked_prediction_kernels_on_the_host_edge_cases(emulated_masked_prediction_cuda, case):
+    getattr(emulated_masked_prediction_cuda, case)("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_masked_prediction_kernels_on_the_host_low_precision(emulated_masked_prediction_cuda, dtype, head):
+    # at most twice PyTorch's own error in the dtype (tests/test_masked_prediction.py's rule)
+    emulated_masked_prediction_cuda.test_kernel_low_precision_error_at_most_twice_pytorch("cuda", dtype, head)

@@ -137,12 +137,12 @@ def _run_cuda(x3, proj, cb, stack, layernorm, metric, m, out):
             f"the cuda backend stages F*stack (+ H*d) = {staged} floats per row in shared memory, at most 12288; "
             f"use backend='triton'"
         )
-    with torch.cuda.device(x3.device):
-        _ext.cuda_module().rp_quantize(
-            _ext.ptr(x3), _ext.DTYPE_CODE[x3.dtype], B, T, F, stack, _ext.ptr(proj), _ext.ptr(cb),
-            _ext.DTYPE_CODE[cb.dtype], H, Vn, d, bool(layernorm), metric, _ext.ptr(m), _ext.ptr(out),
-            _ext.stream(x3.device),
-        )
+    # the dispatch's device guard (_dispatch.get) has made x3's device current
+    _ext.cuda_module().rp_quantize(
+        _ext.ptr(x3), _ext.DTYPE_CODE[x3.dtype], B, T, F, stack, _ext.ptr(proj), _ext.ptr(cb),
+        _ext.DTYPE_CODE[cb.dtype], H, Vn, d, bool(layernorm), metric, _ext.ptr(m), _ext.ptr(out),
+        _ext.stream(x3.device),
+    )
 
 
 def _run_triton(x3, proj, cb, stack, layernorm, metric, m, out):
