@@ -206,6 +206,13 @@ def _segments_kernel(x_ptr, y_ptr, alpha_ptr, beta_ptr, order_ptr, offsets_ptr, 
     tl.store(gy_ptr + j * D + offs_d, gy.to(gy_ptr.dtype.element_ty), mask=d_valid)
 
 
+def _backward_warps(block_k: int, block_d: int) -> int:
+    """The rows backward holds a negatives tile and, beside it, x, p and the x gradient (BLOCK_D
+    each): at a full 8K-value tile on 4 warps fp32 kept 16-24 B of stack on sm_80 (the compile
+    tier); 8 warps halve each thread's share."""
+    return 8 if block_k * block_d >= 8192 else 4
+
+
 def _blocks(d: int, k: int) -> tuple[int, int]:
     block_d = max(16, triton.next_power_of_2(max(d, 1)))
     # keep a BLOCK_K x BLOCK_D tile around 8K fp32 values (registers on GPU)
@@ -253,7 +260,7 @@ def backward(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, 
         grad_rows, x, y, negatives, positives if positives is not None else negatives, lse, grad_x, alpha, beta,
         gy_acc, m, d, k, float(temperature), NORM_EPS,
         HAS_POS=positives is not None, NEG_MODE=neg_mode, PRECISION=precision, ROUND=_ROUND[x.dtype],
-        ATOMIC=atomic, BLOCK_K=block_k, BLOCK_D=block_d)
+        ATOMIC=atomic, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_backward_warps(block_k, block_d))
     if atomic:
         return grad_x, gy_acc.to(y.dtype)
     order, offsets = csr

@@ -134,7 +134,6 @@ def _problems(report):
 # is an expected failure (strict: the mark must come off when the fix lands), reported as
 # xfailed, never as passed.
 KNOWN_OVER_BUDGET = {
-    "contrastive": "sm_80, fp32: _backward_rows_kernel keeps 16-24 B of stack (found by this tier; not fixed yet)",
     "info_nce": "sm_80, fp32 (tf32 off: 'ieee' dots on FMA units): _forward_kernel 136 B and _backward_kernel "
                 "312-368 B of stack (sm_90 and fp16/bf16 fit; found by this tier; not fixed yet)",
     "rp_quantize": "_rp_quantize_kernel keeps 112-328 B of stack at codeword dims d=64 and d=256 (sm_80 and "
