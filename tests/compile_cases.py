@@ -158,8 +158,10 @@ def gumbel_quantize():
 
 def rp_quantize():
     # V from 2 to 8192, head width d up to MAX_HEAD_DIM (256), every input_norm and metric,
-    # with and without a mask (the BEST-RQ shape: B=4, T=781, F=80 x 4, H heads, V=8192, d=16)
-    heads = [(1, 8192, 16), (16, 8192, 16), (1, 2, 2), (2, 320, 64), (1, 1024, 256), (1, 8192, 256)]
+    # with and without a mask (the BEST-RQ shape: B=4, T=781, F=80 x 4, H heads, V=8192, d=16);
+    # d = 2, 16, 32 and 64 are the fused tile classes, d = 256 projects to scratch first
+    heads = [(1, 8192, 16), (16, 8192, 16), (1, 2, 2), (4, 1024, 32), (2, 320, 64), (1, 1024, 256),
+             (1, 8192, 256)]
     for (H, V, d), dtype, norm, metric in itertools.product(heads, FLOATS, (None, "layernorm"), ("cosine", "l2")):
         def run(H=H, V=V, d=d, dtype=dtype, norm=norm, metric=metric):
             x = _rand(4, 781, 80, dtype=dtype)
@@ -172,6 +174,12 @@ def rp_quantize():
             m = (torch.arange(2 * (9 // stack)) % 3 != 0).reshape(2, 9 // stack) if masked else None
             sslfast.random_projection_quantize(x, _rand(3 * stack, 2), _rand(1, 2, 2), stack=stack, mask=m, **TRITON)
         yield f"B=2 T=9 F=3x{stack} mask={masked}", small
+    for metric in ("cosine", "l2"):  # a wide head (projected to scratch) with a mask
+        def wide(metric=metric):
+            m = torch.arange(2 * 9) % 3 != 0
+            sslfast.random_projection_quantize(_rand(2, 9, 3), _rand(3, 2 * 72), _rand(2, 5, 72), mask=m.reshape(2, 9),
+                                               input_norm="layernorm", metric=metric, **TRITON)
+        yield f"B=2 T=9 F=3 H=2 V=5 d=72 mask=True layernorm {metric}", wide
     for (N, V, D), dtype, metric in itertools.product([(3124, 500, 768), (5, 2, 3), (64, 8192, 1024), (64, 2, 1)],
                                                       FLOATS, ("l2", "cosine")):
         yield f"nearest N={N} V={V} D={D} {dtype} {metric}", (lambda N=N, V=V, D=D, dt=dtype, m=metric:

@@ -634,7 +634,8 @@ def test_bench_formulations_agree_with_the_op():
 
 # ------------------------------------------------------------- interpreter tier
 
-INTERP_SHAPES = [(2, 11, 5, 2, 3, 67, 5), (1, 17, 7, 1, 1, 19, 17)]
+# the last one has d = 72 > FUSED_MAX_D: projection to scratch, then the nearest-codeword pass per head
+INTERP_SHAPES = [(2, 11, 5, 2, 3, 67, 5), (1, 17, 7, 1, 1, 19, 17), (2, 10, 6, 2, 2, 70, 72)]
 
 
 @pytest.mark.interpreter
@@ -667,11 +668,22 @@ def test_triton_nearest_codeword_matches_fp64(triton_device, metric):
     _check(got, scores, torch.float32)
 
 
+def _exact_ties(D, seed):
+    """Codebook (300, D) holding copies of u at 37, 45, 101 and 229 (tiles 0, 0, 1 and 3 of 64
+    codewords) and small integers elsewhere; u has 16 entries of +-1 (|u| = 4) and zeros.
+    Every product and partial sum of u . c, |c|^2 and u / |u| is exact in fp32, so each
+    backend's scores of the copies are equal whatever its summation order (a tie, not a
+    near-tie), and the copies beat every other codeword under both metrics."""
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randint(-2, 3, (300, D), generator=g).float()
+    u = torch.zeros(D)
+    u[torch.randperm(D, generator=g)[:16]] = torch.randint(0, 2, (16,), generator=g).float() * 2 - 1
+    for i in (37, 45, 101, 229):
+        C[i] = u
+    return u, C
+
+
 @pytest.mark.interpreter
-@pytest.mark.xfail(strict=False, reason="under the interpreter tl.dot is numpy's matmul, whose BLAS kernels on this "
-                   "machine round identical codeword columns differently past column 8 (label 8 instead of 0 for a "
-                   "codebook of copies; passed on 2026-11-22, fails on 2026-11-30 with the old kernel too): an "
-                   "interpreter artefact to replace with exactly representable ties, not yet done")
 def test_triton_edge_cases(triton_device):
     dev = triton_device
     x, P, CB = make_problem(2, 9, 4, 2, 2, 21, 4, seed=26)
@@ -680,19 +692,34 @@ def test_triton_edge_cases(triton_device):
     got = rpq(x.to(dev), P.to(dev), CB.to(dev), stack=2, backend="triton").cpu()
     assert got.shape == (2, 4, 2) and got[0, 0].eq(0).all()
     assert torch.equal(got, rpq(x[:, :8], P, CB, stack=2, backend="reference"))
-    same = CB[:, :1].expand(2, 21, 4).contiguous()
-    assert rpq(x.to(dev), P.to(dev), same.to(dev), stack=2, backend="triton").cpu()[1:].eq(0).all()
     assert rpq(x[:0].to(dev), P.to(dev), CB.to(dev), stack=2, backend="triton").shape == (0, 4, 2)
-    # exact ties inside a tile and across 64-codeword tiles go to the first copy
-    g = torch.Generator().manual_seed(9)
-    C = torch.randn(300, 40, generator=g)
-    u = torch.randn(40, generator=g)
-    for i in (37, 45, 101, 229):
-        C[i] = u
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("D", [40, 80])  # 80: wider than FUSED_MAX_D, the projected head goes through scratch
+def test_exact_ties_go_to_the_first_index(triton_device, D):
+    """semantics.md / the reference: ties resolve to the lowest index (torch.argmax). With
+    exactly representable data (_exact_ties) every backend must return the first copy, inside
+    a codebook tile and across tiles, for nearest_codeword and for a projection (the identity)."""
+    u, C = _exact_ties(D, seed=9)
+    backends = [("reference", "cpu"), ("triton", triton_device)] + ([("cpu", "cpu")] if HAS_CPU else [])
     for metric in ("l2", "cosine"):
-        assert ncw(u.view(1, 40).to(dev), C.to(dev), metric=metric, backend="triton").item() == 37
-        assert rpq(u.view(1, 1, 40).to(dev), torch.eye(40, device=dev), C.unsqueeze(0).to(dev), metric=metric,
-                   backend="triton").item() == 37
+        c64, u64 = C.double(), u.double()
+        assert (c64 @ u64 / c64.norm(dim=1)).argmax().item() == 37  # fp64: the copies win, first index
+        assert (2 * c64 @ u64 - (c64 * c64).sum(1)).argmax().item() == 37
+        for backend, dev in backends:
+            assert ncw(u.view(1, D).to(dev), C.to(dev), metric=metric, backend=backend).item() == 37, backend
+            got = rpq(u.view(1, 1, D).to(dev), torch.eye(D, device=dev), C.unsqueeze(0).to(dev), metric=metric,
+                      backend=backend)
+            assert got.item() == 37, (backend, metric)
+    # a codebook of copies, per head, against +-1 rows projected by the identity: label 0 everywhere
+    g = torch.Generator().manual_seed(26)
+    xi = torch.randint(0, 2, (2, 9, 4), generator=g).float() * 2 - 1
+    same = torch.randint(-2, 3, (2, 1, 4), generator=g).float().expand(2, 21, 4).contiguous()
+    for metric in ("l2", "cosine"):
+        for backend, dev in backends:
+            got = rpq(xi.to(dev), torch.eye(8, device=dev), same.to(dev), stack=2, metric=metric, backend=backend)
+            assert got.shape == (2, 4, 2) and got.eq(0).all(), (backend, metric)
 
 
 @pytest.mark.interpreter

@@ -150,7 +150,7 @@ def _run_triton(x3, proj, cb, stack, layernorm, metric, m, out):
 
     if proj is not None and cb.shape[2] > kern.MAX_HEAD_DIM:
         raise ValueError(
-            f"the triton backend keeps the projected head in registers: d must be <= {kern.MAX_HEAD_DIM}, "
+            f"the triton backend is compiled and checked for head widths d <= {kern.MAX_HEAD_DIM}, "
             f"got {cb.shape[2]}; use backend='cpu' or 'cuda'"
         )
     kern.rp_quantize(x3, proj, cb, stack=stack, layernorm=layernorm, cosine=metric == 0, mask=m, out=out)
