@@ -139,8 +139,6 @@ KNOWN_OVER_BUDGET = {
                 "312-368 B of stack (sm_90 and fp16/bf16 fit; found by this tier; not fixed yet)",
     "rp_quantize": "_rp_quantize_kernel keeps 112-328 B of stack at codeword dims d=64 and d=256 (sm_80 and "
                    "sm_90; BEST-RQ's d=16 fits) and 8 B on one nearest_codeword case (found by this tier; not fixed yet)",
-    "masked_prediction": "the Triton kernels spill 200-1600 B per thread on sm_80 and sm_90 (new kernels, "
-                         "tiles not tuned for registers yet)",
 }
 
 
