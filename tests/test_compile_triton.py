@@ -55,6 +55,14 @@ SPILL_BUDGET: dict[str, int] = {
     # (sm_80 and sm_90, compile tier cases); the tile data itself spilled 4-110 KB before.
     "gumbel_quantize:_forward_kernel": 32,
     "gumbel_quantize:_backward_logits_kernel": 32,
+    # masked_prediction, fp32 (FMA-unit dots, 128 threads): at the BEST-RQ shape with a bias
+    # (sm_90, Triton 3.9) ptxas holds the kernel at 128 registers (an occupancy step) by parking
+    # three 32-bit values (_dx_kernel, 16 B) or one (_dw_kernel, 8 B) that are only needed by
+    # the final store: stored once at entry, reloaded once after the head / V / K loops (resp.
+    # the row loop), never inside them; read from the SASS. Every other case: no stack. Was
+    # 200-4500 B of spills with 64 x 64 fp32 tiles and K chunks of 64.
+    "masked_prediction:_dx_kernel": 16,
+    "masked_prediction:_dw_kernel": 16,
 }
 
 PYTHON = os.environ.get("SSLFAST_TRITON_PYTHON") or sys.executable
