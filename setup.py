@@ -183,10 +183,22 @@ def _deps(obj, headers):
 
 
 def _newer(target, deps):
+    """True when target is missing, or a dependency is newer or gone. A gone dependency
+    outside the repository is skipped: pip's isolated builds put pybind11's headers in a
+    temporary directory that the -MMD files record and pip then deletes (that used to fail every
+    later install); a different pybind11 or Python rebuilds everything through the toolchain
+    stamp instead (BuildExt.run)."""
     if not os.path.exists(target):
         return True
     t = os.path.getmtime(target)
-    return any(os.path.getmtime(d) > t for d in deps)
+    for d in deps:
+        if not os.path.exists(d):
+            if os.path.abspath(d).startswith(HERE + os.sep):
+                return True
+            continue
+        if os.path.getmtime(d) > t:
+            return True
+    return False
 
 
 class BuildExt(build_ext):
@@ -201,6 +213,24 @@ class BuildExt(build_ext):
         if _coverage():
             tag += "-coverage"
         self.build_temp = os.path.join(os.environ.get("SSLFAST_BUILD_DIR") or os.path.join(HERE, "build"), f"temp.{tag}")
+
+    def run(self):
+        # What the objects were compiled against beyond the repository's own files (which the
+        # -MMD files track): a change rebuilds everything.
+        import pybind11
+
+        stamp = json.dumps({"python": sys.version, "pybind11": pybind11.__version__, "coverage": _coverage()})
+        path = os.path.join(self.build_temp, "toolchain.json")
+        try:
+            with open(path) as f:
+                if f.read() != stamp:
+                    self.force = True
+        except OSError:
+            self.force = True
+        super().run()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(stamp)
 
     def build_extension(self, ext):
         if ext.name == "sslfast._C":

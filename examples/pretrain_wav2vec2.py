@@ -379,7 +379,7 @@ def main(argv=None):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for k, c in (("stock", "tab:blue"), ("sslfast", "tab:orange")):
         a.plot(log[k]["step"], log[k]["loss"], color=c, alpha=0.35, lw=0.8)
-        w = 10
+        w = max(1, min(10, len(log[k]["loss"])))  # a run shorter than 10 steps plots a shorter mean
         sm = np.convolve(log[k]["loss"], np.ones(w) / w, mode="valid")
         a.plot(log[k]["step"][w - 1:], sm, color=c, label=f"{k} (train, {w}-step mean)")
         a.plot(log[k]["eval_step"], log[k]["eval"], "o--", color=c, ms=3, label=f"{k} (held out)")

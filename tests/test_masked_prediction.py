@@ -374,8 +374,16 @@ def test_validation_errors_name_the_argument():
         f(torch.randn(4, 3, 3), w, t)
     with pytest.raises(TypeError, match="ignore_index"):
         f(x, w, t, ignore_index=1.5)
-    with pytest.raises(TypeError, match="fp64 runs on backend='reference'"):
+    with pytest.raises(TypeError, match="x is torch.float64.*runs on backend='reference'"):
         f(x.double(), w.double(), t, backend="cpu")
+    # the dtype policy: fp64 anywhere (x, weight, either head) with backend=None runs the
+    # reference (it raised the cpu backend's TypeError before: found by a newcomer's check)
+    for head in ("linear", "cosine"):
+        got = sslfast.masked_prediction_loss(x.double(), w.double(), t, head=head)
+        want = sslfast.masked_prediction_loss(x.double(), w.double(), t, head=head, backend="reference")
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+        got = sslfast.masked_prediction_loss(x, w.double(), t, head=head)  # one fp64 input is enough
+        assert torch.equal(got, sslfast.masked_prediction_loss(x, w.double(), t, head=head, backend="reference"))
     # ignore_index outside [0, V) is accepted
     assert f(x, w, t - 7, ignore_index=-7).item() == 0.0
 

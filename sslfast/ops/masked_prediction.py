@@ -351,18 +351,16 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
     if frame_weight is not None:
         frame_weight = frame_weight.detach()
 
-    name, _ = _dispatch.resolve(OP_SOFT if soft else OP, backend, device)
+    # the one dtype policy (sslfast/_validation.py): fp64 anywhere -> backend=None runs the
+    # reference; an explicit kernel backend raises a TypeError naming the argument
+    name = V.resolve_backend(OP_SOFT if soft else OP, backend, device, x=x, weight=weight, bias=bias,
+                             frame_weight=frame_weight, targets=targets if soft else None)
     if name == "reference":
         return ref.masked_prediction_loss(
             x, weight, targets, head=head, bias=bias, logit_temp=logit_temp, mask=mask, frame_weight=frame_weight,
             pred_masked_weight=pred_masked_weight, pred_nomask_weight=pred_nomask_weight,
             ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
             return_stats=return_stats)
-    for arg, t in (("x", x), ("weight", weight), ("bias", bias), ("frame_weight", frame_weight),
-                   ("targets", targets if soft else None)):
-        if t is not None and t.dtype == torch.float64:
-            raise TypeError(f"{arg} must be fp32, fp16 or bf16 for the {name} backend "
-                            "(fp64 runs on backend='reference')")
 
     x3 = x if x.dim() == 3 else x[:, None, :]
     scale = 1.0
