@@ -13,6 +13,13 @@ def philox4x32(seed, c0, c1, c2, c3):
 
 
 @triton.jit
+def load_seed(seed_ptr):
+    """The 64-bit key from a 0-d int64 seed tensor (``sslfast.random.seed_tensor``): read on the
+    device when the kernel runs, so a captured CUDA graph replays with the tensor's value."""
+    return tl.load(seed_ptr)
+
+
+@triton.jit
 def uint_to_uniform(x):
     """uint32 -> fp32 in [0, 1), as tl.rand does (can return 0)."""
     i = x.to(tl.int32, bitcast=True)

@@ -23,6 +23,7 @@ __all__ = [
     "uint_below",
     "resolve_seed",
     "derive_seed",
+    "Seed",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -32,6 +33,9 @@ _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
 UNIFORM_SCALE = 4.6566127342e-10
 MAX_SEED = 2**63 - 1
+
+Seed = "int | torch.Tensor | None"
+"""What every random op's ``seed=`` takes (see ``resolve_seed``)."""
 
 
 class Stream(enum.IntEnum):
@@ -64,25 +68,28 @@ def philox4x32(
     c1: torch.Tensor | int,
     c2: torch.Tensor | int,
     c3: torch.Tensor | int,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-10 on int64 tensors holding uint32 values; returns the four output words.
 
     The counters broadcast against each other; the results are int64 tensors in [0, 2^32).
+    ``seed`` is a Python int or a 0-d int64 tensor (its 64 bits are the key, read on the
+    tensor's device: no host synchronisation).
     Under ``torch.compile`` the draw is one opaque op (``sslfast::philox4x32``, run eagerly by
     the compiled graph): inductor, fusing the ten rounds' int64 expressions, would otherwise
     grow them past any time and memory bound.
     """
-    seed = int(seed)
-    ref = next((c for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    ref = next((c for c in (c0, c1, c2, c3, seed) if isinstance(c, torch.Tensor)), None)
     device = ref.device if ref is not None else None
     c = [torch.as_tensor(v, dtype=torch.int64, device=device) for v in (c0, c1, c2, c3)]
     if torch.compiler.is_compiling():
-        return tuple(torch.ops.sslfast.philox4x32(*c, seed))
-    return _philox_rounds(*c, seed)
+        key = seed if isinstance(seed, torch.Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+        return tuple(torch.ops.sslfast.philox4x32(*c, key))
+    return _philox_rounds(*c, seed if isinstance(seed, torch.Tensor) else int(seed))
 
 
-def _philox_rounds(c0, c1, c2, c3, seed: int):
+def _philox_rounds(c0, c1, c2, c3, seed):
+    # seed: an int, or an int64 tensor whose bits are the key (>> is arithmetic: mask after).
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     c0, c1, c2, c3 = torch.broadcast_tensors(*(v & _MASK32 for v in (c0, c1, c2, c3)))
     for _ in range(10):
@@ -96,13 +103,13 @@ def _philox_rounds(c0, c1, c2, c3, seed: int):
 
 @torch.library.custom_op("sslfast::philox4x32", mutates_args=())
 def _philox_op(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
-               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_philox_rounds(c0, c1, c2, c3, seed))  # fresh tensors, never aliases
 
 
 @_philox_op.register_fake
 def _(c0, c1, c2, c3, seed):
-    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
+    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape, seed.shape)
     return tuple(c0.new_empty(shape, dtype=torch.int64) for _ in range(4))
 
 
@@ -127,31 +134,123 @@ def uint_below(x: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
     return (x * n) >> 32
 
 
-def resolve_seed(seed: int | None) -> int:
-    """The seed an op uses: ``seed`` itself, or one drawn from torch's default CPU generator.
+def resolve_seed(seed: int | torch.Tensor | None, device: torch.device | str | None = None) -> int | torch.Tensor:
+    """The seed an op uses: an int in [0, 2^63 - 1], or a 0-d int64 tensor on ``device``.
 
-    Drawing from the CPU generator never touches a device, so ``seed=None`` costs no host
-    synchronisation, and ``torch.manual_seed`` makes runs repeatable.
+    - ``int``: the Philox key itself (the same bits on every backend and device).
+    - ``torch.Tensor``: an int64 tensor with one element, on the op's device; its 64 bits are
+      the key (a negative value is its two's-complement bit pattern). Kernels read it on the
+      device when they run, never on the host: no synchronisation, no graph break under
+      ``torch.compile``, and a captured CUDA graph replays with whatever the tensor holds at
+      replay (``derive_seed`` with a step tensor advanced inside the graph gives a fresh stream
+      per replay). ``op(seed=s)`` and ``op(seed=torch.tensor(s))`` draw the same bits.
+    - ``None``: a key drawn with ``torch.randint`` from torch's default generator of ``device``
+      (the CPU generator when ``device`` is None or the CPU), as a 0-d tensor on ``device``: no
+      host synchronisation, traced by ``torch.compile`` without a graph break, and fresh at
+      every replay of a captured CUDA graph (torch's graph-safe Philox offsets).
+      ``torch.manual_seed`` makes it repeatable; on the CPU it draws the same value as
+      ``torch.randint(0, 2**63 - 1, ())``.
+
+    Raises:
+        TypeError: ``seed`` is not an int, an integer tensor or None, or a tensor's dtype is
+            not int64.
+        ValueError: an int outside [0, 2^63 - 1], a tensor with more than one element, or a
+            tensor on another device than ``device``.
     """
     if seed is None:
-        return int(torch.randint(0, MAX_SEED, (), dtype=torch.int64).item())
+        return torch.randint(0, MAX_SEED, (), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise TypeError(f"a seed tensor must be int64, got {seed.dtype}")
+        if seed.numel() != 1:
+            raise ValueError(f"a seed tensor must hold one value, got shape {tuple(seed.shape)}")
+        if device is not None and seed.device != torch.device(device):
+            want = torch.device(device)
+            if not (want.type == seed.device.type and want.index is None):
+                raise ValueError(f"the seed tensor is on {seed.device} but the op runs on {want}: "
+                                 f"pass seed.to({str(want)!r})")
+        return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        raise TypeError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__}")
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
     return seed
 
 
-def derive_seed(seed: int, *, rank: int = 0, step: int = 0) -> int:
+def derive_seed(seed: int | torch.Tensor, *, rank: int | torch.Tensor = 0,
+                step: int | torch.Tensor = 0) -> int | torch.Tensor:
     """A seed for (rank, step) derived from a base seed, so DDP ranks never share a stream.
 
     fairseq reseeds every rank identically each step, so every rank draws the same masks
     and negatives. Use ``derive_seed(base, rank=dist.get_rank(), step=num_updates)``:
     distinct (rank, step) pairs give unrelated Philox keys (the derivation is itself one
-    Philox block keyed by ``seed``).
+    Philox block keyed by ``seed``: counter (rank, step mod 2^32, DERIVE, step >> 32)).
+
+    With ints it returns an int. If any argument is a tensor (``seed`` a 0-d int64 seed
+    tensor, ``rank``/``step`` 0-d int64 tensors, all on one device) it returns a 0-d int64
+    tensor on that device holding the same value, computed there without a host
+    synchronisation: the device-side seed with an offset, as torch's own Philox keeps
+    (seed, offset). Under CUDA graphs keep ``step`` a device tensor and advance it inside the
+    captured region (``step.add_(1)``): each replay then draws a fresh stream.
+
+    Raises:
+        ValueError: ``rank`` or ``step`` given as a negative int; ``seed`` as for
+            ``resolve_seed``.
     """
-    seed = resolve_seed(seed)
-    if rank < 0 or step < 0:
-        raise ValueError(f"rank and step must be >= 0, got rank={rank}, step={step}")
+    tensors = [v for v in (seed, rank, step) if isinstance(v, torch.Tensor)]
+    if not tensors:
+        seed = resolve_seed(seed)
+        if rank < 0 or step < 0:
+            raise ValueError(f"rank and step must be >= 0, got rank={rank}, step={step}")
+        w0, w1, _, _ = philox4x32(rank & _MASK32, step & _MASK32, int(Stream.DERIVE), (step >> 32) & _MASK32, seed)
+        return ((int(w1) << 32) | int(w0)) & MAX_SEED
+    device = tensors[0].device
+    for v in tensors:
+        if v.dtype != torch.int64 or v.numel() != 1 or v.device != device:
+            raise ValueError("derive_seed's tensor arguments must be one-element int64 tensors on one "
+                             f"device, got {v.dtype} {tuple(v.shape)} on {v.device}")
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(())
+    else:
+        seed = resolve_seed(seed)
+    for name, v in (("rank", rank), ("step", step)):
+        if not isinstance(v, torch.Tensor) and v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    rank = torch.as_tensor(rank, dtype=torch.int64, device=device).reshape(())
+    step = torch.as_tensor(step, dtype=torch.int64, device=device).reshape(())
     w0, w1, _, _ = philox4x32(rank & _MASK32, step & _MASK32, int(Stream.DERIVE), (step >> 32) & _MASK32, seed)
-    return ((int(w1) << 32) | int(w0)) & MAX_SEED
+    return ((w1 << 32) | w0) & MAX_SEED
+
+
+# ----------------------------------------------------------------------------- for the backends
+
+
+def seed_value(seed: int | torch.Tensor) -> int:
+    """The key as an unsigned 64-bit int, for host (C++ CPU) kernels.
+
+    A seed tensor is read here, so this is for CPU tensors only (no device synchronisation);
+    inside a custom op's CPU implementation it is not traced by ``torch.compile``.
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.device.type != "cpu":
+            raise ValueError(f"seed_value reads the seed on the host; got a tensor on {seed.device}")
+        return int(seed.reshape(())) & 0xFFFFFFFFFFFFFFFF
+    return int(seed)
+
+
+def seed_args(seed: int | torch.Tensor) -> tuple[int, int]:
+    """``(value, pointer)`` for the CUDA kernels: ``(seed, 0)`` for an int, ``(0, data_ptr)`` for
+    a seed tensor, whose key the kernel then loads on the device (``load_seed`` in
+    ``csrc/sslfast/philox.h``)."""
+    if isinstance(seed, torch.Tensor):
+        return 0, seed.data_ptr()
+    return int(seed), 0
+
+
+def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The seed as a 0-d int64 tensor on ``device``, for Triton kernels (which always load the key
+    from a pointer, so one compiled kernel serves ints and tensors). An int becomes one fill
+    kernel (``torch.full``), never a host-to-device copy: capturable in a CUDA graph."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.full((), int(seed), dtype=torch.int64, device=device)

@@ -45,6 +45,15 @@ SSLFAST_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
   return Philox4{{c0, c1, c2, c3}};
 }
 
+// The key a kernel draws with: the seed tensor's 64 bits when the caller passed one
+// (`seed_ptr`, read on the device when the kernel runs, so a captured CUDA graph replays with
+// the tensor's current value and no host ever reads it), else the value argument. Host-side
+// Python: `sslfast.random.seed_args` gives (value, pointer). Every kernel that draws takes
+// both and calls this once, before its first draw.
+SSLFAST_HD uint64_t load_seed(const int64_t* seed_ptr, uint64_t seed) {
+  return seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed;
+}
+
 // Word k (0..3) of r. Selects instead of indexing: a runtime index into r.w would put r in
 // local memory (a stack frame) in CUDA kernels.
 SSLFAST_HD uint32_t philox_word(const Philox4& r, int64_t k) {
