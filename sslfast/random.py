@@ -149,7 +149,8 @@ def resolve_seed(seed: int | torch.Tensor | None, device: torch.device | str | N
       host synchronisation, traced by ``torch.compile`` without a graph break, and fresh at
       every replay of a captured CUDA graph (torch's graph-safe Philox offsets).
       ``torch.manual_seed`` makes it repeatable; on the CPU it draws the same value as
-      ``torch.randint(0, 2**63 - 1, ())``.
+      ``torch.randint(0, 2**63 - 1, ())``. Called without ``device`` (host code such as a
+      data collator), ``None`` gives that CPU draw as a Python int.
 
     Raises:
         TypeError: ``seed`` is not an int, an integer tensor or None, or a tensor's dtype is
@@ -158,7 +159,8 @@ def resolve_seed(seed: int | torch.Tensor | None, device: torch.device | str | N
             tensor on another device than ``device``.
     """
     if seed is None:
-        return torch.randint(0, MAX_SEED, (), dtype=torch.int64, device=device)
+        drawn = torch.randint(0, MAX_SEED, (), dtype=torch.int64, device=device)
+        return drawn if device is not None else int(drawn)
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64:
             raise TypeError(f"a seed tensor must be int64, got {seed.dtype}")
