@@ -256,3 +256,16 @@ def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         return seed
     return torch.full((), int(seed), dtype=torch.int64, device=device)
+
+
+def split_seed(seed: int | torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """``(int, tensor)`` for a custom op's schema, which takes ``seed: int, seed_t: Tensor?``:
+    ``(seed, None)`` for an int, ``(0, seed)`` for a seed tensor. ``join_seed`` undoes it."""
+    if isinstance(seed, torch.Tensor):
+        return 0, seed
+    return int(seed), None
+
+
+def join_seed(seed: int, seed_t: torch.Tensor | None) -> int | torch.Tensor:
+    """The seed a custom op's implementation passes on: ``seed_t`` when given, else ``seed``."""
+    return seed_t if seed_t is not None else seed
