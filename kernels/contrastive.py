@@ -74,7 +74,10 @@ def _negative_tile(y_ptr, neg_ptr, row, k0, x, p, jp, nx, M, D, K, temperature, 
     cos = tl.math.div_rn(dot, nx * _clamped_norm(tsq, eps))
     logit = _logit(cos, temperature, PRECISION, ROUND)
     if NEG_MODE == 1:  # whole stored vector equal to the positive's
-        differ = tl.sum(tl.where(d_valid[None, :] & (t != p[None, :]), 1, 0), axis=1)
+        # "any element differs" as a max: an integer sum of the comparison is lowered by LLVM
+        # to a bit mask built through an 8-byte stack array (sm_90, fp32, D = 768/1024: 8 B of
+        # stack); a float count made ptxas park a predicate on the stack instead (sm_80, D = 3)
+        differ = tl.max(tl.where(d_valid[None, :] & (t != p[None, :]), 1, 0), axis=1)
         logit = tl.where(differ == 0, float("-inf"), logit)
     elif NEG_MODE == 2:
         logit = tl.where(j == jp, float("-inf"), logit)
@@ -206,11 +209,24 @@ def _segments_kernel(x_ptr, y_ptr, alpha_ptr, beta_ptr, order_ptr, offsets_ptr, 
     tl.store(gy_ptr + j * D + offs_d, gy.to(gy_ptr.dtype.element_ty), mask=d_valid)
 
 
-def _backward_warps(block_k: int, block_d: int) -> int:
+def _backward_warps(block_k: int, block_d: int, dtype: torch.dtype) -> int:
     """The rows backward holds a negatives tile and, beside it, x, p and the x gradient (BLOCK_D
     each): at a full 8K-value tile on 4 warps fp32 kept 16-24 B of stack on sm_80 (the compile
-    tier); 8 warps halve each thread's share."""
-    return 8 if block_k * block_d >= 8192 else 4
+    tier); 8 warps halve each thread's share. fp32 at 8 warps still sat at ptxas's 128-register
+    step on sm_90 with 8-16 B parked on the stack (read from the SASS: stored before the
+    negatives loop, one reload per tile); 16 warps (at most 128 registers each, the same 16
+    warps per SM) hold it in 98-128 registers with no stack on sm_80 and sm_90. fp16/bf16 tiles
+    fit at 8 warps (16 warps: 8 B of stack on sm_80)."""
+    if block_k * block_d < 8192:
+        return 4
+    return 16 if dtype == torch.float32 else 8
+
+
+def _segments_warps(block_e: int, block_d: int) -> int:
+    """The segmented grad y holds a BLOCK_E x BLOCK_D fp32 tile of gathered x rows: at 8K
+    values on 4 warps ptxas held 64 registers and parked 8 B on the stack (sm_90, fp16/bf16,
+    D = 768/1024); 8 warps halve each thread's share (64 registers, no stack)."""
+    return 8 if block_e * block_d >= 8192 else 4
 
 
 def _blocks(d: int, k: int) -> tuple[int, int]:
@@ -260,11 +276,12 @@ def backward(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, 
         grad_rows, x, y, negatives, positives if positives is not None else negatives, lse, grad_x, alpha, beta,
         gy_acc, m, d, k, float(temperature), NORM_EPS,
         HAS_POS=positives is not None, NEG_MODE=neg_mode, PRECISION=precision, ROUND=_ROUND[x.dtype],
-        ATOMIC=atomic, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_backward_warps(block_k, block_d))
+        ATOMIC=atomic, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_backward_warps(block_k, block_d, x.dtype))
     if atomic:
         return grad_x, gy_acc.to(y.dtype)
     order, offsets = csr
     grad_y = torch.empty_like(y)
+    block_e = max(1, min(32, 8192 // block_d))
     _segments_kernel[(m,)](x, y, alpha, beta, order, offsets, grad_y, d, k + 1,
-                           BLOCK_E=max(1, min(32, 8192 // block_d)), BLOCK_D=block_d)
+                           BLOCK_E=block_e, BLOCK_D=block_d, num_warps=_segments_warps(block_e, block_d))
     return grad_x, grad_y

@@ -135,11 +135,23 @@ def _backward_kernel(x_ptr, y_ptr, scale_ptr, gmax_ptr, max_ptr, log_l_ptr, g_pt
 
 def _config(a: torch.Tensor, d: int) -> dict:
     """Tiles by dtype and width only, never by device: the interpreter tier runs the tiles a
-    GPU runs."""
-    # fp32 products run on FMA units (IEEE, no tensor cores) and hold more per thread: a
-    # 64 x 256 fp32 gradient tile spilled about 600 B on sm_90; 64 x 128 does not.
-    widest = 128 if a.dtype == torch.float32 else 256
-    return dict(BLOCK=64, BLOCK_K=64, BLOCK_DV=min(widest, max(16, triton.next_power_of_2(d))), num_warps=8)
+    GPU runs. BLOCK: the rows of a program and the forward's column tiles (the online
+    log-sum-exp's grouping, so it sets the loss's rounding); BLOCK_Y: the backward's tiles of
+    the other side; BLOCK_K: the chunk of D per score product; BLOCK_DV: gradient columns."""
+    if a.dtype == torch.float32:
+        # fp32 products run on FMA units (IEEE, no tensor cores): each thread holds its rows
+        # and columns of both operands over the whole BLOCK_K chunk, and ptxas spilled at
+        # BLOCK_K = 64 (sm_80: forward 152 B, backward 312-384 B of stack at 255 registers;
+        # sm_90: backward 16 B) and the backward's 64 x 64 dS tile beside a 64 x 128 gradient
+        # tile. BLOCK_K = 16 and BLOCK_Y = 32 fit without stack (compile tier, sm_80/sm_90).
+        # The FMA lowering accumulates k in order into one accumulator per output, so the D
+        # chunk and the backward's y tile do not change a compiled kernel's result bits;
+        # BLOCK (the forward's column tiles) stays 64. A 64 x 256 gradient tile spilled about
+        # 600 B on sm_90: BLOCK_DV stays at most 128.
+        return dict(BLOCK=64, BLOCK_Y=32, BLOCK_K=16, BLOCK_DV=min(128, max(16, triton.next_power_of_2(d))),
+                    num_warps=8)
+    return dict(BLOCK=64, BLOCK_Y=64, BLOCK_K=64, BLOCK_DV=min(256, max(16, triton.next_power_of_2(d))),
+                num_warps=8)
 
 
 def _precision(a: torch.Tensor) -> str:
@@ -178,6 +190,6 @@ def backward(a, b, scale, stats, grad, pos_shift, pos_mod, exclude_self, n_grad_
         grid = (triton.cdiv(n_x, cfg["BLOCK"]), triton.cdiv(d, cfg["BLOCK_DV"]))
         _backward_kernel[grid](x, y, scale, gmax, stats[0], stats[1], grad, dx, n_x, n_y, d, pos_shift, pos_mod,
                                COL_SIDE=col_side, EXCLUDE_SELF=exclude_self, BLOCK_X=cfg["BLOCK"],
-                               BLOCK_Y=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DV=cfg["BLOCK_DV"],
+                               BLOCK_Y=cfg["BLOCK_Y"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DV=cfg["BLOCK_DV"],
                                PRECISION=_precision(a), num_warps=cfg["num_warps"])
     return da, db

@@ -148,14 +148,7 @@ def _problems(report):
 # Families whose kernels this tier has found over budget and that are not fixed yet: each
 # is an expected failure (strict: the mark must come off when the fix lands), reported as
 # xfailed, never as passed.
-KNOWN_OVER_BUDGET = {
-    "contrastive": "sm_90 (sm_80 fits since the rows backward runs 8 warps): 8-16 B of stack in "
-                   "_backward_rows_kernel (fp32 flags cases, D=256-1024), _forward_kernel (fp32, D=768/1024) "
-                   "and _segments_kernel (fp16/bf16 deterministic, D=768/1024); present before 2026-11-30 too, "
-                   "hidden by this entry's older sm_80-only reason; not yet read from the SASS or fixed",
-    "info_nce": "sm_80, fp32 (tf32 off: 'ieee' dots on FMA units): _forward_kernel 136 B and _backward_kernel "
-                "312-368 B of stack (sm_90 and fp16/bf16 fit; found by this tier; not fixed yet)",
-}
+KNOWN_OVER_BUDGET: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_OVER_BUDGET[f]))

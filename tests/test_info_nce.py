@@ -115,7 +115,8 @@ def test_reference_gradcheck_fp64():
 # ----------------------------------------------------------------------------- kernels vs fp64
 
 # triton (130, 150): the GPU tiles (kernels/info_nce.py _config, the same on every device)
-# over 3 row and column tiles of 64, 3 chunks of D and 2 gradient column tiles of 128 (fp32).
+# over 3 row and column tiles of 64 (the fp32 backward: 5 tiles of 32 on the other side),
+# 3 chunks of D of 64 (fp32: 10 of 16) and 2 gradient column tiles of 128 (fp32).
 PARITY_SHAPES = {"cpu": [(1, 3), (67, 37), (130, 70)], "triton": [(5, 3), (37, 23), (130, 150)]}
 
 
