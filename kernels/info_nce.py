@@ -143,7 +143,9 @@ def _config(a: torch.Tensor, d: int) -> dict:
         # and columns of both operands over the whole BLOCK_K chunk, and ptxas spilled at
         # BLOCK_K = 64 (sm_80: forward 152 B, backward 312-384 B of stack at 255 registers;
         # sm_90: backward 16 B) and the backward's 64 x 64 dS tile beside a 64 x 128 gradient
-        # tile. BLOCK_K = 16 and BLOCK_Y = 32 fit without stack (compile tier, sm_80/sm_90).
+        # tile. BLOCK_K = 16 and BLOCK_Y = 32 fit without spills on sm_80 (forward 128, backward
+        # 206-214 registers); on sm_90 the column-side backward parks 16 B at ptxas's
+        # 128-register step, outside the D loop (budgeted in tests/test_compile_triton.py).
         # The FMA lowering accumulates k in order into one accumulator per output, so the D
         # chunk and the backward's y tile do not change a compiled kernel's result bits;
         # BLOCK (the forward's column tiles) stays 64. A 64 x 256 gradient tile spilled about

@@ -70,6 +70,13 @@ SPILL_BUDGET: dict[str, int] = {
     # 200-4500 B of spills with 64 x 64 fp32 tiles and K chunks of 64.
     "masked_prediction:_dx_kernel": 16,
     "masked_prediction:_dw_kernel": 16,
+    # info_nce, fp32 (FMA-unit dots, 256 threads): the column-side pass (dB) with D >= 128 on
+    # sm_90 (Triton 3.9) sits at ptxas's 128-register step (two blocks per SM) by parking four
+    # 32-bit values: stored once at entry; two reloaded once per 32-row y tile (outside the
+    # loop over D chunks, where every FMA runs), a 64-bit pair only for the final store (read
+    # from the SASS). The row-side pass and sm_80 (206-214 registers): no stack. Was 152 B
+    # (forward) and 312-384 B (backward) on sm_80 with BLOCK_K = 64 and 64 x 64 dS tiles.
+    "info_nce:_backward_kernel": 16,
 }
 
 PYTHON = os.environ.get("SSLFAST_TRITON_PYTHON") or sys.executable
