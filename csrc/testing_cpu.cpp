@@ -214,12 +214,14 @@ float gumbel_tempered_row(const void* logits, int ldtype, int64_t base, int64_t 
 }
 
 // forward_kernel, soft_forward_kernel (hard=False in training), reduce_partials_kernel:
-// the arguments of the CUDA module's gumbel_quantize_forward, less the stream.
+// the arguments of the CUDA module's gumbel_quantize_forward, less the stream. The key is
+// loaded as each kernel loads it (a seed tensor's pointer is a CPU tensor's here).
 void gumbel_forward(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, int64_t N, int64_t G,
                     int64_t V, int64_t D, bool training, bool hard, double tau_d, uint64_t seed,
-                    std::uintptr_t mask_p, std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t partial_p,
-                    std::uintptr_t sums_p) {
+                    std::uintptr_t seed_p, std::uintptr_t mask_p, std::uintptr_t quant_p, std::uintptr_t codes_p,
+                    std::uintptr_t partial_p, std::uintptr_t sums_p) {
   using namespace gumbel_launch;
+  seed = load_seed(as_ptr<const int64_t>(seed_p), seed);
   const Launches plan = forward(N, G, V, training, hard);
   if (plan.empty()) return;
   const void* logits = as_ptr<const void>(logits_p);
@@ -297,8 +299,10 @@ void gumbel_forward(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook
 void gumbel_backward(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, int ldtype, std::uintptr_t cbt_p,
                      std::uintptr_t codes_p, std::uintptr_t mask_p, std::uintptr_t w_p, int64_t N, int64_t G,
                      int64_t V, int64_t D, bool training, bool hard, double tau_d, uint64_t seed,
-                     std::uintptr_t grad_logits_p, int cdtype, std::uintptr_t grad_cb_p, std::uintptr_t workspace_p) {
+                     std::uintptr_t seed_p, std::uintptr_t grad_logits_p, int cdtype, std::uintptr_t grad_cb_p,
+                     std::uintptr_t workspace_p) {
   using namespace gumbel_launch;
+  seed = load_seed(as_ptr<const int64_t>(seed_p), seed);
   if (N == 0) return;
   const void* grad_q = as_ptr<const void>(grad_q_p);
   const void* logits = as_ptr<const void>(logits_p);
@@ -575,10 +579,11 @@ void apply_mask_by_dtype(int dtype, F&& f) {
   }
 }
 
-// apply_mask_forward_kernel: apply_mask_forward's arguments less the stream.
+// apply_mask_forward_kernel: apply_mask_forward's arguments less the stream (a seed tensor's
+// pointer is a CPU tensor's here; every thread loads the key as the kernel's do).
 void apply_mask_forward(std::uintptr_t x, int64_t sxb, int64_t sxt, int64_t sxd, std::uintptr_t out, int64_t sob,
                         int64_t sot, int64_t sod, std::uintptr_t mask, std::uintptr_t fill, int dtype, int64_t B,
-                        int64_t T, int64_t D, float std, uint64_t seed) {
+                        int64_t T, int64_t D, float std, uint64_t seed, std::uintptr_t seed_ptr) {
   if (B == 0 || T == 0 || D == 0) return;
   const apply_mask::Strides sx{sxb, sxt, sxd}, so{sob, sot, sod};
   const Launch l = apply_mask_launch::forward(B, T, D)[0];
@@ -589,7 +594,8 @@ void apply_mask_forward(std::uintptr_t x, int64_t sxb, int64_t sxt, int64_t sxd,
     for (int64_t i = 0; i < l.grid_x * l.threads; ++i)
       if (i < work)
         apply_mask::forward_item<S>(as_ptr<const E>(x), sx, as_ptr<E>(out), so, as_ptr<const uint8_t>(mask),
-                                    as_ptr<const E>(fill), T, D, std, seed, x == out, i);
+                                    as_ptr<const E>(fill), T, D, std,
+                                    load_seed(as_ptr<const int64_t>(seed_ptr), seed), x == out, i);
   });
 }
 
@@ -733,12 +739,13 @@ void bind_testing(py::module_& m) {
         py::arg("dim"));
   t.def("gumbel_forward", &gumbel_forward, py::arg("logits"), py::arg("ldtype"), py::arg("codebook"),
         py::arg("cdtype"), py::arg("n"), py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"),
-        py::arg("hard"), py::arg("tau"), py::arg("seed"), py::arg("mask"), py::arg("quantized"), py::arg("codes"),
-        py::arg("partial"), py::arg("sums"));
+        py::arg("hard"), py::arg("tau"), py::arg("seed"), py::arg("seed_ptr"), py::arg("mask"), py::arg("quantized"),
+        py::arg("codes"), py::arg("partial"), py::arg("sums"));
   t.def("gumbel_backward", &gumbel_backward, py::arg("grad_q"), py::arg("gdtype"), py::arg("logits"),
         py::arg("ldtype"), py::arg("codebook_t"), py::arg("codes"), py::arg("mask"), py::arg("w"), py::arg("n"),
         py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("hard"), py::arg("tau"),
-        py::arg("seed"), py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"), py::arg("workspace"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"),
+        py::arg("workspace"));
   t.def("rp_quantize", &rp_quantize_rows, py::arg("x"), py::arg("x_dtype"), py::arg("B"), py::arg("T"), py::arg("F"),
         py::arg("k"), py::arg("proj"), py::arg("codebooks"), py::arg("cb_dtype"), py::arg("H"), py::arg("V"),
         py::arg("d"), py::arg("layernorm"), py::arg("metric"), py::arg("mask"), py::arg("out"));
@@ -756,7 +763,8 @@ void bind_testing(py::module_& m) {
         py::arg("D"), py::arg("K"), py::arg("dtype"));
   t.def("apply_mask_forward", &apply_mask_forward, py::arg("x"), py::arg("sxb"), py::arg("sxt"), py::arg("sxd"),
         py::arg("out"), py::arg("sob"), py::arg("sot"), py::arg("sod"), py::arg("mask"), py::arg("fill"),
-        py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"), py::arg("std"), py::arg("seed"));
+        py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"), py::arg("std"), py::arg("seed"),
+        py::arg("seed_ptr"));
   t.def("apply_mask_backward", &apply_mask_backward, py::arg("grad"), py::arg("sgb"), py::arg("sgt"), py::arg("sgd"),
         py::arg("grad_x"), py::arg("mask"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"),
         py::arg("partial"), py::arg("grad_fill"));

@@ -238,6 +238,17 @@ def test_gumbel_kernels_on_the_host_match_fp64(emulated_gumbel_cuda, dtype, hard
     tg._parity("cuda", "cpu", [dtype], shapes=GUMBEL_HOST_SHAPES, hard=hard)
 
 
+@pytest.mark.parametrize("case", ["_check_seed_tensor_same_bits", "_check_negative_seed_tensor", "_check_seed_none",
+                                  "_check_derived_seed_tensors"])
+def test_gumbel_kernels_on_the_host_seed_tensors(emulated_gumbel_cuda, case):
+    # A seed tensor reaches the kernels as a pointer (sslfast.random.seed_args), here a CPU
+    # tensor's, loaded by load_seed as each kernel loads it: the same bits as the int seed,
+    # forward and backward (tests/test_gumbel_quantize.py's seed checks).
+    import test_gumbel_quantize as tg
+
+    getattr(tg, case)("cuda", torch.device("cpu"))
+
+
 @pytest.fixture
 def emulated_rp_cuda(C, monkeypatch):
     """ops/rp_quantize.py's cuda backend on CPU tensors, rp_quantize_kernel run by the host
@@ -359,7 +370,12 @@ def test_apply_mask_kernels_on_the_host_match_the_reference(emulated_apply_mask_
 
 @pytest.mark.parametrize("case", ["test_unmasked_frames_untouched_bit_for_bit", "test_all_and_none_masked_and_empty",
                                   "test_non_contiguous_x_and_integer_masks", "test_inplace_semantics",
-                                  "test_noise_depends_only_on_seed_frame_and_channel"])
+                                  "test_noise_depends_only_on_seed_frame_and_channel",
+                                  # seed tensors: the kernel loads the key through seed_ptr (a CPU pointer here)
+                                  "test_seed_tensor_draws_the_bits_of_the_same_int",
+                                  "test_negative_seed_tensor_is_its_twos_complement_key",
+                                  "test_seed_none_is_a_device_draw_of_torchs_generator",
+                                  "test_derived_seed_tensors_match_derived_ints"])
 def test_apply_mask_kernels_on_the_host_edge_cases(emulated_apply_mask_cuda, case):
     import test_apply_mask as ta
 
