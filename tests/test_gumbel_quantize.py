@@ -717,6 +717,19 @@ def test_reference_noise_of_a_negative_seed_tensor():
         assert torch.equal(ref.gumbel_noise(7, 10, torch.tensor(s)), noise_fp64(7, 10, s + 2**64))
 
 
+@pytest.mark.parametrize("backend", SEED_BACKENDS[1:])  # the kernel backends: their backward redraws the noise
+def test_backward_keeps_the_seed_tensor(backend, triton_device):
+    # the custom op saves the seed tensor itself (no host copy of its value): changing it in place
+    # between forward and backward raises instead of redrawing other noise
+    dev = _seed_device(backend, triton_device)
+    logits, cb, _ = inputs(8, 2, 5, 3, device=dev)
+    s = torch.tensor(5, device=dev)
+    out = gvq(logits.clone().requires_grad_(), cb, groups=2, hard=False, seed=s, backend=backend)
+    s.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.quantized.sum().backward()
+
+
 @pytest.mark.cpu
 def test_bad_seed_tensors_raise():
     logits, cb, _ = inputs(8, 2, 5, 3)

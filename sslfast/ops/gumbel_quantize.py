@@ -163,8 +163,8 @@ def _forward_cuda(logits, codebook, mask, groups, tau, hard, training, seed):
     sums = torch.empty(2, groups, gv // groups, device=dev)
     _ext.cuda_module().gumbel_quantize_forward(
         _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype], _ext.ptr(codebook), _ext.DTYPE_CODE[codebook.dtype],
-        n, groups, gv // groups, d, training, hard, float(tau), *sr.seed_args(seed), _ext.ptr(mask), _ext.ptr(quantized),
-        _ext.ptr(codes), _ext.ptr(partial), _ext.ptr(sums), _ext.stream(dev))
+        n, groups, gv // groups, d, training, hard, float(tau), *sr.seed_args(seed), _ext.ptr(mask),
+        _ext.ptr(quantized), _ext.ptr(codes), _ext.ptr(partial), _ext.ptr(sums), _ext.stream(dev))
     count = _count(mask, n, dev)
     return quantized, codes, sums[0] / count, sums[1] / count
 
@@ -176,8 +176,9 @@ def _backward_cuda(grad_q, w, logits, codebook, codes, mask, groups, tau, hard, 
     # soft path: per-row softmax statistics and the per-chunk codebook-gradient partials
     ws = torch.empty(0 if hard else module.gumbel_quantize_soft_workspace(n, groups, gv // groups, codebook.shape[1]),
                      device=logits.device)
-    return _backward_native(module, sr.seed_args(seed), (_ext.ptr(ws) if ws.numel() else 0, _ext.stream(logits.device)),
-                            grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training)
+    extra = (_ext.ptr(ws) if ws.numel() else 0, _ext.stream(logits.device))
+    return _backward_native(module, sr.seed_args(seed), extra, grad_q, w, logits, codebook, codes, mask, groups, tau,
+                            hard, training)
 
 
 # ----------------------------------------------------------------------------- custom ops
