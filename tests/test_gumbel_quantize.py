@@ -690,24 +690,13 @@ def _check_derived_seed_tensors(backend, device):
             _assert_same_run(_seed_run(backend, device, seed), want)
 
 
+SEED_CHECKS = [_check_seed_tensor_same_bits, _check_negative_seed_tensor, _check_seed_none, _check_derived_seed_tensors]
+
+
+@pytest.mark.parametrize("check", SEED_CHECKS, ids=lambda f: f.__name__[len("_check_"):])
 @pytest.mark.parametrize("backend", SEED_BACKENDS)
-def test_seed_tensor_same_bits_as_int(backend, triton_device):
-    _check_seed_tensor_same_bits(backend, _seed_device(backend, triton_device))
-
-
-@pytest.mark.parametrize("backend", SEED_BACKENDS)
-def test_negative_seed_tensor(backend, triton_device):
-    _check_negative_seed_tensor(backend, _seed_device(backend, triton_device))
-
-
-@pytest.mark.parametrize("backend", SEED_BACKENDS)
-def test_seed_none_is_a_device_draw(backend, triton_device):
-    _check_seed_none(backend, _seed_device(backend, triton_device))
-
-
-@pytest.mark.parametrize("backend", SEED_BACKENDS)
-def test_derived_seed_tensors_match_ints(backend, triton_device):
-    _check_derived_seed_tensors(backend, _seed_device(backend, triton_device))
+def test_seed_tensors_and_none(backend, check, triton_device):
+    check(backend, _seed_device(backend, triton_device))
 
 
 @pytest.mark.cpu
@@ -974,10 +963,11 @@ def test_gpu_soft_same_noise_deterministic_and_large(backend):
     assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
 
 
-def _gpu_graph_replays(backend, fn, base):
-    """fn(seed) captured twice, with (a) seed=None and (b) seed=derive_seed(base, step=step)
-    after step.add_(1) inside the capture, each replayed 3 times: {"none": [...], "step": [...]}
-    of each replay's outputs (cloned), and the final step."""
+def _assert_graph_replays(fn, base, noisy):
+    """fn(seed) -> tuple of tensors, captured twice in a CUDA graph, with (a) seed=None and (b)
+    seed=derive_seed(base, step=step) after step.add_(1) inside the capture, each replayed 3
+    times: output ``noisy`` differs between the replays of each, and replay k of (b) equals an
+    eager fn(derive_seed(base, step=k)) in every output."""
     step = torch.zeros((), dtype=torch.int64, device="cuda")
 
     def captured(name):
@@ -1003,7 +993,14 @@ def _gpu_graph_replays(backend, fn, base):
             graph.replay()
             replays[name].append([t.clone() for t in static])
     torch.cuda.synchronize()
-    return replays, int(step)
+    assert int(step) == 3
+    for name, outs in replays.items():
+        for i in range(3):
+            for j in range(i):
+                assert not torch.equal(outs[i][noisy], outs[j][noisy]), (name, i, j)
+    for k, got in enumerate(replays["step"], start=1):
+        want = fn(sr.derive_seed(base, step=k))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), k
 
 
 @pytest.mark.gpu
@@ -1012,24 +1009,15 @@ def _gpu_graph_replays(backend, fn, base):
 def test_gpu_cuda_graph_replays_draw_fresh_noise(backend, hard):
     """Forward captured in a CUDA graph: every replay draws new noise, with seed=None (torch's
     graph-safe generator) and with a derived seed whose step tensor advances inside the graph;
-    replay k of (b) equals an eager call with seed=derive_seed(base, step=k)."""
+    replay k of the latter equals an eager call with seed=derive_seed(base, step=k)."""
     logits, cb, mask = inputs(301, 2, 320, 128, scale=1.0, seed=3)
     logits, cb, mask = logits.cuda(), cb.cuda(), mask.cuda()
-    base = 2**40 + 13
 
     def fn(seed):
         out = gvq(logits, cb, groups=2, tau=0.7, hard=hard, seed=seed, mask=mask, backend=backend)
         return out.quantized, out.codes, out.prob_perplexity
 
-    replays, step = _gpu_graph_replays(backend, fn, base)
-    assert step == 3
-    for name, outs in replays.items():
-        for i in range(3):
-            for j in range(i):
-                assert not torch.equal(outs[i][1], outs[j][1]), (name, i, j)
-    for k, got in enumerate(replays["step"], start=1):
-        want = fn(sr.derive_seed(base, step=k))
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), k
+    _assert_graph_replays(fn, 2**40 + 13, noisy=1)
 
 
 @pytest.mark.gpu
@@ -1042,19 +1030,10 @@ def test_gpu_cuda_graph_forward_and_backward(backend, hard):
     logits, cb, mask = inputs(301, 2, 320, 128, scale=1.0, seed=3)
     logits, cb, mask = logits.cuda().requires_grad_(), cb.cuda().requires_grad_(), mask.cuda()
     r = torch.randn(301, 256, generator=torch.Generator().manual_seed(4)).cuda()
-    base = 2**40 + 17
 
     def fn(seed):
         out = gvq(logits, cb, groups=2, tau=0.7, hard=hard, seed=seed, mask=mask, backend=backend)
         gl, gc = torch.autograd.grad((out.quantized * r).sum() + 2.5 * out.prob_perplexity, (logits, cb))
         return out.codes, out.quantized.detach(), gl, gc
 
-    replays, step = _gpu_graph_replays(backend, fn, base)
-    assert step == 3
-    for name, outs in replays.items():
-        for i in range(3):
-            for j in range(i):
-                assert not torch.equal(outs[i][2], outs[j][2]), (name, i, j)
-    for k, got in enumerate(replays["step"], start=1):
-        want = fn(sr.derive_seed(base, step=k))
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), k
+    _assert_graph_replays(fn, 2**40 + 17, noisy=2)
