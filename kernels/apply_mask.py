@@ -122,7 +122,7 @@ def forward(x, mask, fill, std, seed, out):
     block_d = max(4, min(1024, triton.next_power_of_2(D)))
     _forward_kernel[(triton.cdiv(n, frames),)](
         x, out, mask, fill if fill is not None else x, n, T, D, *x.stride(), *out.stride(), float(std),
-        sr.seed_tensor(seed, x.device) if fill is None else mask,
+        sr.seed_tensor(seed, x.device) if fill is None else mask,  # an embedding fill loads no key
         NOISE=fill is None, INPLACE=out.data_ptr() == x.data_ptr(), FRAMES=frames, BLOCK_D=block_d)
     return out
 
