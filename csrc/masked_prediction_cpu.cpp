@@ -142,7 +142,8 @@ struct Problem {
   int64_t N, H, Hx, V, D;
   float scale, eps;
   float* loss;  // (N, H) or null
-  float* lse;   // (N, H) or null
+  float* row_max;  // (N, H) or null: the row's max logit and log l (lse = their sum, kept apart)
+  float* log_l;    // (N, H) or null
   uint8_t* top; // (N, H) or null
   float* dx;    // (N, Hx, D), accumulated into (zeroed by the caller)
   float* dw;    // (H, V, D)
@@ -229,9 +230,10 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, int64_t h, int
     } else {
       row_update(st, z, static_cast<int>(p.V), 0, t);
     }
-    const float lse = row_lse(st);
+    const float log_l = row_log_l(st);
     if (p.loss) p.loss[i] = row_loss(st, valid, p.eps, eps_over_v);
-    if (p.lse) p.lse[i] = lse;
+    if (p.row_max) p.row_max[i] = st.m;
+    if (p.log_l) p.log_l[i] = log_l;
     if (p.top) p.top[i] = row_top(st, valid) ? 1 : 0;
     if (!grad) continue;
     const float g = valid ? p.grad[i] : 0.0f;
@@ -242,8 +244,8 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, int64_t h, int
     const float mass = row_mass(st, p.eps);
     for (int64_t v = 0; v < p.V; ++v) {
       const float qv = soft ? sl.qrow[v] : (v == t ? 1.0f : 0.0f);
-      if (p.dq) p.dq[i * p.V + v] = dtarget(z[v], lse, g, p.eps);
-      z[v] = p.scale * dlogit(z[v], lse, g, qv, mass, p.eps, eps_over_v);
+      if (p.dq) p.dq[i * p.V + v] = dtarget(z[v], st.m, log_l, g, p.eps);
+      z[v] = p.scale * dlogit(z[v], st.m, log_l, g, qv, mass, p.eps, eps_over_v);
     }
     std::fill(z + p.V, z + L.Vs, 0.0f);
   }
@@ -332,11 +334,13 @@ std::tuple<int64_t, int64_t> layout_cpu(int64_t V, int64_t D, bool grad) {
 void forward_backward_cpu(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias,
                           int b_dtype, std::uintptr_t targets, std::uintptr_t q, int q_dtype, std::uintptr_t grad,
                           int64_t N, int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps,
-                          std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t top, std::uintptr_t dx,
+                          std::uintptr_t loss, std::uintptr_t row_max, std::uintptr_t log_l, std::uintptr_t top,
+                          std::uintptr_t dx,
                           std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dq, std::uintptr_t ws, int64_t slots) {
   const Problem p{as_ptr<const void>(x), x_dtype, as_ptr<const void>(w), w_dtype, as_ptr<const void>(bias), b_dtype,
                   as_ptr<const int64_t>(targets), as_ptr<const void>(q), q_dtype, as_ptr<const float>(grad), N, H, Hx,
-                  V, D, static_cast<float>(scale), static_cast<float>(eps), as_ptr<float>(loss), as_ptr<float>(lse),
+                  V, D, static_cast<float>(scale), static_cast<float>(eps), as_ptr<float>(loss), as_ptr<float>(row_max),
+                  as_ptr<float>(log_l),
                   as_ptr<uint8_t>(top), as_ptr<float>(dx), as_ptr<float>(dw), as_ptr<float>(db),
                   as_ptr<float>(dq)};
   if (N == 0 || H == 0) return;
@@ -353,7 +357,8 @@ void bind_masked_prediction(py::module_& m) {
   m.def("masked_prediction_forward_backward", &mpl::forward_backward_cpu, py::arg("x"), py::arg("x_dtype"),
         py::arg("w"), py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("q"),
         py::arg("q_dtype"), py::arg("grad"), py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"),
-        py::arg("scale"), py::arg("eps"), py::arg("loss"), py::arg("lse"), py::arg("top"), py::arg("dx"),
+        py::arg("scale"), py::arg("eps"), py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("top"),
+        py::arg("dx"),
         py::arg("dw"), py::arg("db"), py::arg("dq"), py::arg("ws"), py::arg("slots"));
 }
 

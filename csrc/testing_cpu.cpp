@@ -629,19 +629,21 @@ void mpl_logit_tile(const mpl::Args& a, mpl::Smem& s, int64_t h, int64_t n0, int
 }
 
 // forward_kernel, then with a gradient dx_kernel and dw_kernel: the arguments of
-// masked_prediction_forward_backward less the stream.
+// masked_prediction_forward_backward less the stream (soft: the kSoft instantiations).
 void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias, int b_dtype,
-                       std::uintptr_t targets, std::uintptr_t grad_p, int64_t N, int64_t H, int64_t Hx, int64_t V,
-                       int64_t D, double scale, double eps, std::uintptr_t loss, std::uintptr_t lse_p,
-                       std::uintptr_t top, std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db) {
+                       std::uintptr_t targets, std::uintptr_t q, int q_dtype, std::uintptr_t grad_p, int64_t N,
+                       int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps, std::uintptr_t loss,
+                       std::uintptr_t row_max, std::uintptr_t log_l, std::uintptr_t mass, std::uintptr_t top,
+                       std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dq) {
   using namespace mpl;
   if (N == 0) return;
+  const bool soft = q != 0;
   const Args a{as_ptr<const void>(x), x_dtype, as_ptr<const void>(w), w_dtype, as_ptr<const void>(bias), b_dtype,
-               as_ptr<const int64_t>(targets), N, H, Hx, V, D, static_cast<float>(scale), static_cast<float>(eps),
-               static_cast<float>(eps / static_cast<double>(V))};
+               soft ? nullptr : as_ptr<const int64_t>(targets), as_ptr<const void>(q), q_dtype, N, H, Hx, V, D,
+               static_cast<float>(scale), static_cast<float>(eps), static_cast<float>(eps / static_cast<double>(V))};
+  const Saved sv{as_ptr<float>(row_max), as_ptr<float>(log_l), soft ? as_ptr<float>(mass) : nullptr};
   const Launches plan = masked_prediction_launch::plan(N, H, Hx, V, D, grad_p != 0);
   auto s = std::make_unique<Smem>();
-  const float* lse = as_ptr<const float>(lse_p);
   const float* grad = as_ptr<const float>(grad_p);
   for (int64_t bx = 0; bx < plan[0].grid_x; ++bx)
     for (int64_t h = 0; h < plan[0].grid_y; ++h) {  // forward_kernel, block (row block, head)
@@ -649,16 +651,18 @@ void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dt
       RowState st[BM];
       int64_t t[BM];
       for (int r = 0; r < BM; ++r) {
-        st[r] = row_init(false);
-        t[r] = n0 + r < N ? a.targets[(n0 + r) * H + h] : -1;
+        st[r] = row_init(soft);
+        t[r] = !soft && n0 + r < N ? a.targets[(n0 + r) * H + h] : -1;
       }
       for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        if (soft)
+          for (unsigned tid = 0; tid < THREADS; ++tid) stage_targets(a, *s, h, n0, v0, tid);
         mpl_logit_tile(a, *s, h, n0, v0);
-        for (int r = 0; r < BM; ++r) row_update(st[r], s->z[r], static_cast<int>(V - v0 < BV ? V - v0 : BV), v0, t[r]);
+        for (int r = 0; r < BM; ++r) fold_tile(*s, st[r], r, v0, V, t[r], soft);
       }
       for (int r = 0; r < BM; ++r)
-        if (n0 + r < N)
-          forward_row_out(a, st[r], n0 + r, h, t[r], as_ptr<float>(loss), as_ptr<float>(lse_p), as_ptr<uint8_t>(top));
+        if (n0 + r < N) forward_row_out(a, st[r], n0 + r, h, soft || t[r] >= 0, as_ptr<float>(loss), sv,
+                                        as_ptr<uint8_t>(top));
     }
   if (grad_p == 0) return;
   float acc[THREADS][BD / 8];
@@ -672,7 +676,8 @@ void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dt
           const int64_t h = hx + i;
           for (int64_t v0 = 0; v0 < V; v0 += BV) {
             mpl_logit_tile(a, *s, h, n0, v0);
-            for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, lse, grad, tid);
+            for (unsigned tid = 0; tid < THREADS; ++tid)
+              dlogit_items(a, *s, h, n0, v0, sv, grad, by == 0 ? as_ptr<float>(dq) : nullptr, tid, soft);
             for (int tid = 0; tid < THREADS; ++tid)
               dx_tile(a, *s, acc[tid], h, v0, d0, tid / 8, tid % 8);
           }
@@ -692,7 +697,7 @@ void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dt
         std::fill(dbias, dbias + THREADS, 0.0f);
         for (int64_t n0 = 0; n0 < N; n0 += BM) {
           mpl_logit_tile(a, *s, h, n0, v0);
-          for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, lse, grad, tid);
+          for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, sv, grad, nullptr, tid, soft);
           for (int tid = 0; tid < THREADS; ++tid)
             dw_tile(a, *s, acc[tid], dbias[tid], hx, n0, d0, tid / 8, tid % 8);
         }
@@ -762,9 +767,10 @@ void bind_testing(py::module_& m) {
         py::arg("partial"), py::arg("grad_fill"));
   t.attr("apply_mask_grad_chunk") = apply_mask::kGradChunk;
   t.def("masked_prediction", &masked_prediction, py::arg("x"), py::arg("x_dtype"), py::arg("w"), py::arg("w_dtype"),
-        py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("grad"), py::arg("N"), py::arg("H"),
-        py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"), py::arg("loss"), py::arg("lse"),
-        py::arg("top"), py::arg("dx"), py::arg("dw"), py::arg("db"));
+        py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("q"), py::arg("q_dtype"), py::arg("grad"),
+        py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"),
+        py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("mass"), py::arg("top"), py::arg("dx"),
+        py::arg("dw"), py::arg("db"), py::arg("dq"));
   t.def("gumbel_tempered_weight", &gumbel_tempered_weight, py::arg("y"), py::arg("ym"), py::arg("n"), py::arg("tau"),
         py::arg("out"));
 }

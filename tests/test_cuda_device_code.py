@@ -401,3 +401,21 @@ def test_masked_prediction_kernels_on_the_host_edge_cases(emulated_masked_predic
 def test_masked_prediction_kernels_on_the_host_low_precision(emulated_masked_prediction_cuda, dtype, head):
     # at most twice PyTorch's own error in the dtype (tests/test_masked_prediction.py's rule)
     emulated_masked_prediction_cuda.test_kernel_low_precision_error_at_most_twice_pytorch("cuda", dtype, head)
+
+
+@pytest.mark.parametrize("n,h,v,d", [(1, 1, 1, 1), (37, 2, 50, 9), (40, 2, 70, 130)])
+def test_masked_prediction_soft_targets_on_the_host_match_the_reference(emulated_masked_prediction_cuda, n, h, v, d):
+    # the kSoft kernels (soft targets staged beside the logit tile, dq from the first feature
+    # block of dx_kernel): loss, stats and the gradients of x, W, b and the targets
+    for reduction in ("mean", "none"):
+        for head in ("linear", "cosine"):
+            emulated_masked_prediction_cuda.test_soft_kernel_matches_reference("cuda", n, h, v, d, reduction, head)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_masked_prediction_kernels_on_the_host_large_logits(emulated_masked_prediction_cuda, soft):
+    # the gradient kernels recompute p from the saved (max, log l), not a rounded fp32 lse
+    for base in (100.0, 1e3, -4e3):
+        for reduction in ("mean", "none"):
+            emulated_masked_prediction_cuda.test_kernel_gradients_at_large_logits_within_twice_the_reference(
+                "cuda", base, reduction, soft)
