@@ -38,10 +38,12 @@ namespace {
 // mask_equalize_kernel, `nt` threads a block; arguments as compute_mask_indices_cuda.
 void masking_kernels(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr, int64_t B, int64_t T, double mask_prob,
                      int64_t L, int64_t vmin, std::uintptr_t thr_ptr, int64_t n_thr, int64_t min_masks,
-                     int require_same, double dropout, int hf, uint64_t seed, int no_overlap, int64_t min_space,
-                     int64_t n_cap, int64_t r_cap, int64_t nt, std::uintptr_t out_ptr) {
+                     int require_same, double dropout, int hf, uint64_t seed, std::uintptr_t seed_ptr,
+                     int no_overlap, int64_t min_space, int64_t n_cap, int64_t r_cap, int64_t nt,
+                     std::uintptr_t out_ptr) {
+  // both kernels begin with p.seed = load_seed(seed_ptr, p.seed): a CPU seed tensor here
   const masking::Params p{B, T, mask_prob, L, vmin, as_ptr<const int64_t>(thr_ptr), n_thr, min_masks, require_same,
-                          dropout, hf, seed, no_overlap, min_space};
+                          dropout, hf, load_seed(as_ptr<const int64_t>(seed_ptr), seed), no_overlap, min_space};
   const int64_t* lengths = as_ptr<const int64_t>(lengths_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
   uint8_t* out = as_ptr<uint8_t>(out_ptr);
@@ -718,8 +720,8 @@ void bind_testing(py::module_& m) {
   t.def("masking_kernels", &masking_kernels, py::arg("lengths"), py::arg("padding_mask"), py::arg("B"), py::arg("T"),
         py::arg("mask_prob"), py::arg("mask_length"), py::arg("vmin"), py::arg("thresholds"), py::arg("n_thresholds"),
         py::arg("min_masks"), py::arg("require_same_masks"), py::arg("mask_dropout"), py::arg("hf_style"),
-        py::arg("seed"), py::arg("no_overlap"), py::arg("min_space"), py::arg("n_cap"), py::arg("r_cap"),
-        py::arg("threads"), py::arg("out"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("no_overlap"), py::arg("min_space"), py::arg("n_cap"),
+        py::arg("r_cap"), py::arg("threads"), py::arg("out"));
   t.def("negatives_prefix", &negatives_prefix, py::arg("mask"), py::arg("padding_mask"), py::arg("from_masked_only"),
         py::arg("end"), py::arg("first"), py::arg("row_base"), py::arg("row_end"), py::arg("threads"));
   t.def("negatives_one_pass", &negatives_one_pass, py::arg("mask"), py::arg("padding_mask"),
