@@ -405,7 +405,7 @@ def test_bad_seed_tensors_raise():
 
 
 @pytest.mark.cpu
-@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "cpu"])  # reference: ~30 s
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "cpu"])  # reference: 10-30 s
 def test_torch_compile_fullgraph_with_seed_tensors_and_none(backend):
     # fullgraph=True fails on any graph break: seed=None must be traced (a torch.randint in the
     # graph, no .item()) and a seed tensor must reach the kernels as a tensor, read when they run.
