@@ -91,9 +91,9 @@ def _triton(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask
     vmin, n_thr, thr = _device_table(mask_type, mask_length, mask_other, lengths.device)
     n_cap = max(_max_spans(T, mask_prob, mask_length, min_masks), 1)
     r_cap = max(T, n_cap + 1)
+    seed_t = sr.seed_tensor(seed, lengths.device)  # the kernels load the key from it
     return km.compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vmin, thr, n_thr, min_masks,
-                                   require_same_masks, mask_dropout, style == "hf", sr.seed_tensor(seed, lengths.device),
-                                   n_cap, r_cap, out,
+                                   require_same_masks, mask_dropout, style == "hf", seed_t, n_cap, r_cap, out,
                                    no_overlap, min_space)
 
 
