@@ -678,6 +678,10 @@ def test_triton_no_host_sync_given_counts(layout, Kc, expected, triton_on_meta):
     out = sslfast.sample_negatives(mask, 7, num_masked=48, **kw)
     assert out.device.type == "meta" and out.shape == ((48, 7 + Kc) if layout == "packed" else (4, 30, 7 + Kc))
     assert triton_on_meta.names == expected
+    # seed=None (a key drawn on the device) and a seed tensor: no host read either
+    for seed in (None, torch.tensor(3, device="meta")):
+        again = sslfast.sample_negatives(mask, 7, num_masked=48, **dict(kw, seed=seed))
+        assert again.device.type == "meta" and again.shape == out.shape
     if layout == "packed":
         with pytest.raises((RuntimeError, NotImplementedError)):
             sslfast.sample_negatives(mask, 7, **kw)
