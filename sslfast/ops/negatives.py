@@ -151,8 +151,9 @@ def sample_negatives(
             negatives (fairseq reseeds every rank alike); pass
             ``sslfast.derive_seed(base, rank=rank, step=step)`` (rank and step may be 0-d int64
             device tensors: advance ``step`` inside a captured graph for a fresh stream per
-            replay). A float or multi-element seed tensor raises TypeError / ValueError, one on
-            another device ValueError.
+            replay). Raises TypeError for a seed that is not an int, an int64 tensor or None,
+            ValueError for an int outside [0, 2**63 - 1], a tensor of more than one element or
+            one on another device than mask.
         padding_mask: (B, T) bool, True at padding (fairseq); a non-bool one raises TypeError.
         attention_mask: (B, T) bool or 0/1 integers, 1 at valid frames (Hugging Face's),
             instead of padding_mask.
