@@ -74,6 +74,11 @@ def negatives():
             lambda Kc=Kc, lay=layout, mo=masked_only: sslfast.sample_negatives(
                 m, 100, cross_sample_negatives=Kc, padding_mask=pad, from_masked_only=mo, layout=lay, seed=1,
                 **TRITON))
+    # the key by pointer (kernels/negatives.py): a seed tensor, and seed=None (drawn on the device)
+    for Kc, layout in ((10, "packed"), (10, "hf"), (0, "hf")):
+        for label, seed in (("seed tensor", torch.tensor(2**40 + 1)), ("seed=None", None)):
+            yield f"{label} Kc={Kc} {layout}", (lambda Kc=Kc, lay=layout, seed=seed: sslfast.sample_negatives(
+                m, 100, cross_sample_negatives=Kc, layout=lay, seed=seed, **TRITON))
 
 
 def apply_mask():
