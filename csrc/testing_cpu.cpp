@@ -38,10 +38,12 @@ namespace {
 // mask_equalize_kernel, `nt` threads a block; arguments as compute_mask_indices_cuda.
 void masking_kernels(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr, int64_t B, int64_t T, double mask_prob,
                      int64_t L, int64_t vmin, std::uintptr_t thr_ptr, int64_t n_thr, int64_t min_masks,
-                     int require_same, double dropout, int hf, uint64_t seed, int no_overlap, int64_t min_space,
-                     int64_t n_cap, int64_t r_cap, int64_t nt, std::uintptr_t out_ptr) {
+                     int require_same, double dropout, int hf, uint64_t seed, std::uintptr_t seed_ptr,
+                     int no_overlap, int64_t min_space, int64_t n_cap, int64_t r_cap, int64_t nt,
+                     std::uintptr_t out_ptr) {
+  // both kernels begin with p.seed = load_seed(seed_ptr, p.seed): a CPU seed tensor here
   const masking::Params p{B, T, mask_prob, L, vmin, as_ptr<const int64_t>(thr_ptr), n_thr, min_masks, require_same,
-                          dropout, hf, seed, no_overlap, min_space};
+                          dropout, hf, load_seed(as_ptr<const int64_t>(seed_ptr), seed), no_overlap, min_space};
   const int64_t* lengths = as_ptr<const int64_t>(lengths_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
   uint8_t* out = as_ptr<uint8_t>(out_ptr);
@@ -94,7 +96,8 @@ py::tuple negatives_prefix(std::uintptr_t mask, std::uintptr_t pad, int from_mas
 // negatives_one_pass_kernel<hf> for every block (b, chunk), kChunk threads; the block scans
 // are prefix sums here.
 void negatives_one_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int from_masked_only, int64_t B, int64_t T,
-                        int64_t K, int64_t Kc, bool hf, uint64_t seed, int64_t n_rows, std::uintptr_t out_ptr) {
+                        int64_t K, int64_t Kc, bool hf, uint64_t seed_value, std::uintptr_t seed_ptr,
+                        int64_t n_rows, std::uintptr_t out_ptr) {
   constexpr int64_t nt = negatives_launch::kChunk;
   const uint8_t* mask = as_ptr<const uint8_t>(mask_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
@@ -145,6 +148,7 @@ void negatives_one_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int fro
       }
       out_row[tid] = row;
     }
+    const uint64_t seed = load_seed(as_ptr<const int64_t>(seed_ptr), seed_value);  // as the kernel, per block
     for (int64_t tid = 0; tid < nt; ++tid)
       negatives::one_pass_draws(hf, seed, T, K, Kc, b, t0, row_start, n_row, total, own.data(), out_row.data(),
                                 pos.data(), out, tid, nt);
@@ -153,7 +157,8 @@ void negatives_one_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int fro
 
 // negatives_scan_kernel (one block of nt threads) then negatives_draw_kernel (every item).
 void negatives_two_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int from_masked_only, int64_t B, int64_t T,
-                        int64_t K, int64_t Kc, bool hf, uint64_t seed, int64_t n_rows, std::uintptr_t out_ptr) {
+                        int64_t K, int64_t Kc, bool hf, uint64_t seed_value, std::uintptr_t seed_ptr,
+                        int64_t n_rows, std::uintptr_t out_ptr) {
   const uint8_t* mask = as_ptr<const uint8_t>(mask_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
   std::vector<int32_t> ws32(3 * B * T);
@@ -166,8 +171,10 @@ void negatives_two_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int fro
   const Launches plan = negatives_launch::plan(B, T, K, Kc, hf, 0, 0);  // 0 bytes of opt-in: the two-launch path
   if (plan.size() < 2) return;
   const int64_t items = plan[1].grid_x * plan[1].threads;
-  for (int64_t i = 0; i < items; ++i)
-    negatives::draw_item(B, T, K, Kc, hf, seed, rank, mrank, pos, ws64.data(), n_rows, as_ptr<int64_t>(out_ptr), i);
+  const int64_t* key = as_ptr<const int64_t>(seed_ptr);
+  for (int64_t i = 0; i < items; ++i)  // each thread of the kernel loads the key
+    negatives::draw_item(B, T, K, Kc, hf, load_seed(key, seed_value), rank, mrank, pos, ws64.data(), n_rows,
+                         as_ptr<int64_t>(out_ptr), i);
 }
 
 // ---- Warp kernels (gumbel_quantize_cuda.cu, rp_quantize_cuda.cu): each kernel's blocks in
@@ -723,16 +730,16 @@ void bind_testing(py::module_& m) {
   t.def("masking_kernels", &masking_kernels, py::arg("lengths"), py::arg("padding_mask"), py::arg("B"), py::arg("T"),
         py::arg("mask_prob"), py::arg("mask_length"), py::arg("vmin"), py::arg("thresholds"), py::arg("n_thresholds"),
         py::arg("min_masks"), py::arg("require_same_masks"), py::arg("mask_dropout"), py::arg("hf_style"),
-        py::arg("seed"), py::arg("no_overlap"), py::arg("min_space"), py::arg("n_cap"), py::arg("r_cap"),
-        py::arg("threads"), py::arg("out"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("no_overlap"), py::arg("min_space"), py::arg("n_cap"),
+        py::arg("r_cap"), py::arg("threads"), py::arg("out"));
   t.def("negatives_prefix", &negatives_prefix, py::arg("mask"), py::arg("padding_mask"), py::arg("from_masked_only"),
         py::arg("end"), py::arg("first"), py::arg("row_base"), py::arg("row_end"), py::arg("threads"));
   t.def("negatives_one_pass", &negatives_one_pass, py::arg("mask"), py::arg("padding_mask"),
         py::arg("from_masked_only"), py::arg("B"), py::arg("T"), py::arg("K"), py::arg("Kc"), py::arg("hf_layout"),
-        py::arg("seed"), py::arg("n_rows"), py::arg("out"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("n_rows"), py::arg("out"));
   t.def("negatives_two_pass", &negatives_two_pass, py::arg("mask"), py::arg("padding_mask"),
         py::arg("from_masked_only"), py::arg("B"), py::arg("T"), py::arg("K"), py::arg("Kc"), py::arg("hf_layout"),
-        py::arg("seed"), py::arg("n_rows"), py::arg("out"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("n_rows"), py::arg("out"));
   t.def("gumbel_num_chunks", &gumbel_launch::num_chunks, py::arg("n"));
   t.def("gumbel_soft_workspace", &gq::soft_workspace_floats, py::arg("n"), py::arg("groups"), py::arg("num_vars"),
         py::arg("dim"));
