@@ -238,6 +238,42 @@ def to_device(batch, device):
 # ----------------------------------------------------------------------------- main
 
 
+def plot(summary: dict, log: dict, out: Path) -> None:
+    """Draw the loss curves and the step times of a run (its JSON holds both) into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chance, source = summary["chance"], summary["source"]
+    med = {k: summary["step_ms_median"][k] / 1e3 for k in ("stock", "sslfast")}
+    memory = summary["peak_mib"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, c in (("stock", "tab:blue"), ("sslfast", "tab:orange")):
+        a.plot(log[k]["step"], log[k]["loss"], color=c, alpha=0.35, lw=0.8)
+        w = max(1, min(10, len(log[k]["loss"])))  # a run shorter than 10 steps plots a shorter mean
+        sm = np.convolve(log[k]["loss"], np.ones(w) / w, mode="valid")
+        a.plot(log[k]["step"][w - 1:], sm, color=c, label=f"{k} (train, {w}-step mean)")
+        a.plot(log[k]["eval_step"], log[k]["eval"], "o--", color=c, ms=3, label=f"{k} (held out)")
+        b.plot(log[k]["step"], [1e3 * t for t in log[k]["time"]], color=c, lw=0.8,
+               label=f"{k}: median {1e3 * med[k]:.0f} ms, peak +{memory[k]:.0f} MiB")
+    a.axhline(chance, color="gray", ls=":", label=f"chance ln(K+1) = {chance:.2f}")
+    a.set_xlabel("step")
+    a.set_ylabel("contrastive loss per masked frame (nats)")
+    a.legend(fontsize=7)
+    a.set_title(f"wav2vec 2.0 pretraining ({source.split(';')[0].split(' (')[0]})", fontsize=9)
+    b.set_xlabel("step")
+    b.set_ylabel("step time (ms)")
+    b.set_yscale("log")
+    b.legend(fontsize=7)
+    b.set_title(f"step time, {summary['device']}: sslfast/stock = {summary['step_time_ratio']:.2f}\n"
+                "(collator + forward + backward + AdamW)", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--audio-dir", type=Path, help="folder of audio files (default: synthesise with espeak-ng)")
@@ -245,7 +281,7 @@ def main(argv=None):
     p.add_argument("--utterances", type=int, default=400)
     p.add_argument("--held-out", type=float, default=0.1, help="fraction of utterances held out")
     p.add_argument("--max-seconds", type=float, default=1.0, help="crop length")
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=360)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
@@ -262,8 +298,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("examples/pretrain_wav2vec2.png"))
+    p.add_argument("--replot", type=Path, metavar="JSON", help="only redraw --out from a run's saved JSON")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
+    if args.replot is not None:
+        saved = json.loads(args.replot.read_text())
+        plot(saved["summary"], saved["log"], args.out)
+        print(f"saved {args.out}")
+        return saved["summary"]
 
     try:
         import matplotlib
@@ -271,8 +313,6 @@ def main(argv=None):
         import scipy  # noqa: F401
     except ImportError as e:
         sys.exit(f"{e.name} is missing: pip install soundfile matplotlib scipy (or pip install -e '.[examples]')")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from transformers import Wav2Vec2FeatureExtractor
 
     from sslfast.integrations.transformers import (SslfastDataCollatorForWav2Vec2Pretraining,
@@ -376,29 +416,9 @@ def main(argv=None):
     verdict = all(v < chance - 0.5 for v in summary["held_out_final"].values())
     print(f"held-out loss below chance ln(K+1) = {chance:.3f} by > 0.5 nats for both: {verdict}")
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for k, c in (("stock", "tab:blue"), ("sslfast", "tab:orange")):
-        a.plot(log[k]["step"], log[k]["loss"], color=c, alpha=0.35, lw=0.8)
-        w = max(1, min(10, len(log[k]["loss"])))  # a run shorter than 10 steps plots a shorter mean
-        sm = np.convolve(log[k]["loss"], np.ones(w) / w, mode="valid")
-        a.plot(log[k]["step"][w - 1:], sm, color=c, label=f"{k} (train, {w}-step mean)")
-        a.plot(log[k]["eval_step"], log[k]["eval"], "o--", color=c, ms=3, label=f"{k} (held out)")
-        b.plot(log[k]["step"], [1e3 * t for t in log[k]["time"]], color=c, lw=0.8,
-               label=f"{k}: median {1e3 * med[k]:.0f} ms, peak +{memory[k]:.0f} MiB")
-    a.axhline(chance, color="gray", ls=":", label=f"chance ln(K+1) = {chance:.2f}")
-    a.set_xlabel("step")
-    a.set_ylabel("contrastive loss per masked frame (nats)")
-    a.legend(fontsize=7)
-    a.set_title(f"wav2vec 2.0 pretraining ({source.split(';')[0].split(' (')[0]})", fontsize=9)
-    b.set_xlabel("step")
-    b.set_ylabel("training step time (ms, collator + forward + backward + AdamW)")
-    b.set_yscale("log")
-    b.legend(fontsize=7)
-    b.set_title(f"step time, {summary['device']}: sslfast/stock = {summary['step_time_ratio']:.2f}", fontsize=9)
-    fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
     args.out.with_suffix(".json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
+    plot(summary, log, args.out)
     print(f"saved {args.out} and {args.out.with_suffix('.json')}")
     return summary
 

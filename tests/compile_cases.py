@@ -43,6 +43,10 @@ def masking():
             (B, T), None, 0.65, L, style=s, seed=1, **TRITON))
     pad = torch.arange(781)[None] >= torch.tensor([781, 700, 500, 3])[:, None]
     yield "hf padded", lambda: sslfast.compute_mask_indices((4, 781), pad, 0.65, 10, style="hf", seed=1, **TRITON)
+    # the key is always a pointer (seed_ptr): an int, a seed tensor and None (drawn) take one kernel
+    for label, seed in (("seed tensor", lambda: torch.tensor(-5)), ("seed None", lambda: None)):
+        yield label, (lambda seed=seed: sslfast.compute_mask_indices((4, 781), pad, 0.65, 10, min_masks=2,
+                                                                     mask_dropout=0.1, seed=seed(), **TRITON))
     flags = itertools.product(("static", "uniform", "normal", "poisson"), (False, True), (False, True), (0.0, 0.1))
     for mt, no_overlap, same, drop in flags:
         kw = dict(mask_type=mt, mask_other=2.0 if mt != "static" else 0.0, no_overlap=no_overlap,
@@ -70,6 +74,11 @@ def negatives():
             lambda Kc=Kc, lay=layout, mo=masked_only: sslfast.sample_negatives(
                 m, 100, cross_sample_negatives=Kc, padding_mask=pad, from_masked_only=mo, layout=lay, seed=1,
                 **TRITON))
+    # the key by pointer (kernels/negatives.py): a seed tensor, and seed=None (drawn on the device)
+    for Kc, layout in ((10, "packed"), (10, "hf"), (0, "hf")):
+        for label, seed in (("seed tensor", torch.tensor(2**40 + 1)), ("seed=None", None)):
+            yield f"{label} Kc={Kc} {layout}", (lambda Kc=Kc, lay=layout, seed=seed: sslfast.sample_negatives(
+                m, 100, cross_sample_negatives=Kc, layout=lay, seed=seed, **TRITON))
 
 
 def apply_mask():

@@ -271,3 +271,16 @@ def test_bench_peers_compute_the_op():
     z1, z2 = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
     torch.testing.assert_close(simclr_eager(z1, z2, 0.5), ref.nt_xent(z1.double(), z2.double(), 0.5).float(),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--device", "meta"], "cases exist for cpu and cuda"),
+    (["--ops", "bogus", "contrastive_loss"], "unknown op bogus; known: apply_mask"),
+    (["--providers", "nope"], "unknown provider nope"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]))
+def test_bad_arguments_end_with_a_message_not_a_traceback(argv, message):
+    run = subprocess.run([sys.executable, "-m", "sslfast", "bench", "--quick", "--csv", os.devnull, *argv],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert message in run.stderr and "Traceback" not in run.stderr

@@ -162,3 +162,119 @@ def test_cuda_philox_matches_torch():
     c0 = torch.arange(n, dtype=torch.int64) + start
     ref = torch.stack(sr.philox4x32(c0, row, stream, 0, seed), dim=1)
     assert torch.equal(out.cpu(), ref)
+
+
+# ----------------------------------------------------------------------------- seed tensors
+
+def _key_words(seed: int) -> tuple[int, int]:
+    seed &= 2**64 - 1
+    return seed & M32, seed >> 32
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("seed", [0, 5, 2**32 + 3, 0x299F31D0A4093822, sr.MAX_SEED, -5, -(2**63)])
+def test_tensor_seed_is_the_same_key(seed):
+    """A 0-d int64 seed tensor keys Philox with its 64 bits (negative: two's complement)."""
+    c0 = torch.tensor([0, 1, 77, 2**32 - 1], dtype=torch.int64)
+    got = torch.stack(sr.philox4x32(c0, 9, int(sr.Stream.GUMBEL), 0, torch.tensor(seed)), dim=1)
+    want = torch.tensor([philox_plain((int(c), 9, int(sr.Stream.GUMBEL), 0), _key_words(seed)) for c in c0])
+    assert torch.equal(got, want)
+    if seed >= 0:
+        assert torch.equal(torch.stack(sr.philox4x32(c0, 9, int(sr.Stream.GUMBEL), 0, seed), dim=1), want)
+
+
+@pytest.mark.cpu
+def test_derive_seed_with_tensors_equals_the_int_derivation():
+    for base in (0, 42, 0x299F31D0A4093822):
+        for rank, step in ((0, 0), (3, 7), (1, 2**32 + 5), (65535, 2**40)):
+            want = sr.derive_seed(base, rank=rank, step=step)
+            for kw in ({"rank": torch.tensor(rank)}, {"step": torch.tensor(step)},
+                       {"rank": torch.tensor(rank), "step": torch.tensor(step)}):
+                args = {"rank": rank, "step": step, **kw}
+                got = sr.derive_seed(base, **args)
+                assert isinstance(got, torch.Tensor) and got.dtype == torch.int64 and got.dim() == 0
+                assert int(got) == want
+            assert int(sr.derive_seed(torch.tensor(base), rank=rank, step=step)) == want
+    with pytest.raises(ValueError, match="one-element int64"):
+        sr.derive_seed(1, step=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="rank"):
+        sr.derive_seed(torch.tensor(1), rank=-1)
+
+
+@pytest.mark.cpu
+def test_resolve_seed_tensors_and_device_draws():
+    t = torch.tensor([123], dtype=torch.int64)
+    assert sr.resolve_seed(t, device="cpu").shape == () and int(sr.resolve_seed(t)) == 123
+    with pytest.raises(TypeError, match="int64"):
+        sr.resolve_seed(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="int64"):
+        sr.resolve_seed(torch.tensor(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one value"):
+        sr.resolve_seed(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="meta"):
+        sr.resolve_seed(torch.tensor(1), device="meta")
+    # None with a device: a tensor drawn by torch.randint from that device's generator.
+    torch.manual_seed(7)
+    a = sr.resolve_seed(None, device="cpu")
+    torch.manual_seed(7)
+    b = torch.randint(0, sr.MAX_SEED, (), dtype=torch.int64)
+    assert isinstance(a, torch.Tensor) and a.device.type == "cpu" and int(a) == int(b)
+    # None without a device (host code): the same draw as a Python int.
+    torch.manual_seed(7)
+    assert sr.resolve_seed(None) == int(b)
+    assert sr.seed_value(torch.tensor(-1)) == 2**64 - 1 and sr.seed_value(5) == 5
+    assert sr.seed_args(5) == (5, 0) and sr.seed_args(t) == (0, t.data_ptr())
+    assert sr.split_seed(5) == (5, None) and sr.join_seed(*sr.split_seed(t)) is t
+
+
+@pytest.mark.cpu
+def test_device_seed_compiles_without_graph_break():
+    """seed=None and a step tensor inside torch.compile(fullgraph=True): no .item(), no break."""
+    c0 = torch.arange(64, dtype=torch.int64)
+
+    def draw(step):
+        key = sr.derive_seed(sr.resolve_seed(None, device=step.device), rank=1, step=step)
+        return sr.philox4x32(c0, 0, int(sr.Stream.MASK_START), 0, key)[0], key
+
+    # Inductor draws torch.randint with its own RNG unless fallback_random is set (torch's rule
+    # for every random op); with it the compiled key is the eager one.
+    compiled = torch.compile(draw, fullgraph=True)
+    step = torch.tensor(3)
+    torch.manual_seed(11)
+    with torch._inductor.config.patch(fallback_random=True):
+        got, key = compiled(step)
+    torch.manual_seed(11)
+    want, want_key = draw(step)
+    assert int(key) == int(want_key) and torch.equal(got, want)
+    with torch._inductor.config.patch(fallback_random=True):
+        got2, key2 = compiled(step + 1)
+    assert int(key2) != int(key) and not torch.equal(got2, got)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("seed", [0, 0x299F31D0A4093822, -5])
+def test_triton_load_seed_reads_the_key_on_the_device(seed, triton_device):
+    n = 64
+    out = torch.full((n, 4), -1, dtype=torch.int64, device=triton_device)
+    key = torch.tensor(seed, device=triton_device)
+    _seed_ptr_fill_kernel[(1,)](out, key, BLOCK=n)
+    c0 = torch.arange(n, dtype=torch.int64)
+    want = torch.tensor([philox_plain((int(c), 2, int(sr.Stream.NEGATIVES), 0), _key_words(seed)) for c in c0])
+    assert torch.equal(out.cpu(), want)
+    if seed >= 0:  # sr.seed_tensor turns an int into the same key
+        out2 = torch.full_like(out, -1)
+        _seed_ptr_fill_kernel[(1,)](out2, sr.seed_tensor(seed, out.device), BLOCK=n)
+        assert torch.equal(out2, out)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _seed_ptr_fill_kernel(out_ptr, seed_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        seed = kp.load_seed(seed_ptr)
+        w0, w1, w2, w3 = kp.philox4x32(seed, offs, offs * 0 + 2, offs * 0 + 16, offs * 0)
+        tl.store(out_ptr + 4 * offs + 0, w0.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 4 * offs + 1, w1.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 4 * offs + 2, w2.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 4 * offs + 3, w3.to(tl.int64) & 0xFFFFFFFF)

@@ -631,10 +631,36 @@ class _Progress:
             self.bar.close()
 
 
+def _bench_device(name: str | None) -> torch.device:
+    """The device to measure on; a clear SystemExit for a name torch does not know or a device
+    this torch build cannot use (instead of a torch traceback mid-run)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"sslfast bench: unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"sslfast bench: --device {name} but this torch ({torch.__version__}) sees no CUDA "
+                             "device: install a CUDA build of torch on a machine with a GPU, or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"sslfast bench: --device {name} but only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise SystemExit(f"sslfast bench: cases exist for cpu and cuda, not {device.type}")
+    return device
+
+
+def _check_names(kind: str, given: list[str] | None, known: set[str]) -> None:
+    unknown = sorted(set(given or ()) - known)
+    if unknown:
+        raise SystemExit(f"sslfast bench: unknown {kind} {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
 def main(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     settle_malloc()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _bench_device(args.device)
     mode = "quick" if args.quick else ("full" if args.full else "default")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     reps = args.reps if args.reps is not None else (3 if args.quick else (20 if device.type == "cuda" else 7))
@@ -648,6 +674,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"sslfast bench ({mode}) on {device_name(device)} ({device.type}){'; ' + load if load else ''}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", transformers {_transformers_version()}")
     print(f"CSV: {csv_path} (appending)" + (f"; plot: {os.path.abspath(args.plot)}" if args.plot else ""))
+    every = collect_cases(device, quick=args.quick)
+    _check_names("op", args.ops, {c.op for c in every} | set(families()))
+    _check_names("provider", args.providers, {n for c in every for n in c.providers})
     cases = collect_cases(device, quick=args.quick, ops=args.ops, default_only=mode == "default")
     # Each case runs its providers in order; a "first of" group runs until one is measured
     # (the default run: sslfast, then the first available peer).

@@ -42,9 +42,10 @@ Differences from stock, on purpose:
 
 * Random draws (masks, negatives, Gumbel noise) come from sslfast's Philox streams, not
   numpy's / torch's generators: the same distributions, not the same bits. With
-  ``sslfast_seed=<int>`` in the forward's keywords (the collator below adds it) every draw
-  of that step derives its seed from it; otherwise each draw takes a seed from torch's
-  default CPU generator (so ``torch.manual_seed`` makes runs repeatable; no device sync).
+  ``sslfast_seed=<int or 0-d int64 device tensor>`` in the forward's keywords (the collator
+  below adds an int) every draw of that step derives its seed from it; otherwise each draw
+  takes a key drawn on the model's device from torch's generator (``torch.manual_seed`` makes
+  runs repeatable; no host sync, no graph break, fresh at each CUDA-graph replay).
 * The pretraining forward computes the loss whenever it has a mask and negatives, drawing
   them when the batch has none (stock returns ``loss=None`` without negatives).
 * The quantizer's training output is exactly the chosen codewords (stock's
@@ -56,8 +57,8 @@ DDP / accelerate rule: keep the base ``seed`` identical on every rank and give e
 step its own stream with ``sslfast.derive_seed(seed, rank=rank, step=step)``; the collator
 ``SslfastDataCollatorForWav2Vec2Pretraining`` does exactly that (rank from
 ``torch.distributed``, step counted per call and per DataLoader worker) and passes the step's
-seed to the model as ``sslfast_seed``. Without it, the patched model seeds from torch's CPU
-generator: seed it per rank (``accelerate.utils.set_seed(seed, device_specific=True)``), or
+seed to the model as ``sslfast_seed``. Without it, the patched model seeds from torch's
+generator of its device: seed it per rank (``accelerate.utils.set_seed(seed, device_specific=True)``), or
 every rank draws the same masks, negatives and Gumbel noise (as fairseq does).
 """
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _import(name: str):
         return None
 
 
-def _stream(seed: Optional[int], stream: int) -> Optional[int]:
+def _stream(seed, stream: int):
     return None if seed is None else derive_seed(seed, step=stream)
 
 
@@ -201,7 +202,8 @@ def _mask_hidden_states(self, hidden_states: torch.Tensor, mask_time_indices: Op
     training with ``mask_time_prob > 0`` a mask is drawn (``style="hf"``, the config's
     length and ``mask_time_min_masks``, ``attention_mask`` (B, T) at frame level); feature
     masking (``mask_feature_prob > 0``, training) zeroes (B, C) spans of channels. ``seed``
-    (keyword, sslfast's): the Philox seed of the drawn masks (default: torch's CPU generator).
+    (keyword, sslfast's): the Philox seed of the drawn masks, an int or a 0-d int64 tensor on
+    the device (default: a key drawn on the device from torch's generator).
     Returns a new tensor (stock writes into ``hidden_states``).
     """
     config = self.config
@@ -285,7 +287,8 @@ def _make_pretraining_forward(output_class, *, draw_mask: bool, draw_negatives: 
                 **kwargs):
         """``*ForPreTraining.forward`` on sslfast (see ``sslfast.integrations.transformers``).
 
-        Same arguments and output as stock, plus the keyword ``sslfast_seed`` (int): the
+        Same arguments and output as stock, plus the keyword ``sslfast_seed`` (an int or a 0-d
+        int64 tensor on the model's device): the
         step's Philox seed, from which the masks, negatives and Gumbel noise drawn here derive
         theirs (``SslfastDataCollatorForWav2Vec2Pretraining`` passes it).
         """
