@@ -25,10 +25,11 @@ using apply_mask::Strides;
 template <class S>
 __global__ void apply_mask_forward_kernel(const typename S::T* x, Strides sx, typename S::T* out, Strides so,
                                           const uint8_t* mask, const typename S::T* fill, int64_t T, int64_t D,
-                                          int64_t work, float std, uint64_t seed, bool inplace) {
+                                          int64_t work, float std, const int64_t* seed_ptr, uint64_t seed,
+                                          bool inplace) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= work) return;
-  apply_mask::forward_item<S>(x, sx, out, so, mask, fill, T, D, std, seed, inplace, i);
+  apply_mask::forward_item<S>(x, sx, out, so, mask, fill, T, D, std, load_seed(seed_ptr, seed), inplace, i);
 }
 
 template <class S>
@@ -49,13 +50,13 @@ __global__ void apply_mask_sum_partials_kernel(const float* partial, int64_t chu
 template <class S>
 void forward_launch(std::uintptr_t x, Strides sx, std::uintptr_t out, Strides so, std::uintptr_t mask,
                     std::uintptr_t fill, int64_t B, int64_t T, int64_t D, float std, uint64_t seed,
-                    cudaStream_t stream) {
+                    std::uintptr_t seed_ptr, cudaStream_t stream) {
   using E = typename S::T;
   const int64_t work = B * T * ((D + 3) / 4);
   const Launch l = apply_mask_launch::forward(B, T, D)[0];
   apply_mask_forward_kernel<S><<<grid_of(l), l.threads, l.dyn_smem, stream>>>(
       as_ptr<const E>(x), sx, as_ptr<E>(out), so, as_ptr<const uint8_t>(mask), as_ptr<const E>(fill), T, D, work, std,
-      seed, x == out);
+      as_ptr<const int64_t>(seed_ptr), seed, x == out);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -77,14 +78,18 @@ void backward_launch(std::uintptr_t g, Strides sg, std::uintptr_t gx, std::uintp
 
 void apply_mask_forward(std::uintptr_t x, int64_t sxb, int64_t sxt, int64_t sxd, std::uintptr_t out, int64_t sob,
                         int64_t sot, int64_t sod, std::uintptr_t mask, std::uintptr_t fill, int dtype, int64_t B,
-                        int64_t T, int64_t D, float std, uint64_t seed, std::uintptr_t stream_handle) {
+                        int64_t T, int64_t D, float std, uint64_t seed, std::uintptr_t seed_ptr,
+                        std::uintptr_t stream_handle) {
   if (B == 0 || T == 0 || D == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const Strides sx{sxb, sxt, sxd}, so{sob, sot, sod};
   switch (dtype) {
-    case static_cast<int>(DType::f32): return forward_launch<F32>(x, sx, out, so, mask, fill, B, T, D, std, seed, stream);
-    case static_cast<int>(DType::f16): return forward_launch<F16>(x, sx, out, so, mask, fill, B, T, D, std, seed, stream);
-    case static_cast<int>(DType::bf16): return forward_launch<BF16>(x, sx, out, so, mask, fill, B, T, D, std, seed, stream);
+    case static_cast<int>(DType::f32):
+      return forward_launch<F32>(x, sx, out, so, mask, fill, B, T, D, std, seed, seed_ptr, stream);
+    case static_cast<int>(DType::f16):
+      return forward_launch<F16>(x, sx, out, so, mask, fill, B, T, D, std, seed, seed_ptr, stream);
+    case static_cast<int>(DType::bf16):
+      return forward_launch<BF16>(x, sx, out, so, mask, fill, B, T, D, std, seed, seed_ptr, stream);
     default: throw std::invalid_argument("apply_mask: dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
   }
 }
@@ -110,7 +115,7 @@ void bind_apply_mask(py::module_& m) {
   m.def("apply_mask_forward", &apply_mask_forward, py::arg("x"), py::arg("sxb"), py::arg("sxt"), py::arg("sxd"),
         py::arg("out"), py::arg("sob"), py::arg("sot"), py::arg("sod"), py::arg("mask"), py::arg("fill"),
         py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"), py::arg("std"), py::arg("seed"),
-        py::arg("cuda_stream"));
+        py::arg("seed_ptr"), py::arg("cuda_stream"));
   m.def("apply_mask_backward", &apply_mask_backward, py::arg("grad"), py::arg("sgb"), py::arg("sgt"), py::arg("sgd"),
         py::arg("grad_x"), py::arg("mask"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"),
         py::arg("partial"), py::arg("grad_fill"), py::arg("cuda_stream"));

@@ -72,8 +72,9 @@ __device__ __forceinline__ float tempered_row(const void* logits, int ldtype, in
 }
 
 __global__ void forward_kernel(const void* logits, int ldtype, const char* codebook, int esize, int64_t N, int64_t G,
-                               int64_t V, int64_t D, bool training, bool gather, uint64_t seed, const uint8_t* mask,
-                               char* quant, int64_t* codes, float* partial) {
+                               int64_t V, int64_t D, bool training, bool gather, const int64_t* seed_ptr,
+                               uint64_t seed, const uint8_t* mask, char* quant, int64_t* codes, float* partial) {
+  seed = load_seed(seed_ptr, seed);
   __shared__ float s_m[kChunk];
   __shared__ float s_inv_z[kChunk];
   __shared__ int64_t s_am[kChunk];
@@ -120,8 +121,8 @@ __global__ void reduce_partials_kernel(const float* partial, int64_t n_chunks, i
 
 __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const void* logits, int ldtype,
                                        const float* cbt, const uint8_t* mask, const float* w, int64_t N, int64_t G,
-                                       int64_t V, int64_t D, bool training, float tau, uint64_t seed,
-                                       void* grad_logits, float* soft_stats) {
+                                       int64_t V, int64_t D, bool training, float tau, const int64_t* seed_ptr,
+                                       uint64_t seed, void* grad_logits, float* soft_stats) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -137,7 +138,7 @@ __global__ void backward_logits_kernel(const void* grad_q, int gdtype, const voi
 
   if (training) {
     float ym;
-    const float inv_z = tempered_row(logits, ldtype, base, V, n, g, tau, seed, lane, s_buf, &ym);
+    const float inv_z = tempered_row(logits, ldtype, base, V, n, g, tau, load_seed(seed_ptr, seed), lane, s_buf, &ym);
     if (soft_stats != nullptr && lane == 0) {
       soft_stats[row * 2] = ym;
       soft_stats[row * 2 + 1] = inv_z;
@@ -197,9 +198,10 @@ using gumbel_launch::kSoftCbVars;  // codewords per soft_codebook_kernel block
 using gumbel_launch::kSoftCbDims;  // dims per soft_codebook_kernel block, 4 per lane
 
 __global__ void soft_forward_kernel(const void* logits, int ldtype, const void* codebook, int cdtype, int64_t N,
-                                    int64_t G, int64_t V, int64_t D, int64_t rows, float tau, uint64_t seed,
-                                    void* quant) {
+                                    int64_t G, int64_t V, int64_t D, int64_t rows, float tau,
+                                    const int64_t* seed_ptr, uint64_t seed, void* quant) {
   extern __shared__ float s_p[];  // (rows, V) probabilities
+  seed = load_seed(seed_ptr, seed);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * rows;
   const int64_t g = blockIdx.y;
   const int warp = threadIdx.x / 32;
@@ -222,7 +224,9 @@ __global__ void soft_forward_kernel(const void* logits, int ldtype, const void* 
 
 __global__ void soft_codebook_kernel(const void* grad_q, int gdtype, const void* logits, int ldtype,
                                      const float* stats, int64_t N, int64_t G, int64_t V, int64_t D,
-                                     int64_t chunk_rows, float tau, uint64_t seed, float* partial) {
+                                     int64_t chunk_rows, float tau, const int64_t* seed_ptr, uint64_t seed,
+                                     float* partial) {
+  seed = load_seed(seed_ptr, seed);
   __shared__ float s_p[kSoftCbRows][kSoftCbVars];
   __shared__ float s_gq[kSoftCbRows][kSoftCbDims];
   const int64_t chunk = blockIdx.x;
@@ -258,9 +262,9 @@ int64_t num_chunks(int64_t n) { return gumbel_launch::num_chunks(n); }
 int64_t soft_workspace(int64_t N, int64_t G, int64_t V, int64_t D) { return gq::soft_workspace_floats(N, G, V, D); }
 
 void forward_cuda(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, int64_t N, int64_t G,
-                  int64_t V, int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t mask_p,
-                  std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t partial_p, std::uintptr_t sums_p,
-                  std::uintptr_t stream_h) {
+                  int64_t V, int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t seed_p,
+                  std::uintptr_t mask_p, std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t partial_p,
+                  std::uintptr_t sums_p, std::uintptr_t stream_h) {
   const Launches plan = gumbel_launch::forward(N, G, V, training, hard);
   if (plan.empty()) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_h);
@@ -269,14 +273,15 @@ void forward_cuda(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p
   const Launch& fw = plan[0];
   forward_kernel<<<grid_of(fw), fw.threads, fw.dyn_smem, stream>>>(
       as_ptr<const void>(logits_p), ldtype, as_ptr<const char>(codebook_p), cdtype == 0 ? 4 : 2, N, G, V, D,
-      training, !soft, seed, as_ptr<const uint8_t>(mask_p), as_ptr<char>(quant_p), as_ptr<int64_t>(codes_p),
-      as_ptr<float>(partial_p));
+      training, !soft, as_ptr<const int64_t>(seed_p), seed, as_ptr<const uint8_t>(mask_p), as_ptr<char>(quant_p),
+      as_ptr<int64_t>(codes_p), as_ptr<float>(partial_p));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
   if (soft) {
     const Launch& sf = plan[1];
     soft_forward_kernel<<<grid_of(sf), sf.threads, sf.dyn_smem, stream>>>(
         as_ptr<const void>(logits_p), ldtype, as_ptr<const void>(codebook_p), cdtype, N, G, V, D,
-        gumbel_launch::soft_rows(V), static_cast<float>(tau), seed, as_ptr<void>(quant_p));
+        gumbel_launch::soft_rows(V), static_cast<float>(tau), as_ptr<const int64_t>(seed_p), seed,
+        as_ptr<void>(quant_p));
     SSLFAST_CUDA_CHECK(cudaGetLastError());
   }
   const int64_t width = 2 * G * V;
@@ -288,8 +293,9 @@ void forward_cuda(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p
 
 void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, int ldtype, std::uintptr_t cbt_p,
                    std::uintptr_t codes_p, std::uintptr_t mask_p, std::uintptr_t w_p, int64_t N, int64_t G, int64_t V,
-                   int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t grad_logits_p,
-                   int cdtype, std::uintptr_t grad_cb_p, std::uintptr_t workspace_p, std::uintptr_t stream_h) {
+                   int64_t D, bool training, bool hard, double tau, uint64_t seed, std::uintptr_t seed_p,
+                   std::uintptr_t grad_logits_p, int cdtype, std::uintptr_t grad_cb_p, std::uintptr_t workspace_p,
+                   std::uintptr_t stream_h) {
   if (N == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_h);
   const bool soft = training && !hard;
@@ -303,8 +309,8 @@ void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p,
   prepare(backward_logits_kernel, bl);
   backward_logits_kernel<<<grid_of(bl), bl.threads, bl.dyn_smem, stream>>>(
       as_ptr<const void>(grad_q_p), gdtype, as_ptr<const void>(logits_p), ldtype, as_ptr<const float>(cbt_p),
-      as_ptr<const uint8_t>(mask_p), as_ptr<const float>(w_p), N, G, V, D, training, static_cast<float>(tau), seed,
-      as_ptr<void>(grad_logits_p), stats);
+      as_ptr<const uint8_t>(mask_p), as_ptr<const float>(w_p), N, G, V, D, training, static_cast<float>(tau),
+      as_ptr<const int64_t>(seed_p), seed, as_ptr<void>(grad_logits_p), stats);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
   if (soft) {
     const int64_t chunk_rows = gq::soft_chunk_rows(N, kSoftCbRows);
@@ -312,7 +318,7 @@ void backward_cuda(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p,
     const Launch& sc = plan[1];
     soft_codebook_kernel<<<grid_of(sc), sc.threads, sc.dyn_smem, stream>>>(
         as_ptr<const void>(grad_q_p), gdtype, as_ptr<const void>(logits_p), ldtype, stats, N, G, V, D, chunk_rows,
-        static_cast<float>(tau), seed, partial);
+        static_cast<float>(tau), as_ptr<const int64_t>(seed_p), seed, partial);
     SSLFAST_CUDA_CHECK(cudaGetLastError());
     const int64_t width = G * V * D;
     const Launch& rc = plan[2];
@@ -339,14 +345,13 @@ void bind_gumbel_quantize(py::module_& m) {
         py::arg("dim"));
   m.def("gumbel_quantize_forward", &forward_cuda, py::arg("logits"), py::arg("ldtype"), py::arg("codebook"),
         py::arg("cdtype"), py::arg("n"), py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"),
-        py::arg("hard"), py::arg("tau"), py::arg("seed"), py::arg("mask"), py::arg("quantized"), py::arg("codes"),
-        py::arg("partial"),
-        py::arg("sums"), py::arg("cuda_stream"));
+        py::arg("hard"), py::arg("tau"), py::arg("seed"), py::arg("seed_ptr"), py::arg("mask"), py::arg("quantized"),
+        py::arg("codes"), py::arg("partial"), py::arg("sums"), py::arg("cuda_stream"));
   m.def("gumbel_quantize_backward", &backward_cuda, py::arg("grad_q"), py::arg("gdtype"), py::arg("logits"),
         py::arg("ldtype"), py::arg("codebook_t"), py::arg("codes"), py::arg("mask"), py::arg("w"), py::arg("n"),
         py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("hard"), py::arg("tau"),
-        py::arg("seed"), py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"), py::arg("workspace"),
-        py::arg("cuda_stream"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"),
+        py::arg("workspace"), py::arg("cuda_stream"));
 }
 
 }  // namespace sslfast

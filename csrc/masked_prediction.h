@@ -9,7 +9,11 @@
 // and dloss/dz_v = softmax(z)_v - (1 - eps) [v == y] - eps / V; for a soft target q (N, H, V)
 // the one-hot [v == y] becomes q_v (and softmax is scaled by the total mass). The kernels walk V in tiles
 // with an online log-sum-exp (never a row of N x V logits in memory); the gradient pass
-// recomputes the logits of a tile from the row's lse (the Cut Cross-Entropy approach).
+// recomputes the logits of a tile from the row's statistics (the Cut Cross-Entropy approach).
+// Those statistics are lse's two parts, the max m and log l (lse = m + log l), kept apart and
+// used as exp((z - m) - log l): their fp32 sum is rounded to ulp(lse) / 2, an error every
+// recomputed probability would carry (at logits near 4e3, 1e-4 relative: 250 x the reference's
+// gradient error; the same fix as csrc/info_nce.h).
 #pragma once
 
 #include <cmath>
@@ -79,7 +83,9 @@ SSLFAST_HD void row_update_soft(RowState& st, const float* z, const float* q, in
   for (int j = 0; j < n; ++j) {
     st.zy += q[j] * z[j];
     st.qsum += q[j];
-    if (q[j] > st.qbest) st.qbest = q[j], st.zbest = z[j];
+    const bool better = q[j] > st.qbest;  // selects, not a branch (row_update)
+    st.zbest = better ? z[j] : st.zbest;
+    st.qbest = better ? q[j] : st.qbest;
   }
   lse_update(st, z, n);
 }
@@ -97,7 +103,8 @@ SSLFAST_HD RowState row_merge(const RowState& a, const RowState& b) {
                   b_best ? b.zbest : a.zbest};
 }
 
-SSLFAST_HD float row_lse(const RowState& st) { return st.m + log_denominator(st.l, st.c); }
+// The second part of the saved statistics: log l (lse = m + log l).
+SSLFAST_HD float row_log_l(const RowState& st) { return log_denominator(st.l, st.c); }
 
 // torch's cross_entropy with label smoothing eps: -sum_v ((1 - eps) q_v + eps / V) log p_v;
 // 0 for an ignored row.
@@ -117,15 +124,17 @@ SSLFAST_HD bool row_top(const RowState& st, bool valid) { return valid && st.zbe
 // The total target mass (1 - eps) qsum + eps that multiplies softmax in dloss/dz.
 SSLFAST_HD float row_mass(const RowState& st, float eps) { return (1.0f - eps) * st.qsum + eps; }
 
-// g * dloss/dz for one logit of a row with log-sum-exp lse: mass * softmax - (1 - eps) q_v
+// g * dloss/dz for one logit of a row with statistics (m, log_l): mass * softmax - (1 - eps) q_v
 // - eps / V; q_v the target probability (hard: 1 at the target, 0 elsewhere); g = 0 for
 // ignored rows.
-SSLFAST_HD float dlogit(float z, float lse, float g, float q, float mass, float eps, float eps_over_v) {
-  return g * (mass * expf(z - lse) - (1.0f - eps) * q - eps_over_v);
+SSLFAST_HD float dlogit(float z, float m, float log_l, float g, float q, float mass, float eps, float eps_over_v) {
+  return g * (mass * expf((z - m) - log_l) - (1.0f - eps) * q - eps_over_v);
 }
 
-// g * dloss/dq_v for a soft target.
-SSLFAST_HD float dtarget(float z, float lse, float g, float eps) { return g * (1.0f - eps) * (lse - z); }
+// g * dloss/dq_v for a soft target: g (1 - eps) (lse - z), lse - z summed as (m - z) + log l.
+SSLFAST_HD float dtarget(float z, float m, float log_l, float g, float eps) {
+  return g * (1.0f - eps) * ((m - z) + log_l);
+}
 
 // ---- masked_prediction_cuda.cu's tiles, each function what one thread of a block does
 // between two barriers (csrc/testing_cpu.cpp runs them for every thread on the host).
@@ -142,15 +151,26 @@ struct Args {
   int w_dtype;
   const void* bias;
   int b_dtype;
-  const int64_t* targets;
+  const int64_t* targets;  // (N, H) labels, -1 = ignored; null with soft targets
+  const void* q;           // (N, H, V) soft targets, or null
+  int q_dtype;
   int64_t N, H, Hx, V, D;
   float scale, eps, eps_over_v;  // eps / V from the host: no division in the kernels
+};
+
+// What the forward saves per (row, head) for the gradient kernels: lse's two parts (the max m and
+// log l, kept apart: the file's header) and, for soft targets, the target mass (hard: null, 1).
+struct Saved {
+  float* m;
+  float* log_l;
+  float* mass;
 };
 
 struct Smem {
   float xs[BM][BK + 1];
   float ws[BV][BK + 1];
   float z[BM][BV + 1];
+  float q[BM][BV + 1];  // soft targets of the tile (forward_kernel)
 };
 
 // logit_tile, staging: thread tid's elements of the feature slice k0 of rows n0.. (head hx of
@@ -200,18 +220,46 @@ SSLFAST_HD void write_tile(const Args& a, Smem& s, const float (&acc)[2][2], int
     }
 }
 
+// forward_kernel with soft targets, before the logit tile's barriers: thread tid's elements of the
+// target probabilities q[n0.., h, v0..] into s.q (0 outside N or V), one coalesced sweep.
+SSLFAST_HD void stage_targets(const Args& a, Smem& s, int64_t h, int64_t n0, int64_t v0, unsigned tid) {
+  for (int e = tid; e < BM * BV; e += THREADS) {
+    const int r = e / BV, c = e % BV;
+    const int64_t n = n0 + r, v = v0 + c;
+    s.q[r][c] = (n < a.N && v < a.V) ? load_float(a.q, (n * a.H + h) * a.V + v, a.q_dtype) : 0.0f;
+  }
+}
+
+// forward_kernel, thread r < BM after a logit tile: folds row r's logits (and soft targets) in.
+SSLFAST_HD void fold_tile(const Smem& s, RowState& st, int r, int64_t v0, int64_t V, int64_t t, bool soft) {
+  const int nv = static_cast<int>(V - v0 < BV ? V - v0 : BV);
+  if (soft)
+    row_update_soft(st, s.z[r], s.q[r], nv);
+  else
+    row_update(st, s.z[r], nv, v0, t);
+}
+
 // dlogit_tile: s.z -> scale * g * dloss/dz in place for thread tid's elements, from each row's
-// saved lse and gradient weight (0 when ignored).
-SSLFAST_HD void dlogit_items(const Args& a, Smem& s, int64_t h, int64_t n0, int64_t v0, const float* lse,
-                             const float* grad, unsigned tid) {
+// saved statistics and gradient weight (0 when ignored); for soft targets also g * dloss/dq
+// into dq when dq is not null (dx_kernel's blocks of the first feature block).
+SSLFAST_HD void dlogit_items(const Args& a, Smem& s, int64_t h, int64_t n0, int64_t v0, const Saved& sv,
+                             const float* grad, float* dq, unsigned tid, bool soft) {
   for (int e = tid; e < BM * BV; e += THREADS) {
     const int r = e / BV, c = e % BV;
     const int64_t n = n0 + r, v = v0 + c;
     float ds = 0.0f;
     if (n < a.N && v < a.V) {
-      const int64_t t = a.targets[n * a.H + h];
-      const float g = t < 0 ? 0.0f : grad[n * a.H + h];
-      ds = dlogit(s.z[r][c], lse[n * a.H + h], g, v == t ? 1.0f : 0.0f, 1.0f, a.eps, a.eps_over_v);
+      const int64_t i = n * a.H + h;
+      const float z = s.z[r][c], m = sv.m[i], log_l = sv.log_l[i];
+      if (soft) {
+        const float g = grad[i];
+        if (dq != nullptr) dq[i * a.V + v] = dtarget(z, m, log_l, g, a.eps);
+        ds = dlogit(z, m, log_l, g, load_float(a.q, i * a.V + v, a.q_dtype), sv.mass[i], a.eps, a.eps_over_v);
+      } else {
+        const int64_t t = a.targets[i];
+        const float g = t < 0 ? 0.0f : grad[i];
+        ds = dlogit(z, m, log_l, g, v == t ? 1.0f : 0.0f, 1.0f, a.eps, a.eps_over_v);
+      }
     }
     s.z[r][c] = a.scale * ds;
   }
@@ -239,13 +287,16 @@ SSLFAST_HD void store_features(const float (&acc)[BD / 8], float* dst, int64_t r
   }
 }
 
-// forward_kernel, thread r < BM at the end: row n = n0 + r's loss, lse and top-1 flag.
-SSLFAST_HD void forward_row_out(const Args& a, const RowState& st, int64_t n, int64_t h, int64_t t, float* loss,
-                                float* lse, uint8_t* top) {
+// forward_kernel, thread r < BM at the end: row n = n0 + r's loss, saved statistics and top-1
+// flag (valid: a soft row, or a hard label not ignored).
+SSLFAST_HD void forward_row_out(const Args& a, const RowState& st, int64_t n, int64_t h, bool valid, float* loss,
+                                const Saved& sv, uint8_t* top) {
   const int64_t i = n * a.H + h;
-  loss[i] = row_loss(st, t >= 0, a.eps, a.eps_over_v);
-  lse[i] = row_lse(st);
-  top[i] = row_top(st, t >= 0) ? 1 : 0;
+  loss[i] = row_loss(st, valid, a.eps, a.eps_over_v);
+  sv.m[i] = st.m;
+  sv.log_l[i] = row_log_l(st);
+  if (sv.mass != nullptr) sv.mass[i] = row_mass(st, a.eps);
+  top[i] = row_top(st, valid) ? 1 : 0;
 }
 
 // dx_kernel, one dS tile: thread (row r, k)'s 8 features of dX += dS[r, :] W[h, v0.., :].

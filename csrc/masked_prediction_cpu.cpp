@@ -15,9 +15,10 @@
 // alone, so results are bit-identical for any number of threads.
 //
 // GEMMs: a 6 x 16 register-blocked micro-kernel (AVX2+FMA, or the scalar fallback with
-// std::fma in the same order: the same bits) over 16-column panels of B that are packed
-// (and converted from fp16/bf16) on the fly, KC at a time, so the weights are read in their
-// storage dtype and never copied whole.
+// std::fma in the same order: the same bits) over 16-column panels of B. The head's weights
+// are packed (and converted from fp16/bf16) into those panels once per head, both ways
+// (W^T for the logits, W for dX: 2 V D floats), not once per chunk: repacked per chunk, the
+// strided scalar copies took about as long as the micro-kernel itself at V = 8192.
 
 #include <pybind11/pybind11.h>
 
@@ -108,12 +109,11 @@ MicroFn micro_kernel() {
   return micro_scalar;
 }
 
-// C (m x n, ldc) (+)= A (m x k, lda) * B (k x n), m % MR == 0, n % NR == 0. B is supplied
-// panel by panel: pack(p0, kc, j0, buf) returns a pointer to B[p0 .. p0 + kc)[j0 .. j0 + NR)
-// laid out kc x NR (it may fill buf, KC * NR floats, or point into a pre-packed operand).
-template <class PackB>
-void gemm(MicroFn micro, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, PackB&& pack, float* buf,
-          float* C, int64_t ldc, bool accumulate) {
+// C (m x n, ldc) (+)= A (m x k, lda) * B (k x n), m % MR == 0, n % NR == 0. B is pre-packed
+// in panels: panel(p0, j0) points to B[p0 .. p0 + kc)[j0 .. j0 + NR) laid out kc x NR.
+template <class PanelB>
+void gemm(MicroFn micro, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, PanelB&& panel, float* C,
+          int64_t ldc, bool accumulate) {
   if (k == 0 && !accumulate) {
     for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
     return;
@@ -121,7 +121,7 @@ void gemm(MicroFn micro, int64_t m, int64_t n, int64_t k, const float* A, int64_
   for (int64_t p0 = 0; p0 < k; p0 += KC) {
     const int64_t kc = std::min(KC, k - p0);
     for (int64_t j0 = 0; j0 < n; j0 += NR) {
-      const float* b = pack(p0, kc, j0, buf);
+      const float* b = panel(p0, j0);
       for (int64_t i0 = 0; i0 < m; i0 += MR)
         micro(kc, A + i0 * lda + p0, lda, b, C + i0 * ldc + j0, ldc, accumulate || p0 > 0);
     }
@@ -142,7 +142,8 @@ struct Problem {
   int64_t N, H, Hx, V, D;
   float scale, eps;
   float* loss;  // (N, H) or null
-  float* lse;   // (N, H) or null
+  float* row_max;  // (N, H) or null: the row's max logit and log l (lse = their sum, kept apart)
+  float* log_l;    // (N, H) or null
   uint8_t* top; // (N, H) or null
   float* dx;    // (N, Hx, D), accumulated into (zeroed by the caller)
   float* dw;    // (H, V, D)
@@ -151,16 +152,46 @@ struct Problem {
 };
 
 // Workspace layout, all fp32: per slot S (R x Vs), dST (Vs x R), X rows (R x Dp), X panels
-// (Dp / NR, R, NR), dX (R x Dp), B pack buffer (KC x NR), a row of soft targets (Vs); shared: dW block accumulator
-// (Vs x Dp), db accumulator (Vs). Vs: V rounded up to VB, Dp: D rounded up to NR.
+// (Dp / NR, R, NR), dX (R x Dp), a row of soft targets (Vs); shared: dW block
+// accumulator (Vs x Dp), db accumulator (Vs), the head's W^T panels (Vs / NR, Dp, NR) and, with
+// gradients, its W panels (Dp / NR, Vs, NR). Vs: V rounded up to VB, Dp: D rounded up to NR.
 struct Layout {
   int64_t Vs, Dp, slots, per_slot, total;
   Layout(int64_t V, int64_t D, int64_t slots_, bool grad) : Vs(round_up(std::max<int64_t>(V, 1), VB)),
       Dp(round_up(std::max<int64_t>(D, 1), NR)), slots(slots_) {
-    per_slot = R * Vs + (grad ? Vs * R : 0) + 2 * R * Dp + (grad ? R * Dp : 0) + KC * NR + Vs;
-    total = slots * per_slot + (grad ? Vs * Dp + Vs : 0);
+    per_slot = R * Vs + (grad ? Vs * R : 0) + 2 * R * Dp + (grad ? R * Dp : 0) + Vs;
+    total = slots * per_slot + (grad ? Vs * Dp + Vs : 0) + (grad ? 2 : 1) * Vs * Dp;
   }
 };
+
+// The head's weights as the micro-kernel's B panels (zero past V and D).
+struct Packed {
+  const float* wt;  // (Vs / NR, Dp, NR): B(p = d, j = v) of S = X W^T
+  const float* w;   // (Dp / NR, Vs, NR): B(p = v, j = d) of dX = dS W, or null
+};
+
+// Panel jp (NR classes) of W^T and panel jp (NR features) of W, threads splitting the panels.
+void pack_head(const Problem& p, const Layout& L, int64_t h, float* wt, float* w) {
+  const int64_t nt = L.Vs / NR, nw = w ? L.Dp / NR : 0;
+#pragma omp for schedule(static)
+  for (int64_t jp = 0; jp < nt + nw; ++jp) {
+    if (jp < nt) {
+      float* out = wt + jp * L.Dp * NR;
+      for (int64_t jj = 0; jj < NR; ++jj) {
+        const int64_t v = jp * NR + jj;
+        for (int64_t d = 0; d < L.Dp; ++d)
+          out[d * NR + jj] = (v < p.V && d < p.D) ? load_float(p.w, (h * p.V + v) * p.D + d, p.w_dtype) : 0.0f;
+      }
+    } else {
+      const int64_t d0 = (jp - nt) * NR;
+      float* out = w + (jp - nt) * L.Vs * NR;
+      for (int64_t v = 0; v < L.Vs; ++v)
+        for (int64_t jj = 0; jj < NR; ++jj)
+          out[v * NR + jj] =
+              (v < p.V && d0 + jj < p.D) ? load_float(p.w, (h * p.V + v) * p.D + d0 + jj, p.w_dtype) : 0.0f;
+    }
+  }
+}
 
 int default_slots() {
 #ifdef _OPENMP
@@ -171,7 +202,7 @@ int default_slots() {
 }
 
 struct Slot {
-  float *S, *dST, *xr, *xf, *dxb, *pack, *qrow;
+  float *S, *dST, *xr, *xf, *dxb, *qrow;
 };
 
 Slot slot_at(const Layout& L, float* ws, int64_t s, bool grad) {
@@ -182,13 +213,13 @@ Slot slot_at(const Layout& L, float* ws, int64_t s, bool grad) {
   sl.xr = p, p += R * L.Dp;
   sl.xf = p, p += R * L.Dp;
   sl.dxb = grad ? p : nullptr, p += grad ? R * L.Dp : 0;
-  sl.pack = p, p += KC * NR;
   sl.qrow = p;
   return sl;
 }
 
 // Phase 1 for chunk c of head h in slot sl.
-void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, int64_t h, int64_t c, const Slot& sl) {
+void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, const Packed& pk, int64_t h, int64_t c,
+                const Slot& sl) {
   const int64_t n0 = c * R, nr = std::min(R, p.N - n0);
   const int64_t hx = p.Hx == 1 ? 0 : h;
   const bool grad = p.grad != nullptr;
@@ -199,15 +230,8 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, int64_t h, int
       row[d] = (r < nr && d < p.D) ? load_float(p.x, ((n0 + r) * p.Hx + hx) * p.D + d, p.x_dtype) : 0.0f;
   }
   // S = X W_h^T: B(p = d, j = v) = W[h, v, d].
-  auto pack_wt = [&](int64_t p0, int64_t kc, int64_t j0, float* buf) -> const float* {
-    for (int64_t jj = 0; jj < NR; ++jj) {
-      const int64_t v = j0 + jj;
-      const int64_t base = (h * p.V + v) * p.D + p0;
-      for (int64_t q = 0; q < kc; ++q) buf[q * NR + jj] = v < p.V ? load_float(p.w, base + q, p.w_dtype) : 0.0f;
-    }
-    return buf;
-  };
-  gemm(micro, R, L.Vs, p.D, sl.xr, L.Dp, pack_wt, sl.pack, sl.S, L.Vs, false);
+  auto panel_wt = [&](int64_t p0, int64_t j0) { return pk.wt + ((j0 / NR) * L.Dp + p0) * NR; };
+  gemm(micro, R, L.Vs, p.D, sl.xr, L.Dp, panel_wt, sl.S, L.Vs, false);
 
   const float eps_over_v = p.eps / static_cast<float>(p.V);
   const bool soft = p.q != nullptr;
@@ -229,9 +253,10 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, int64_t h, int
     } else {
       row_update(st, z, static_cast<int>(p.V), 0, t);
     }
-    const float lse = row_lse(st);
+    const float log_l = row_log_l(st);
     if (p.loss) p.loss[i] = row_loss(st, valid, p.eps, eps_over_v);
-    if (p.lse) p.lse[i] = lse;
+    if (p.row_max) p.row_max[i] = st.m;
+    if (p.log_l) p.log_l[i] = log_l;
     if (p.top) p.top[i] = row_top(st, valid) ? 1 : 0;
     if (!grad) continue;
     const float g = valid ? p.grad[i] : 0.0f;
@@ -242,23 +267,16 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, int64_t h, int
     const float mass = row_mass(st, p.eps);
     for (int64_t v = 0; v < p.V; ++v) {
       const float qv = soft ? sl.qrow[v] : (v == t ? 1.0f : 0.0f);
-      if (p.dq) p.dq[i * p.V + v] = dtarget(z[v], lse, g, p.eps);
-      z[v] = p.scale * dlogit(z[v], lse, g, qv, mass, p.eps, eps_over_v);
+      if (p.dq) p.dq[i * p.V + v] = dtarget(z[v], st.m, log_l, g, p.eps);
+      z[v] = p.scale * dlogit(z[v], st.m, log_l, g, qv, mass, p.eps, eps_over_v);
     }
     std::fill(z + p.V, z + L.Vs, 0.0f);
   }
   if (!grad) return;
 
   // dX = dS W_h: B(p = v, j = d) = W[h, v, d].
-  auto pack_w = [&](int64_t p0, int64_t kc, int64_t j0, float* buf) -> const float* {
-    for (int64_t q = 0; q < kc; ++q) {
-      const int64_t base = (h * p.V + p0 + q) * p.D;
-      for (int64_t jj = 0; jj < NR; ++jj)
-        buf[q * NR + jj] = j0 + jj < p.D ? load_float(p.w, base + j0 + jj, p.w_dtype) : 0.0f;
-    }
-    return buf;
-  };
-  gemm(micro, R, L.Dp, p.V, sl.S, L.Vs, pack_w, sl.pack, sl.dxb, L.Dp, false);
+  auto panel_w = [&](int64_t p0, int64_t j0) { return pk.w + ((j0 / NR) * L.Vs + p0) * NR; };
+  gemm(micro, R, L.Dp, p.V, sl.S, L.Vs, panel_w, sl.dxb, L.Dp, false);
   for (int64_t r = 0; r < nr; ++r) {
     float* out = p.dx + ((n0 + r) * p.Hx + hx) * p.D;
     const float* in = sl.dxb + r * L.Dp;
@@ -280,9 +298,14 @@ void run(const Problem& p, float* ws, int64_t slots) {
   const int64_t n_vblocks = L.Vs / VB;
   float* dw_acc = ws + slots * L.per_slot;
   float* db_acc = dw_acc + L.Vs * L.Dp;
+  float* wt_pack = grad ? db_acc + L.Vs : dw_acc;
+  float* w_pack = grad ? wt_pack + L.Vs * L.Dp : nullptr;
+  const Packed pk{wt_pack, w_pack};
 #pragma omp parallel
   {
     for (int64_t h = 0; h < p.H; ++h) {
+      // every thread is past the previous head's last barrier: no reads of the panels remain
+      pack_head(p, L, h, wt_pack, w_pack);
       if (grad) {
 #pragma omp for schedule(static)
         for (int64_t v = 0; v < L.Vs; ++v) {
@@ -293,18 +316,16 @@ void run(const Problem& p, float* ws, int64_t slots) {
       for (int64_t c0 = 0; c0 < n_chunks; c0 += slots) {
         const int64_t group = std::min<int64_t>(slots, n_chunks - c0);
 #pragma omp for schedule(static, 1)
-        for (int64_t s = 0; s < group; ++s) chunk_rows(p, L, micro, h, c0 + s, slot_at(L, ws, s, grad));
+        for (int64_t s = 0; s < group; ++s) chunk_rows(p, L, micro, pk, h, c0 + s, slot_at(L, ws, s, grad));
         if (!grad) continue;
         // Phase 2: dW[v block] += sum over the group's chunks, in chunk order.
 #pragma omp for schedule(static)
         for (int64_t vb = 0; vb < n_vblocks; ++vb) {
           for (int64_t s = 0; s < group; ++s) {
             const Slot sl = slot_at(L, ws, s, grad);
-            auto panel = [&](int64_t p0, int64_t, int64_t j0, float*) -> const float* {
-              return sl.xf + ((j0 / NR) * R + p0) * NR;
-            };
+            auto panel = [&](int64_t p0, int64_t j0) -> const float* { return sl.xf + ((j0 / NR) * R + p0) * NR; };
             const float* a = sl.dST + vb * VB * R;
-            gemm(micro, VB, L.Dp, R, a, R, panel, nullptr, dw_acc + vb * VB * L.Dp, L.Dp, true);
+            gemm(micro, VB, L.Dp, R, a, R, panel, dw_acc + vb * VB * L.Dp, L.Dp, true);
             for (int64_t v = 0; v < VB; ++v) {
               float sum = 0.0f;
               for (int64_t r = 0; r < R; ++r) sum += a[v * R + r];
@@ -332,11 +353,13 @@ std::tuple<int64_t, int64_t> layout_cpu(int64_t V, int64_t D, bool grad) {
 void forward_backward_cpu(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias,
                           int b_dtype, std::uintptr_t targets, std::uintptr_t q, int q_dtype, std::uintptr_t grad,
                           int64_t N, int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps,
-                          std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t top, std::uintptr_t dx,
+                          std::uintptr_t loss, std::uintptr_t row_max, std::uintptr_t log_l, std::uintptr_t top,
+                          std::uintptr_t dx,
                           std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dq, std::uintptr_t ws, int64_t slots) {
   const Problem p{as_ptr<const void>(x), x_dtype, as_ptr<const void>(w), w_dtype, as_ptr<const void>(bias), b_dtype,
                   as_ptr<const int64_t>(targets), as_ptr<const void>(q), q_dtype, as_ptr<const float>(grad), N, H, Hx,
-                  V, D, static_cast<float>(scale), static_cast<float>(eps), as_ptr<float>(loss), as_ptr<float>(lse),
+                  V, D, static_cast<float>(scale), static_cast<float>(eps), as_ptr<float>(loss), as_ptr<float>(row_max),
+                  as_ptr<float>(log_l),
                   as_ptr<uint8_t>(top), as_ptr<float>(dx), as_ptr<float>(dw), as_ptr<float>(db),
                   as_ptr<float>(dq)};
   if (N == 0 || H == 0) return;
@@ -353,7 +376,8 @@ void bind_masked_prediction(py::module_& m) {
   m.def("masked_prediction_forward_backward", &mpl::forward_backward_cpu, py::arg("x"), py::arg("x_dtype"),
         py::arg("w"), py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("q"),
         py::arg("q_dtype"), py::arg("grad"), py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"),
-        py::arg("scale"), py::arg("eps"), py::arg("loss"), py::arg("lse"), py::arg("top"), py::arg("dx"),
+        py::arg("scale"), py::arg("eps"), py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("top"),
+        py::arg("dx"),
         py::arg("dw"), py::arg("db"), py::arg("dq"), py::arg("ws"), py::arg("slots"));
 }
 

@@ -19,9 +19,12 @@ namespace {
 
 using masking::Params;
 
-// One block per row; the phases are csrc/masking.h's, separated by barriers.
-__global__ void mask_rows_kernel(Params p, const int64_t* lengths, const uint8_t* pad, int64_t n_cap, int64_t r_cap,
-                                 int64_t* lens_ws, uint64_t* keys_ws, int64_t* counts, uint8_t* out) {
+// One block per row; the phases are csrc/masking.h's, separated by barriers. Both kernels
+// take the key as p.seed or, when seed_ptr is set, from the seed tensor (load_seed).
+__global__ void mask_rows_kernel(Params p, const int64_t* seed_ptr, const int64_t* lengths, const uint8_t* pad,
+                                 int64_t n_cap, int64_t r_cap, int64_t* lens_ws, uint64_t* keys_ws, int64_t* counts,
+                                 uint8_t* out) {
+  p.seed = load_seed(seed_ptr, p.seed);
   const int64_t b = blockIdx.x;
   const int64_t T = p.T;
   const int64_t tid = threadIdx.x, nt = blockDim.x;
@@ -56,7 +59,9 @@ __device__ void keep_smallest(const Params& p, int64_t b, uint8_t* row, uint64_t
   __syncthreads();
 }
 
-__global__ void mask_equalize_kernel(Params p, const int64_t* counts, int64_t r_cap, uint64_t* keys_ws, uint8_t* out) {
+__global__ void mask_equalize_kernel(Params p, const int64_t* seed_ptr, const int64_t* counts, int64_t r_cap,
+                                     uint64_t* keys_ws, uint8_t* out) {
+  p.seed = load_seed(seed_ptr, p.seed);
   const int64_t b = blockIdx.x;
   uint8_t* row = out + b * p.T;
   uint64_t* keys = keys_ws + b * r_cap;
@@ -71,20 +76,22 @@ __global__ void mask_equalize_kernel(Params p, const int64_t* counts, int64_t r_
 void compute_mask_indices_cuda(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr, int64_t B, int64_t T,
                                double mask_prob, int64_t L, int64_t vmin, std::uintptr_t thr_ptr, int64_t n_thr,
                                int64_t min_masks, int require_same, double dropout, int hf, uint64_t seed,
-                               int no_overlap, int64_t min_space, int64_t n_cap, int64_t r_cap, std::uintptr_t lens_ws, std::uintptr_t keys_ws,
-                               std::uintptr_t counts_ws, std::uintptr_t out_ptr, std::uintptr_t stream_handle) {
+                               std::uintptr_t seed_ptr, int no_overlap, int64_t min_space, int64_t n_cap, int64_t r_cap,
+                               std::uintptr_t lens_ws, std::uintptr_t keys_ws, std::uintptr_t counts_ws,
+                               std::uintptr_t out_ptr, std::uintptr_t stream_handle) {
   if (B == 0 || T == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const Params p{B, T, mask_prob, L, vmin, as_ptr<const int64_t>(thr_ptr), n_thr, min_masks, require_same,
                  dropout, hf, seed, no_overlap, min_space};
   const Launches plan = masking_launch::plan(B, T, hf, require_same, dropout);
   mask_rows_kernel<<<grid_of(plan[0]), plan[0].threads, plan[0].dyn_smem, stream>>>(
-      p, as_ptr<const int64_t>(lengths_ptr), as_ptr<const uint8_t>(pad_ptr), n_cap, r_cap, as_ptr<int64_t>(lens_ws),
-      as_ptr<uint64_t>(keys_ws), as_ptr<int64_t>(counts_ws), as_ptr<uint8_t>(out_ptr));
+      p, as_ptr<const int64_t>(seed_ptr), as_ptr<const int64_t>(lengths_ptr), as_ptr<const uint8_t>(pad_ptr), n_cap,
+      r_cap, as_ptr<int64_t>(lens_ws), as_ptr<uint64_t>(keys_ws), as_ptr<int64_t>(counts_ws), as_ptr<uint8_t>(out_ptr));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
   if (plan.size() < 2) return;
   mask_equalize_kernel<<<grid_of(plan[1]), plan[1].threads, plan[1].dyn_smem, stream>>>(
-      p, as_ptr<const int64_t>(counts_ws), r_cap, as_ptr<uint64_t>(keys_ws), as_ptr<uint8_t>(out_ptr));
+      p, as_ptr<const int64_t>(seed_ptr), as_ptr<const int64_t>(counts_ws), r_cap, as_ptr<uint64_t>(keys_ws),
+      as_ptr<uint8_t>(out_ptr));
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -94,8 +101,8 @@ void bind_masking(py::module_& m) {
   m.def("compute_mask_indices", &compute_mask_indices_cuda, py::arg("lengths"), py::arg("padding_mask"),
         py::arg("B"), py::arg("T"), py::arg("mask_prob"), py::arg("mask_length"), py::arg("vmin"),
         py::arg("thresholds"), py::arg("n_thresholds"), py::arg("min_masks"), py::arg("require_same_masks"),
-        py::arg("mask_dropout"), py::arg("hf_style"), py::arg("seed"), py::arg("no_overlap"),
-        py::arg("min_space"), py::arg("n_cap"), py::arg("r_cap"),
+        py::arg("mask_dropout"), py::arg("hf_style"), py::arg("seed"), py::arg("seed_ptr"),
+        py::arg("no_overlap"), py::arg("min_space"), py::arg("n_cap"), py::arg("r_cap"),
         py::arg("lens_ws"), py::arg("keys_ws"), py::arg("counts_ws"), py::arg("out"), py::arg("cuda_stream"));
 }
 

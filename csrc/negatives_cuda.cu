@@ -16,6 +16,9 @@
 //     1. negatives_scan_kernel (one block): per-row candidate ranks, masked ranks and the
 //        candidate-position table (scan_row of csrc/negatives.h), then the row prefixes.
 //     2. negatives_draw_kernel: one thread per (positive frame, Philox block of 4 negatives).
+// The Philox key: the `seed` argument, or, when the caller passes a seed tensor
+// (sslfast.random.seed_args), the int64 at `seed_ptr`, read by each kernel that draws when it
+// runs (load_seed, csrc/sslfast/philox.h): a captured CUDA graph replays with its current value.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -69,7 +72,8 @@ __device__ uint32_t block_scan(uint32_t v, uint32_t* s_warp, uint32_t* total) {
 template <bool kHf>
 __global__ void __launch_bounds__(kChunk)
     negatives_one_pass_kernel(const uint8_t* mask, const uint8_t* pad, int from_masked_only, int64_t B, int64_t T,
-                              int64_t K, int64_t Kc, uint64_t seed, int64_t n_rows, int64_t* out) {
+                              int64_t K, int64_t Kc, uint64_t seed_value, const int64_t* seed_ptr, int64_t n_rows,
+                              int64_t* out) {
   extern __shared__ int32_t s_pos[];  // hf: row b's rank -> frame table (T entries)
   __shared__ uint32_t s_warp[kWarps];
   __shared__ int s_red[5][kWarps];
@@ -127,6 +131,7 @@ __global__ void __launch_bounds__(kChunk)
   s_row[tid] = row;
   __syncthreads();  // s_own, s_row and (hf) s_pos are complete
 
+  const uint64_t seed = load_seed(seed_ptr, seed_value);  // loaded here: not live across the scans
   negatives::one_pass_draws(kHf, seed, T, K, Kc, b, t0, row_start, n_row, total, s_own, s_row, s_pos, out, tid,
                             kChunk);
 }
@@ -145,10 +150,10 @@ __global__ void negatives_scan_kernel(const uint8_t* mask, const uint8_t* pad, i
 }
 
 __global__ void negatives_draw_kernel(int64_t B, int64_t T, int64_t K, int64_t Kc, int hf_layout, uint64_t seed,
-                                      const int32_t* rank, const int32_t* mrank, const int32_t* pos,
-                                      const int64_t* ws64, int64_t n_rows, int64_t* out) {
+                                      const int64_t* seed_ptr, const int32_t* rank, const int32_t* mrank,
+                                      const int32_t* pos, const int64_t* ws64, int64_t n_rows, int64_t* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  negatives::draw_item(B, T, K, Kc, hf_layout, seed, rank, mrank, pos, ws64, n_rows, out, i);
+  negatives::draw_item(B, T, K, Kc, hf_layout, load_seed(seed_ptr, seed), rank, mrank, pos, ws64, n_rows, out, i);
 }
 
 // The static shared memory of the hf one-pass kernel and the current device's opt-in maximum,
@@ -158,7 +163,8 @@ int64_t hf_static_smem() { return static_smem(negatives_one_pass_kernel<true>); 
 int64_t hf_one_pass_max_t() { return negatives_launch::hf_one_pass_max_t(hf_static_smem(), smem_optin()); }
 
 void sample_negatives_cuda(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int64_t B, int64_t T, int64_t K,
-                           int64_t Kc, int from_masked_only, int hf_layout, uint64_t seed, std::uintptr_t ws32_ptr,
+                           int64_t Kc, int from_masked_only, int hf_layout, uint64_t seed,
+                           std::uintptr_t seed_ptr_value, std::uintptr_t ws32_ptr,
                            std::uintptr_t ws64_ptr, int64_t n_rows, std::uintptr_t out_ptr,
                            std::uintptr_t stream_handle) {
   if (B == 0 || T == 0) return;
@@ -168,16 +174,17 @@ void sample_negatives_cuda(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int6
   const uint8_t* mask = as_ptr<const uint8_t>(mask_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
   int64_t* out = as_ptr<int64_t>(out_ptr);
+  const int64_t* seed_ptr = as_ptr<const int64_t>(seed_ptr_value);  // null: the key is `seed`
   if (negatives_launch::one_pass(T, Kc, hf_layout, st, optin)) {
     if (plan.empty()) return;
     const Launch& l = plan[0];
     if (hf_layout) {
       prepare(negatives_one_pass_kernel<true>, l);
       negatives_one_pass_kernel<true><<<grid_of(l), l.threads, l.dyn_smem, stream>>>(
-          mask, pad, from_masked_only, B, T, K, Kc, seed, n_rows, out);
+          mask, pad, from_masked_only, B, T, K, Kc, seed, seed_ptr, n_rows, out);
     } else {
       negatives_one_pass_kernel<false><<<grid_of(l), l.threads, l.dyn_smem, stream>>>(
-          mask, pad, from_masked_only, B, T, K, Kc, seed, n_rows, out);
+          mask, pad, from_masked_only, B, T, K, Kc, seed, seed_ptr, n_rows, out);
     }
     SSLFAST_CUDA_CHECK(cudaGetLastError());
     return;
@@ -192,7 +199,7 @@ void sample_negatives_cuda(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int6
   if (plan.size() < 2) return;
   const Launch& draw = plan[1];
   negatives_draw_kernel<<<grid_of(draw), draw.threads, draw.dyn_smem, stream>>>(
-      B, T, K, Kc, hf_layout, seed, ws32, ws32 + B * T, ws32 + 2 * B * T, ws64, n_rows, out);
+      B, T, K, Kc, hf_layout, seed, seed_ptr, ws32, ws32 + B * T, ws32 + 2 * B * T, ws64, n_rows, out);
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -201,7 +208,7 @@ void sample_negatives_cuda(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int6
 void bind_negatives(py::module_& m) {
   m.def("sample_negatives", &sample_negatives_cuda, py::arg("mask"), py::arg("padding_mask"), py::arg("B"),
         py::arg("T"), py::arg("K"), py::arg("Kc"), py::arg("from_masked_only"), py::arg("hf_layout"),
-        py::arg("seed"), py::arg("ws32"), py::arg("ws64"), py::arg("n_rows"), py::arg("out"),
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("ws32"), py::arg("ws64"), py::arg("n_rows"), py::arg("out"),
         py::arg("cuda_stream"));
   // Longest row the hf layout (Kc = 0) takes in one launch on the current device;
   // ops/negatives.py allocates the two-launch workspaces beyond it.

@@ -38,10 +38,12 @@ namespace {
 // mask_equalize_kernel, `nt` threads a block; arguments as compute_mask_indices_cuda.
 void masking_kernels(std::uintptr_t lengths_ptr, std::uintptr_t pad_ptr, int64_t B, int64_t T, double mask_prob,
                      int64_t L, int64_t vmin, std::uintptr_t thr_ptr, int64_t n_thr, int64_t min_masks,
-                     int require_same, double dropout, int hf, uint64_t seed, int no_overlap, int64_t min_space,
-                     int64_t n_cap, int64_t r_cap, int64_t nt, std::uintptr_t out_ptr) {
+                     int require_same, double dropout, int hf, uint64_t seed, std::uintptr_t seed_ptr,
+                     int no_overlap, int64_t min_space, int64_t n_cap, int64_t r_cap, int64_t nt,
+                     std::uintptr_t out_ptr) {
+  // both kernels begin with p.seed = load_seed(seed_ptr, p.seed): a CPU seed tensor here
   const masking::Params p{B, T, mask_prob, L, vmin, as_ptr<const int64_t>(thr_ptr), n_thr, min_masks, require_same,
-                          dropout, hf, seed, no_overlap, min_space};
+                          dropout, hf, load_seed(as_ptr<const int64_t>(seed_ptr), seed), no_overlap, min_space};
   const int64_t* lengths = as_ptr<const int64_t>(lengths_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
   uint8_t* out = as_ptr<uint8_t>(out_ptr);
@@ -94,7 +96,8 @@ py::tuple negatives_prefix(std::uintptr_t mask, std::uintptr_t pad, int from_mas
 // negatives_one_pass_kernel<hf> for every block (b, chunk), kChunk threads; the block scans
 // are prefix sums here.
 void negatives_one_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int from_masked_only, int64_t B, int64_t T,
-                        int64_t K, int64_t Kc, bool hf, uint64_t seed, int64_t n_rows, std::uintptr_t out_ptr) {
+                        int64_t K, int64_t Kc, bool hf, uint64_t seed_value, std::uintptr_t seed_ptr,
+                        int64_t n_rows, std::uintptr_t out_ptr) {
   constexpr int64_t nt = negatives_launch::kChunk;
   const uint8_t* mask = as_ptr<const uint8_t>(mask_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
@@ -145,6 +148,7 @@ void negatives_one_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int fro
       }
       out_row[tid] = row;
     }
+    const uint64_t seed = load_seed(as_ptr<const int64_t>(seed_ptr), seed_value);  // as the kernel, per block
     for (int64_t tid = 0; tid < nt; ++tid)
       negatives::one_pass_draws(hf, seed, T, K, Kc, b, t0, row_start, n_row, total, own.data(), out_row.data(),
                                 pos.data(), out, tid, nt);
@@ -153,7 +157,8 @@ void negatives_one_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int fro
 
 // negatives_scan_kernel (one block of nt threads) then negatives_draw_kernel (every item).
 void negatives_two_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int from_masked_only, int64_t B, int64_t T,
-                        int64_t K, int64_t Kc, bool hf, uint64_t seed, int64_t n_rows, std::uintptr_t out_ptr) {
+                        int64_t K, int64_t Kc, bool hf, uint64_t seed_value, std::uintptr_t seed_ptr,
+                        int64_t n_rows, std::uintptr_t out_ptr) {
   const uint8_t* mask = as_ptr<const uint8_t>(mask_ptr);
   const uint8_t* pad = as_ptr<const uint8_t>(pad_ptr);
   std::vector<int32_t> ws32(3 * B * T);
@@ -166,8 +171,10 @@ void negatives_two_pass(std::uintptr_t mask_ptr, std::uintptr_t pad_ptr, int fro
   const Launches plan = negatives_launch::plan(B, T, K, Kc, hf, 0, 0);  // 0 bytes of opt-in: the two-launch path
   if (plan.size() < 2) return;
   const int64_t items = plan[1].grid_x * plan[1].threads;
-  for (int64_t i = 0; i < items; ++i)
-    negatives::draw_item(B, T, K, Kc, hf, seed, rank, mrank, pos, ws64.data(), n_rows, as_ptr<int64_t>(out_ptr), i);
+  const int64_t* key = as_ptr<const int64_t>(seed_ptr);
+  for (int64_t i = 0; i < items; ++i)  // each thread of the kernel loads the key
+    negatives::draw_item(B, T, K, Kc, hf, load_seed(key, seed_value), rank, mrank, pos, ws64.data(), n_rows,
+                         as_ptr<int64_t>(out_ptr), i);
 }
 
 // ---- Warp kernels (gumbel_quantize_cuda.cu, rp_quantize_cuda.cu): each kernel's blocks in
@@ -214,12 +221,14 @@ float gumbel_tempered_row(const void* logits, int ldtype, int64_t base, int64_t 
 }
 
 // forward_kernel, soft_forward_kernel (hard=False in training), reduce_partials_kernel:
-// the arguments of the CUDA module's gumbel_quantize_forward, less the stream.
+// the arguments of the CUDA module's gumbel_quantize_forward, less the stream. The key is
+// loaded as each kernel loads it (a seed tensor's pointer is a CPU tensor's here).
 void gumbel_forward(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook_p, int cdtype, int64_t N, int64_t G,
                     int64_t V, int64_t D, bool training, bool hard, double tau_d, uint64_t seed,
-                    std::uintptr_t mask_p, std::uintptr_t quant_p, std::uintptr_t codes_p, std::uintptr_t partial_p,
-                    std::uintptr_t sums_p) {
+                    std::uintptr_t seed_p, std::uintptr_t mask_p, std::uintptr_t quant_p, std::uintptr_t codes_p,
+                    std::uintptr_t partial_p, std::uintptr_t sums_p) {
   using namespace gumbel_launch;
+  seed = load_seed(as_ptr<const int64_t>(seed_p), seed);
   const Launches plan = forward(N, G, V, training, hard);
   if (plan.empty()) return;
   const void* logits = as_ptr<const void>(logits_p);
@@ -297,8 +306,10 @@ void gumbel_forward(std::uintptr_t logits_p, int ldtype, std::uintptr_t codebook
 void gumbel_backward(std::uintptr_t grad_q_p, int gdtype, std::uintptr_t logits_p, int ldtype, std::uintptr_t cbt_p,
                      std::uintptr_t codes_p, std::uintptr_t mask_p, std::uintptr_t w_p, int64_t N, int64_t G,
                      int64_t V, int64_t D, bool training, bool hard, double tau_d, uint64_t seed,
-                     std::uintptr_t grad_logits_p, int cdtype, std::uintptr_t grad_cb_p, std::uintptr_t workspace_p) {
+                     std::uintptr_t seed_p, std::uintptr_t grad_logits_p, int cdtype, std::uintptr_t grad_cb_p,
+                     std::uintptr_t workspace_p) {
   using namespace gumbel_launch;
+  seed = load_seed(as_ptr<const int64_t>(seed_p), seed);
   if (N == 0) return;
   const void* grad_q = as_ptr<const void>(grad_q_p);
   const void* logits = as_ptr<const void>(logits_p);
@@ -575,10 +586,11 @@ void apply_mask_by_dtype(int dtype, F&& f) {
   }
 }
 
-// apply_mask_forward_kernel: apply_mask_forward's arguments less the stream.
+// apply_mask_forward_kernel: apply_mask_forward's arguments less the stream (a seed tensor's
+// pointer is a CPU tensor's here; every thread loads the key as the kernel's do).
 void apply_mask_forward(std::uintptr_t x, int64_t sxb, int64_t sxt, int64_t sxd, std::uintptr_t out, int64_t sob,
                         int64_t sot, int64_t sod, std::uintptr_t mask, std::uintptr_t fill, int dtype, int64_t B,
-                        int64_t T, int64_t D, float std, uint64_t seed) {
+                        int64_t T, int64_t D, float std, uint64_t seed, std::uintptr_t seed_ptr) {
   if (B == 0 || T == 0 || D == 0) return;
   const apply_mask::Strides sx{sxb, sxt, sxd}, so{sob, sot, sod};
   const Launch l = apply_mask_launch::forward(B, T, D)[0];
@@ -589,7 +601,8 @@ void apply_mask_forward(std::uintptr_t x, int64_t sxb, int64_t sxt, int64_t sxd,
     for (int64_t i = 0; i < l.grid_x * l.threads; ++i)
       if (i < work)
         apply_mask::forward_item<S>(as_ptr<const E>(x), sx, as_ptr<E>(out), so, as_ptr<const uint8_t>(mask),
-                                    as_ptr<const E>(fill), T, D, std, seed, x == out, i);
+                                    as_ptr<const E>(fill), T, D, std,
+                                    load_seed(as_ptr<const int64_t>(seed_ptr), seed), x == out, i);
   });
 }
 
@@ -629,19 +642,21 @@ void mpl_logit_tile(const mpl::Args& a, mpl::Smem& s, int64_t h, int64_t n0, int
 }
 
 // forward_kernel, then with a gradient dx_kernel and dw_kernel: the arguments of
-// masked_prediction_forward_backward less the stream.
+// masked_prediction_forward_backward less the stream (soft: the kSoft instantiations).
 void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias, int b_dtype,
-                       std::uintptr_t targets, std::uintptr_t grad_p, int64_t N, int64_t H, int64_t Hx, int64_t V,
-                       int64_t D, double scale, double eps, std::uintptr_t loss, std::uintptr_t lse_p,
-                       std::uintptr_t top, std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db) {
+                       std::uintptr_t targets, std::uintptr_t q, int q_dtype, std::uintptr_t grad_p, int64_t N,
+                       int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps, std::uintptr_t loss,
+                       std::uintptr_t row_max, std::uintptr_t log_l, std::uintptr_t mass, std::uintptr_t top,
+                       std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dq) {
   using namespace mpl;
   if (N == 0) return;
+  const bool soft = q != 0;
   const Args a{as_ptr<const void>(x), x_dtype, as_ptr<const void>(w), w_dtype, as_ptr<const void>(bias), b_dtype,
-               as_ptr<const int64_t>(targets), N, H, Hx, V, D, static_cast<float>(scale), static_cast<float>(eps),
-               static_cast<float>(eps / static_cast<double>(V))};
+               soft ? nullptr : as_ptr<const int64_t>(targets), as_ptr<const void>(q), q_dtype, N, H, Hx, V, D,
+               static_cast<float>(scale), static_cast<float>(eps), static_cast<float>(eps / static_cast<double>(V))};
+  const Saved sv{as_ptr<float>(row_max), as_ptr<float>(log_l), soft ? as_ptr<float>(mass) : nullptr};
   const Launches plan = masked_prediction_launch::plan(N, H, Hx, V, D, grad_p != 0);
   auto s = std::make_unique<Smem>();
-  const float* lse = as_ptr<const float>(lse_p);
   const float* grad = as_ptr<const float>(grad_p);
   for (int64_t bx = 0; bx < plan[0].grid_x; ++bx)
     for (int64_t h = 0; h < plan[0].grid_y; ++h) {  // forward_kernel, block (row block, head)
@@ -649,16 +664,18 @@ void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dt
       RowState st[BM];
       int64_t t[BM];
       for (int r = 0; r < BM; ++r) {
-        st[r] = row_init(false);
-        t[r] = n0 + r < N ? a.targets[(n0 + r) * H + h] : -1;
+        st[r] = row_init(soft);
+        t[r] = !soft && n0 + r < N ? a.targets[(n0 + r) * H + h] : -1;
       }
       for (int64_t v0 = 0; v0 < V; v0 += BV) {
+        if (soft)
+          for (unsigned tid = 0; tid < THREADS; ++tid) stage_targets(a, *s, h, n0, v0, tid);
         mpl_logit_tile(a, *s, h, n0, v0);
-        for (int r = 0; r < BM; ++r) row_update(st[r], s->z[r], static_cast<int>(V - v0 < BV ? V - v0 : BV), v0, t[r]);
+        for (int r = 0; r < BM; ++r) fold_tile(*s, st[r], r, v0, V, t[r], soft);
       }
       for (int r = 0; r < BM; ++r)
-        if (n0 + r < N)
-          forward_row_out(a, st[r], n0 + r, h, t[r], as_ptr<float>(loss), as_ptr<float>(lse_p), as_ptr<uint8_t>(top));
+        if (n0 + r < N) forward_row_out(a, st[r], n0 + r, h, soft || t[r] >= 0, as_ptr<float>(loss), sv,
+                                        as_ptr<uint8_t>(top));
     }
   if (grad_p == 0) return;
   float acc[THREADS][BD / 8];
@@ -672,7 +689,8 @@ void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dt
           const int64_t h = hx + i;
           for (int64_t v0 = 0; v0 < V; v0 += BV) {
             mpl_logit_tile(a, *s, h, n0, v0);
-            for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, lse, grad, tid);
+            for (unsigned tid = 0; tid < THREADS; ++tid)
+              dlogit_items(a, *s, h, n0, v0, sv, grad, by == 0 ? as_ptr<float>(dq) : nullptr, tid, soft);
             for (int tid = 0; tid < THREADS; ++tid)
               dx_tile(a, *s, acc[tid], h, v0, d0, tid / 8, tid % 8);
           }
@@ -692,7 +710,7 @@ void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dt
         std::fill(dbias, dbias + THREADS, 0.0f);
         for (int64_t n0 = 0; n0 < N; n0 += BM) {
           mpl_logit_tile(a, *s, h, n0, v0);
-          for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, lse, grad, tid);
+          for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, sv, grad, nullptr, tid, soft);
           for (int tid = 0; tid < THREADS; ++tid)
             dw_tile(a, *s, acc[tid], dbias[tid], hx, n0, d0, tid / 8, tid % 8);
         }
@@ -718,27 +736,28 @@ void bind_testing(py::module_& m) {
   t.def("masking_kernels", &masking_kernels, py::arg("lengths"), py::arg("padding_mask"), py::arg("B"), py::arg("T"),
         py::arg("mask_prob"), py::arg("mask_length"), py::arg("vmin"), py::arg("thresholds"), py::arg("n_thresholds"),
         py::arg("min_masks"), py::arg("require_same_masks"), py::arg("mask_dropout"), py::arg("hf_style"),
-        py::arg("seed"), py::arg("no_overlap"), py::arg("min_space"), py::arg("n_cap"), py::arg("r_cap"),
-        py::arg("threads"), py::arg("out"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("no_overlap"), py::arg("min_space"), py::arg("n_cap"),
+        py::arg("r_cap"), py::arg("threads"), py::arg("out"));
   t.def("negatives_prefix", &negatives_prefix, py::arg("mask"), py::arg("padding_mask"), py::arg("from_masked_only"),
         py::arg("end"), py::arg("first"), py::arg("row_base"), py::arg("row_end"), py::arg("threads"));
   t.def("negatives_one_pass", &negatives_one_pass, py::arg("mask"), py::arg("padding_mask"),
         py::arg("from_masked_only"), py::arg("B"), py::arg("T"), py::arg("K"), py::arg("Kc"), py::arg("hf_layout"),
-        py::arg("seed"), py::arg("n_rows"), py::arg("out"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("n_rows"), py::arg("out"));
   t.def("negatives_two_pass", &negatives_two_pass, py::arg("mask"), py::arg("padding_mask"),
         py::arg("from_masked_only"), py::arg("B"), py::arg("T"), py::arg("K"), py::arg("Kc"), py::arg("hf_layout"),
-        py::arg("seed"), py::arg("n_rows"), py::arg("out"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("n_rows"), py::arg("out"));
   t.def("gumbel_num_chunks", &gumbel_launch::num_chunks, py::arg("n"));
   t.def("gumbel_soft_workspace", &gq::soft_workspace_floats, py::arg("n"), py::arg("groups"), py::arg("num_vars"),
         py::arg("dim"));
   t.def("gumbel_forward", &gumbel_forward, py::arg("logits"), py::arg("ldtype"), py::arg("codebook"),
         py::arg("cdtype"), py::arg("n"), py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"),
-        py::arg("hard"), py::arg("tau"), py::arg("seed"), py::arg("mask"), py::arg("quantized"), py::arg("codes"),
-        py::arg("partial"), py::arg("sums"));
+        py::arg("hard"), py::arg("tau"), py::arg("seed"), py::arg("seed_ptr"), py::arg("mask"), py::arg("quantized"),
+        py::arg("codes"), py::arg("partial"), py::arg("sums"));
   t.def("gumbel_backward", &gumbel_backward, py::arg("grad_q"), py::arg("gdtype"), py::arg("logits"),
         py::arg("ldtype"), py::arg("codebook_t"), py::arg("codes"), py::arg("mask"), py::arg("w"), py::arg("n"),
         py::arg("groups"), py::arg("num_vars"), py::arg("dim"), py::arg("training"), py::arg("hard"), py::arg("tau"),
-        py::arg("seed"), py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"), py::arg("workspace"));
+        py::arg("seed"), py::arg("seed_ptr"), py::arg("grad_logits"), py::arg("cdtype"), py::arg("grad_codebook"),
+        py::arg("workspace"));
   t.def("rp_quantize", &rp_quantize_rows, py::arg("x"), py::arg("x_dtype"), py::arg("B"), py::arg("T"), py::arg("F"),
         py::arg("k"), py::arg("proj"), py::arg("codebooks"), py::arg("cb_dtype"), py::arg("H"), py::arg("V"),
         py::arg("d"), py::arg("layernorm"), py::arg("metric"), py::arg("mask"), py::arg("out"));
@@ -756,15 +775,17 @@ void bind_testing(py::module_& m) {
         py::arg("D"), py::arg("K"), py::arg("dtype"));
   t.def("apply_mask_forward", &apply_mask_forward, py::arg("x"), py::arg("sxb"), py::arg("sxt"), py::arg("sxd"),
         py::arg("out"), py::arg("sob"), py::arg("sot"), py::arg("sod"), py::arg("mask"), py::arg("fill"),
-        py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"), py::arg("std"), py::arg("seed"));
+        py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"), py::arg("std"), py::arg("seed"),
+        py::arg("seed_ptr"));
   t.def("apply_mask_backward", &apply_mask_backward, py::arg("grad"), py::arg("sgb"), py::arg("sgt"), py::arg("sgd"),
         py::arg("grad_x"), py::arg("mask"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("D"),
         py::arg("partial"), py::arg("grad_fill"));
   t.attr("apply_mask_grad_chunk") = apply_mask::kGradChunk;
   t.def("masked_prediction", &masked_prediction, py::arg("x"), py::arg("x_dtype"), py::arg("w"), py::arg("w_dtype"),
-        py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("grad"), py::arg("N"), py::arg("H"),
-        py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"), py::arg("loss"), py::arg("lse"),
-        py::arg("top"), py::arg("dx"), py::arg("dw"), py::arg("db"));
+        py::arg("bias"), py::arg("b_dtype"), py::arg("targets"), py::arg("q"), py::arg("q_dtype"), py::arg("grad"),
+        py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"),
+        py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("mass"), py::arg("top"), py::arg("dx"),
+        py::arg("dw"), py::arg("db"), py::arg("dq"));
   t.def("gumbel_tempered_weight", &gumbel_tempered_weight, py::arg("y"), py::arg("ym"), py::arg("n"), py::arg("tau"),
         py::arg("out"));
 }

@@ -15,16 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import random as sr
 from . import philox as kp
 
 _STREAM_MASK_NOISE = tl.constexpr(24)  # sslfast.random.Stream.MASK_NOISE
 _TWO_PI = tl.constexpr(6.2831854820251465)  # fp32(2 pi), as the reference multiplies
 _OPEN_LO = tl.constexpr(2.3283064365386963e-10)  # 2^-32
 # Integer arguments that are not specialised (an int equal to 1 becomes a compile-time
-# constant, a multiple of 16 another specialisation): the frame count, T (only divides) and
-# the seed. D and the strides stay specialised: a unit channel stride and 16-aligned rows
-# give vector loads.
-_COUNTS = ("n_frames", "T", "seed")
+# constant, a multiple of 16 another specialisation): the frame count and T (only divides).
+# D and the strides stay specialised: a unit channel stride and 16-aligned rows give vector
+# loads. The seed is a pointer (``seed_ptr``: the key is loaded on the device).
+_COUNTS = ("n_frames", "T")
 
 
 @triton.jit
@@ -36,9 +37,11 @@ def _box_muller(w_radius, w_angle):
 
 
 @triton.jit(do_not_specialize=_COUNTS)
-def _forward_kernel(x_ptr, out_ptr, mask_ptr, fill_ptr, n_frames, T, D, sxb, sxt, sxd, sob, sot, sod, std, seed,
+def _forward_kernel(x_ptr, out_ptr, mask_ptr, fill_ptr, n_frames, T, D, sxb, sxt, sxd, sob, sot, sod, std, seed_ptr,
                     NOISE: tl.constexpr, INPLACE: tl.constexpr, FRAMES: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
+    if NOISE:
+        seed = kp.load_seed(seed_ptr)
     BLOCK_Q: tl.constexpr = BLOCK_D // 4
     offs_d = tl.arange(0, BLOCK_D)
     offs_q = tl.arange(0, BLOCK_Q)
@@ -109,7 +112,8 @@ def _frames_per_program(n_frames: int) -> int:
 
 def forward(x, mask, fill, std, seed, out):
     """Write x with its masked frames filled into ``out`` (``out is x``: in place).
-    ``fill``: (D,) contiguous in x's dtype, or None for noise of ``std``."""
+    ``fill``: (D,) contiguous in x's dtype, or None for noise of ``std``; ``seed``: an int or a
+    0-d int64 tensor on x's device (the kernel loads the key: ``sslfast.random.seed_tensor``)."""
     B, T, D = x.shape
     n = B * T
     if n == 0 or D == 0:
@@ -117,7 +121,8 @@ def forward(x, mask, fill, std, seed, out):
     frames = _frames_per_program(n)
     block_d = max(4, min(1024, triton.next_power_of_2(D)))
     _forward_kernel[(triton.cdiv(n, frames),)](
-        x, out, mask, fill if fill is not None else x, n, T, D, *x.stride(), *out.stride(), float(std), seed,
+        x, out, mask, fill if fill is not None else x, n, T, D, *x.stride(), *out.stride(), float(std),
+        sr.seed_tensor(seed, x.device) if fill is None else mask,  # an embedding fill loads no key
         NOISE=fill is None, INPLACE=out.data_ptr() == x.data_ptr(), FRAMES=frames, BLOCK_D=block_d)
     return out
 

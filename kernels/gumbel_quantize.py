@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import random as sr
+
 from . import philox as kp
 
 STREAM_GUMBEL = tl.constexpr(32)  # sslfast.random.Stream.GUMBEL
@@ -79,9 +81,10 @@ def _argmax_update(best, idx, x, v0):
 
 @triton.jit
 def _forward_kernel(logits_ptr, codebook_ptr, mask_ptr, quant_ptr, codes_ptr, psum_ptr, csum_ptr,
-                    N, G, V, D, seed, tau,
+                    N, G, V, D, seed_ptr, tau,
                     HAS_MASK: tl.constexpr, TRAINING: tl.constexpr, SOFT: tl.constexpr, U_LO_C: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    seed = kp.load_seed(seed_ptr)
     pid_n = tl.program_id(0) // G
     g = tl.program_id(0) % G
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -172,10 +175,11 @@ def _grad_q_times_codebook(gq_row, cbt_ptr, row_ok, g, V, D, offs_v, BLOCK_N: tl
 
 @triton.jit
 def _backward_logits_kernel(grad_q_ptr, logits_ptr, cbt_ptr, mask_ptr, w_ptr, grad_ptr, stats_ptr,
-                            N, G, V, D, seed, tau,
+                            N, G, V, D, seed_ptr, tau,
                             HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, TRAINING: tl.constexpr,
                             SOFT: tl.constexpr, U_LO_C: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    seed = kp.load_seed(seed_ptr)
     pid_n = tl.program_id(0) // G
     g = tl.program_id(0) % G
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,10 +265,11 @@ def _backward_codebook_kernel(grad_q_ptr, codes_ptr, grad_cb_ptr, N, G, V, D,
 
 
 @triton.jit
-def _backward_codebook_soft_kernel(grad_q_ptr, logits_ptr, stats_ptr, partial_ptr, N, G, V, D, CHUNK_ROWS, seed, tau,
-                                   U_LO_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+def _backward_codebook_soft_kernel(grad_q_ptr, logits_ptr, stats_ptr, partial_ptr, N, G, V, D, CHUNK_ROWS, seed_ptr,
+                                   tau, U_LO_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                                    BLOCK_D: tl.constexpr):
     """partial[chunk, g*V + v, k] = sum over the chunk's frames n of soft[n, g, v] grad_q[n, g, k]."""
+    seed = kp.load_seed(seed_ptr)
     n_vt = tl.cdiv(V, BLOCK_V)
     g = tl.program_id(0) // n_vt
     offs_v = (tl.program_id(0) % n_vt) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -339,7 +344,8 @@ def soft_chunk_rows(n, align):
 
 def forward(logits, codebook, mask, groups, tau, hard, training, seed):
     """(quantized, codes, prob_sum (G, V), code_sum (G, V)); logits (N, G*V), codebook (G*V, d)
-    contiguous, mask None or uint8 (N,)."""
+    contiguous, mask None or uint8 (N,); seed an int or a 0-d int64 tensor on logits' device
+    (the kernels load the key from a pointer: ``sslfast.random.seed_tensor``)."""
     n, gv = logits.shape
     v = gv // groups
     d = codebook.shape[1]
@@ -351,11 +357,10 @@ def forward(logits, codebook, mask, groups, tau, hard, training, seed):
     psum = torch.empty(n_blocks, groups, v, device=dev)
     csum = torch.empty(n_blocks, groups, v, device=dev)
     _forward_kernel[(n_blocks * groups,)](
-        logits, codebook, logits if mask is None else mask, quantized, codes, psum, csum, n, groups, v, d, seed,
-        float(tau), HAS_MASK=mask is not None, TRAINING=training, SOFT=training and not hard, U_LO_C=U_LO,
-        BLOCK_N=t["BLOCK_N"], BLOCK_V=t["BLOCK_V"], BLOCK_K=t["FWD_BLOCK_K"], BLOCK_D=t["FWD_BLOCK_D"],
-        num_warps=t["num_warps"],
-        num_stages=t["num_stages"])
+        logits, codebook, logits if mask is None else mask, quantized, codes, psum, csum, n, groups, v, d,
+        sr.seed_tensor(seed, dev), float(tau), HAS_MASK=mask is not None, TRAINING=training,
+        SOFT=training and not hard, U_LO_C=U_LO, BLOCK_N=t["BLOCK_N"], BLOCK_V=t["BLOCK_V"], BLOCK_K=t["FWD_BLOCK_K"],
+        BLOCK_D=t["FWD_BLOCK_D"], num_warps=t["num_warps"], num_stages=t["num_stages"])
     return quantized, codes, psum.sum(0), csum.sum(0)
 
 
@@ -370,9 +375,10 @@ def backward(grad_q, w, logits, codebook_t, codes, mask, groups, tau, hard, trai
     grad_cb = torch.empty(gv, d, dtype=codebook_dtype, device=dev)
     soft = training and not hard
     stats = torch.empty(n if soft else 0, groups, 2, device=dev)
+    seed_t = sr.seed_tensor(seed, dev)
     _backward_logits_kernel[(triton.cdiv(n, t["BLOCK_N"]) * groups,)](
         grad_q, logits, codebook_t, logits if mask is None else mask, logits if w is None else w, grad_logits,
-        stats if soft else logits, n, groups, v, d, seed, float(tau), HAS_MASK=mask is not None, HAS_W=w is not None,
+        stats if soft else logits, n, groups, v, d, seed_t, float(tau), HAS_MASK=mask is not None, HAS_W=w is not None,
         TRAINING=training, SOFT=soft, U_LO_C=U_LO, BLOCK_N=t["BLOCK_N"], BLOCK_V=t["BLOCK_V"],
         BLOCK_D=t["BWD_BLOCK_D"], num_warps=t["num_warps"], num_stages=t["num_stages"])
     if soft:
@@ -381,7 +387,7 @@ def backward(grad_q, w, logits, codebook_t, codes, mask, groups, tau, hard, trai
         sb_v, sb_d = t["SOFT_BLOCK_V"], t["SOFT_BLOCK_D"]
         partial = torch.empty(n_chunks, gv, d, device=dev)
         _backward_codebook_soft_kernel[(groups * triton.cdiv(v, sb_v), n_chunks, triton.cdiv(d, sb_d))](
-            grad_q, logits, stats, partial, n, groups, v, d, chunk_rows, seed, float(tau), U_LO_C=U_LO,
+            grad_q, logits, stats, partial, n, groups, v, d, chunk_rows, seed_t, float(tau), U_LO_C=U_LO,
             BLOCK_N=t["BLOCK_N"], BLOCK_V=sb_v, BLOCK_D=sb_d, num_warps=t["num_warps"], num_stages=t["num_stages"])
         return grad_logits, partial.sum(0).to(codebook_dtype)  # a fixed-order reduction: deterministic
     cb_block_d = t["CB_BLOCK_D"]

@@ -6,10 +6,11 @@ head), class vectors W (H, V, D), bias (H, V); logits ``z = scale * <x, W_v> + b
 -1 marks an ignored row. Loss ``lse - (1 - eps) z_y - eps/V sum z``.
 
 * ``_forward_kernel``: program (``pid_n``, ``h``) owns BLOCK_N rows of head h and walks V in
-  BLOCK_V tiles with an online log-sum-exp; writes loss, lse and the top flag (nothing N x V).
+  BLOCK_V tiles with an online log-sum-exp; writes loss, the row statistics (max, log l: lse's
+  two parts, kept apart as in csrc/masked_prediction.h) and the top flag (nothing N x V).
 * ``_dx_kernel``: program (``pid_n``, ``pid_d``, ``hx``) owns BLOCK_N rows and BLOCK_DV
   feature columns of dX; it walks the V tiles of its head(s) (all H when x is shared),
-  recomputing the logits from the saved lse (the Cut Cross-Entropy backward) and
+  recomputing the logits from the saved statistics (the Cut Cross-Entropy backward) and
   accumulating ``dS @ W``.
 * ``_dw_kernel``: program (``pid_v``, ``pid_d``, ``h``) owns BLOCK_V classes and BLOCK_DV
   columns of dW[h] (and, for pid_d == 0, db[h]); it walks the rows, accumulating
@@ -59,31 +60,34 @@ def _target_tile(q_ptr, pair, t, offs_v, n_ok, v_ok, V, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _row_grad_state(t_ptr, lse_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT: tl.constexpr):
-    """(target, lse, target mass, gradient weight) of rows ``pair``; g = 0 on ignored rows."""
+def _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT: tl.constexpr):
+    """(target, max, log l, target mass, gradient weight) of rows ``pair``; g = 0 on ignored
+    rows."""
     t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
-    lse = tl.load(lse_ptr + pair, mask=n_ok, other=0.0)
+    row_max = tl.load(max_ptr + pair, mask=n_ok, other=0.0)
+    log_l = tl.load(log_l_ptr + pair, mask=n_ok, other=0.0)
     mass = tl.load(mass_ptr + pair, mask=n_ok, other=0.0)
     g = tl.load(g_ptr + pair, mask=n_ok, other=0.0)
     if not SOFT:
         g = tl.where(t >= 0, g, 0.0)
-    return t, lse, mass, g
+    return t, row_max, log_l, mass, g
 
 
 @triton.jit
-def _dlogits(z, lse, g, q, mass, v_ok, n_ok, eps, eps_over_v):
+def _dlogits(z, row_max, log_l, g, q, mass, v_ok, n_ok, eps, eps_over_v):
     """g * dloss/dz for a tile (mass * softmax - (1 - eps) q - eps / V), 0 outside the valid
-    rows and classes."""
+    rows and classes; softmax = exp((z - max) - log l)."""
     ok = n_ok[:, None] & v_ok[None, :]
-    p = tl.exp(tl.where(ok, z, float("-inf")) - lse[:, None])  # padding classes never overflow
+    # padding classes never overflow
+    p = tl.exp((tl.where(ok, z, float("-inf")) - row_max[:, None]) - log_l[:, None])
     ds = g[:, None] * (mass[:, None] * p - (1.0 - eps) * q - eps_over_v)
     return tl.where(ok, ds, 0.0)
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, lse_ptr, mass_ptr, top_ptr, N, H, Hx, V, D, scale,
-                    eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_ptr, mass_ptr, top_ptr, N, H, Hx,
+                    V, D, scale, eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     hx = h % Hx
@@ -121,7 +125,6 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, lse_ptr, mass_p
         l_i, c_i = add_compensated(l_i * alpha, c_i * alpha, tl.sum(tl.exp(z - m_new[:, None]), axis=1))
         m_i = m_new
     log_l = log_denominator(l_i, c_i)
-    lse = m_i + log_l
     # lse expanded as in csrc/masked_prediction.h row_loss: exact for a hard label at the maximum
     loss = (1.0 - eps) * ((qsum * m_i - zy) + qsum * log_l) + eps * log_l + eps * (m_i - zsum / V)
     if SOFT:
@@ -129,16 +132,18 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, lse_ptr, mass_p
     else:
         valid = t >= 0
     tl.store(loss_ptr + pair, tl.where(valid, loss, 0.0), mask=n_ok)
-    tl.store(lse_ptr + pair, lse, mask=n_ok)
+    tl.store(max_ptr + pair, m_i, mask=n_ok)
+    tl.store(log_l_ptr + pair, log_l, mask=n_ok)
     tl.store(mass_ptr + pair, (1.0 - eps) * qsum + eps, mask=n_ok)
     tl.store(top_ptr + pair, (valid & (zbest >= m_i)).to(tl.int8), mask=n_ok)
 
 
 @triton.jit
-def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, lse_ptr, mass_ptr, g_ptr, gmax_ptr, dx_ptr, dq_ptr, N, H, Hx, V, D,
-               scale, eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Also writes dq (soft targets) from the pid_d == 0 programs: g * (1 - eps) * (lse - z)."""
+def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr, gmax_ptr, dx_ptr, dq_ptr, N,
+               H, Hx, V, D, scale, eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Also writes dq (soft targets) from the pid_d == 0 programs: g * (1 - eps) * (lse - z),
+    lse - z summed as (max - z) + log l."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     hx = tl.program_id(2)
@@ -154,7 +159,7 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, lse_ptr, mass_ptr, g_ptr, gmax
     for i in tl.range(0, H // Hx, num_stages=1):
         h = hx + i
         pair = offs_n.to(tl.int64) * H + h
-        t, lse, mass, g = _row_grad_state(t_ptr, lse_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT)
+        t, row_max, log_l, mass, g = _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT)
         for v0 in range(0, V, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             v_ok = offs_v < V
@@ -162,10 +167,10 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, lse_ptr, mass_ptr, g_ptr, gmax
                         BLOCK_V, BLOCK_K, PRECISION)
             if SOFT:  # dq first: z is dead once ds is formed (fewer tiles live at once)
                 if pid_d == 0:
-                    dq = (g * tl.load(gmax_ptr))[:, None] * (1.0 - eps) * (lse[:, None] - z)
+                    dq = (g * tl.load(gmax_ptr))[:, None] * (1.0 - eps) * ((row_max[:, None] - z) + log_l[:, None])
                     tl.store(dq_ptr + pair[:, None] * V + offs_v[None, :], dq, mask=n_ok[:, None] & v_ok[None, :])
             q = _target_tile(q_ptr, pair, t, offs_v, n_ok, v_ok, V, SOFT)
-            ds = _dlogits(z, lse, g, q, mass, v_ok, n_ok, eps, eps_over_v)
+            ds = _dlogits(z, row_max, log_l, g, q, mass, v_ok, n_ok, eps, eps_over_v)
             w = tl.load(w_ptr + (h.to(tl.int64) * V + offs_v.to(tl.int64))[:, None] * D + offs_dv[None, :],
                         mask=v_ok[:, None] & dv_ok[None, :], other=0.0)
             acc = tl.dot(ds.to(w.dtype), w, acc, input_precision=PRECISION)
@@ -174,9 +179,9 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, lse_ptr, mass_ptr, g_ptr, gmax
 
 
 @triton.jit
-def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, lse_ptr, mass_ptr, g_ptr, gmax_ptr, dw_ptr, db_ptr, N, H, Hx, V, D,
-               scale, eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr, gmax_ptr, dw_ptr, db_ptr, N,
+               H, Hx, V, D, scale, eps, HAS_BIAS: tl.constexpr, SOFT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
     h = tl.program_id(2)
@@ -192,11 +197,11 @@ def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, lse_ptr, mass_ptr, g_ptr, gmax
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         pair = offs_n.to(tl.int64) * H + h
-        t, lse, mass, g = _row_grad_state(t_ptr, lse_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT)
+        t, row_max, log_l, mass, g = _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr, pair, n_ok, SOFT)
         z = _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, scale, HAS_BIAS, BLOCK_N,
                     BLOCK_V, BLOCK_K, PRECISION)
         q = _target_tile(q_ptr, pair, t, offs_v, n_ok, v_ok, V, SOFT)
-        ds = _dlogits(z, lse, g, q, mass, v_ok, n_ok, eps, eps_over_v)
+        ds = _dlogits(z, row_max, log_l, g, q, mass, v_ok, n_ok, eps, eps_over_v)
         x = tl.load(x_ptr + (offs_n.to(tl.int64) * Hx + hx)[:, None] * D + offs_dv[None, :],
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(ds.to(x.dtype)), x, acc, input_precision=PRECISION)
@@ -240,7 +245,7 @@ def core(x, w, bias, targets, grad, scale, eps, want_rows=True):
     soft = targets.is_floating_point()
     f32 = dict(dtype=torch.float32, device=x.device)
     loss = torch.empty(n, h, **f32)
-    lse = torch.empty(n, h, **f32)
+    stats = torch.empty(2, n, h, **f32)  # max, log l
     mass = torch.empty(n, h, **f32)
     top = torch.empty(n, h, dtype=torch.bool, device=x.device)
     dx = dw = db = dq = None
@@ -250,7 +255,7 @@ def core(x, w, bias, targets, grad, scale, eps, want_rows=True):
         db = torch.zeros(h, v, **f32) if bias is not None else None
         dq = torch.zeros(n, h, v, **f32) if soft else None
     if n == 0:
-        return loss, lse, top, dx, dw, db, dq
+        return loss, stats, top, dx, dw, db, dq
     cfg = config(d, x.dtype)
     common = dict(HAS_BIAS=bias is not None, SOFT=soft, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
                   BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(x), num_warps=cfg["num_warps"],
@@ -258,16 +263,17 @@ def core(x, w, bias, targets, grad, scale, eps, want_rows=True):
     b = bias if bias is not None else w  # a valid pointer, never read without HAS_BIAS
     tgt, q = (loss, targets) if soft else (targets, loss)  # likewise for the unused one
     _forward_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), h)](
-        x, w, b, tgt, q, loss, lse, mass, top.view(torch.int8), n, h, hx, v, d, float(scale), float(eps), **common)
+        x, w, b, tgt, q, loss, stats[0], stats[1], mass, top.view(torch.int8), n, h, hx, v, d, float(scale), float(eps),
+        **common)
     if grad is None:
-        return loss, lse, top, dx, dw, db, dq
+        return loss, stats, top, dx, dw, db, dq
     gmax = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     g = (grad / gmax).contiguous()
     n_dblk = triton.cdiv(d, cfg["BLOCK_DV"])
     _dx_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), n_dblk, hx)](
-        x, w, b, tgt, q, lse, mass, g, gmax, dx, dq if dq is not None else dx, n, h, hx, v, d, float(scale),
-        float(eps), BLOCK_DV=cfg["BLOCK_DV"], **common)
+        x, w, b, tgt, q, stats[0], stats[1], mass, g, gmax, dx, dq if dq is not None else dx, n, h, hx, v, d,
+        float(scale), float(eps), BLOCK_DV=cfg["BLOCK_DV"], **common)
     _dw_kernel[(triton.cdiv(v, cfg["BLOCK_V"]), n_dblk, h)](
-        x, w, b, tgt, q, lse, mass, g, gmax, dw, db if db is not None else dw, n, h, hx, v, d, float(scale),
-        float(eps), BLOCK_DV=cfg["BLOCK_DV"], **common)
-    return loss, lse, top, dx, dw, db, dq
+        x, w, b, tgt, q, stats[0], stats[1], mass, g, gmax, dw, db if db is not None else dw, n, h, hx, v, d,
+        float(scale), float(eps), BLOCK_DV=cfg["BLOCK_DV"], **common)
+    return loss, stats, top, dx, dw, db, dq

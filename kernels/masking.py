@@ -34,12 +34,14 @@ _BLOCK_R = tl.constexpr(32)  # keys compared at a time by _rank
 
 
 # Integer arguments compiled kernels must not specialise on: Triton turns an int argument
-# equal to 1 into a compile-time constant (mask_length=1 then had no ``.to``; a seed of 1 or
-# one divisible by 16 would compile the kernel again). Every size here is used for
-# arithmetic only, so its value or divisibility buys nothing. The fp64 annotations make
+# equal to 1 into a compile-time constant (mask_length=1 then had no ``.to``). Every size
+# here is used for arithmetic only, so its value or divisibility buys nothing. The seed is
+# not an argument: both kernels load the key from ``seed_ptr`` (a 0-d int64 tensor,
+# ``sslfast.random.seed_tensor``) when they run, so one compiled kernel serves every seed
+# and a captured CUDA graph replays with the tensor's current value. The fp64 annotations make
 # mask_prob and mask_dropout reach compiled kernels in fp64, as the interpreter keeps them
 # (a Python float is otherwise passed as fp32: 0.1 * 25 would round to 3, not 2).
-_SIZES = ("T", "B", "L", "vmin", "n_thr", "min_masks", "seed", "n_cap", "r_cap", "min_space", "ivl_cap")
+_SIZES = ("T", "B", "L", "vmin", "n_thr", "min_masks", "n_cap", "r_cap", "min_space", "ivl_cap")
 
 
 @triton.jit
@@ -77,10 +79,11 @@ def _max_combine(a, b):
 
 @triton.jit(do_not_specialize=_SIZES)
 def _mask_rows_kernel(lengths_ptr, pad_ptr, thr_ptr, lens_ptr, keys_ptr, ends_ptr, ivl_ptr, counts_ptr, out_ptr,
-                      T, mask_prob: tl.float64, L, vmin, n_thr, min_masks, seed, n_cap, r_cap, min_space, ivl_cap,
-                      dropout: tl.float64,
+                      T, mask_prob: tl.float64, L, vmin, n_thr, min_masks, seed_ptr, n_cap, r_cap, min_space,
+                      ivl_cap, dropout: tl.float64,
                       HF: tl.constexpr, HAS_PAD: tl.constexpr, NO_OVERLAP: tl.constexpr, DROPOUT: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+    seed = kp.load_seed(seed_ptr)
     b = tl.program_id(0).to(tl.int64)
     sz = tl.load(lengths_ptr + b).to(tl.int64)
 
@@ -290,8 +293,9 @@ def _keep_smallest(out_row, krow, seed, b, T, keep, stream, BLOCK_S: tl.constexp
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _equalize_kernel(counts_ptr, keys_ptr, out_ptr, B, T, r_cap, dropout: tl.float64, seed,
+def _equalize_kernel(counts_ptr, keys_ptr, out_ptr, B, T, r_cap, dropout: tl.float64, seed_ptr,
                      DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    seed = kp.load_seed(seed_ptr)
     b = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_B)
     counts = tl.load(counts_ptr + rows, mask=rows < B, other=2**62)
@@ -334,8 +338,9 @@ def equalizes(B, hf, require_same_masks):
 def compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vmin, thr, n_thr, min_masks,
                          require_same_masks, mask_dropout, hf, seed, n_cap, r_cap, out, no_overlap=False,
                          min_space=0):
-    """Fill ``out`` (B, T) bool; ``thr`` holds the n_thr length thresholds on the device.
-    Every size comes from the host arguments: nothing is read back from the device."""
+    """Fill ``out`` (B, T) bool; ``thr`` holds the n_thr length thresholds on the device and
+    ``seed`` the key, a 0-d int64 tensor there (``sslfast.random.seed_tensor``). Every size
+    comes from the host arguments: nothing is read back from the device."""
     if B == 0 or T == 0:
         return out
     dev = lengths.device

@@ -48,8 +48,10 @@ _STREAM_NEGATIVES = tl.constexpr(16)  # sslfast.random.Stream.NEGATIVES
 _STREAM_CROSS = tl.constexpr(17)  # Stream.CROSS_NEGATIVES
 # Integer arguments compiled kernels do not specialise on: an int equal to 1 would become a
 # compile-time constant and a multiple of 16 another specialisation, one compile per class of
-# B, T, K, Kc, row count and seed for no gain (the masks are bytes, the draws scattered).
-_COUNTS = ("B", "T", "K", "Kc", "n_rows", "seed")
+# B, T, K, Kc and row count for no gain (the masks are bytes, the draws scattered). The seed is
+# a pointer (a 0-d int64 tensor, loaded by the kernel): one compile serves every seed, and a
+# captured CUDA graph replays with the tensor's current value.
+_COUNTS = ("B", "T", "K", "Kc", "n_rows")
 
 
 @triton.jit
@@ -161,7 +163,7 @@ def _cross(out_ptr, out_row, writes, masked, b, offs_t, own, row_start, total, s
 
 
 @triton.jit(do_not_specialize=_COUNTS)
-def _one_pass_kernel(mask_ptr, pad_ptr, table_ptr, out_ptr, B, T, K, Kc, n_rows, seed,
+def _one_pass_kernel(mask_ptr, pad_ptr, table_ptr, out_ptr, B, T, K, Kc, n_rows, seed_ptr,
                      FROM_MASKED: tl.constexpr, HAS_PAD: tl.constexpr, HF: tl.constexpr, CROSS: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_SCAN: tl.constexpr):
     b = tl.program_id(0)
@@ -227,6 +229,7 @@ def _one_pass_kernel(mask_ptr, pad_ptr, table_ptr, out_ptr, B, T, K, Kc, n_rows,
         total = row_start + n_row + tl.sum(c_after, 0)
         table = table_ptr
 
+    seed = kp.load_seed(seed_ptr)
     offs_t = t0 + tl.arange(0, BLOCK_T)
     in_row = offs_t < T
     frame = row_base + offs_t
@@ -249,7 +252,7 @@ def _one_pass_kernel(mask_ptr, pad_ptr, table_ptr, out_ptr, B, T, K, Kc, n_rows,
 
 
 @triton.jit(do_not_specialize=_COUNTS)
-def _draw_kernel(rank_ptr, mrank_ptr, pos_ptr, counts_ptr, out_ptr, B, T, K, Kc, n_rows, seed,
+def _draw_kernel(rank_ptr, mrank_ptr, pos_ptr, counts_ptr, out_ptr, B, T, K, Kc, n_rows, seed_ptr,
                  HF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
     b = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -275,6 +278,7 @@ def _draw_kernel(rank_ptr, mrank_ptr, pos_ptr, counts_ptr, out_ptr, B, T, K, Kc,
     else:
         out_row = (mask_start + mrank) * width
         writes = in_row & masked & (mask_start + mrank < n_rows)
+    seed = kp.load_seed(seed_ptr)
     _within(out_ptr, out_row, writes, masked, b, offs_t, own, n_row, row_start, row_base, pos_ptr + row_base, seed, K,
             HF)
     _cross(out_ptr, out_row, writes, masked, b, offs_t, own, row_start, total, seed, K, Kc, B, T, pos_ptr,
@@ -292,7 +296,10 @@ def launches(hf_layout: bool, Kc: int, T: int) -> int:
 
 
 def sample_negatives(mask, padding_mask, K, Kc, from_masked_only, hf_layout, seed, n_rows, out):
-    """Fill ``out`` (allocated by the caller) with the negatives of ``mask`` on its device."""
+    """Fill ``out`` (allocated by the caller) with the negatives of ``mask`` on its device.
+
+    ``seed``: the key as a 0-d int64 tensor on mask's device (``sslfast.random.seed_tensor``),
+    read by the kernels when they run."""
     B, T = mask.shape
     if B == 0 or T == 0 or K + Kc == 0:
         return out

@@ -81,11 +81,19 @@ def philox4x32(
     """
     ref = next((c for c in (c0, c1, c2, c3, seed) if isinstance(c, torch.Tensor)), None)
     device = ref.device if ref is not None else None
-    c = [torch.as_tensor(v, dtype=torch.int64, device=device) for v in (c0, c1, c2, c3)]
+    c = [_as_int64(v, device) for v in (c0, c1, c2, c3)]
     if torch.compiler.is_compiling():
         key = seed if isinstance(seed, torch.Tensor) else torch.tensor(int(seed), dtype=torch.int64)
         return tuple(torch.ops.sslfast.philox4x32(*c, key))
     return _philox_rounds(*c, seed if isinstance(seed, torch.Tensor) else int(seed))
+
+
+def _as_int64(v, device) -> torch.Tensor:
+    # A Python int becomes a fill kernel on the device, not a host-to-device copy: the copy
+    # would be illegal inside a CUDA-graph capture, and a sync outside one.
+    if isinstance(v, torch.Tensor):
+        return v.to(torch.int64)
+    return torch.full((), int(v), dtype=torch.int64, device=device)
 
 
 def _philox_rounds(c0, c1, c2, c3, seed):
@@ -218,8 +226,8 @@ def derive_seed(seed: int | torch.Tensor, *, rank: int | torch.Tensor = 0,
     for name, v in (("rank", rank), ("step", step)):
         if not isinstance(v, torch.Tensor) and v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
-    rank = torch.as_tensor(rank, dtype=torch.int64, device=device).reshape(())
-    step = torch.as_tensor(step, dtype=torch.int64, device=device).reshape(())
+    rank = _as_int64(rank, device).reshape(())
+    step = _as_int64(step, device).reshape(())
     w0, w1, _, _ = philox4x32(rank & _MASK32, step & _MASK32, int(Stream.DERIVE), (step >> 32) & _MASK32, seed)
     return ((w1 << 32) | w0) & MAX_SEED
 

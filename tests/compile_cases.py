@@ -43,6 +43,10 @@ def masking():
             (B, T), None, 0.65, L, style=s, seed=1, **TRITON))
     pad = torch.arange(781)[None] >= torch.tensor([781, 700, 500, 3])[:, None]
     yield "hf padded", lambda: sslfast.compute_mask_indices((4, 781), pad, 0.65, 10, style="hf", seed=1, **TRITON)
+    # the key is always a pointer (seed_ptr): an int, a seed tensor and None (drawn) take one kernel
+    for label, seed in (("seed tensor", lambda: torch.tensor(-5)), ("seed None", lambda: None)):
+        yield label, (lambda seed=seed: sslfast.compute_mask_indices((4, 781), pad, 0.65, 10, min_masks=2,
+                                                                     mask_dropout=0.1, seed=seed(), **TRITON))
     flags = itertools.product(("static", "uniform", "normal", "poisson"), (False, True), (False, True), (0.0, 0.1))
     for mt, no_overlap, same, drop in flags:
         kw = dict(mask_type=mt, mask_other=2.0 if mt != "static" else 0.0, no_overlap=no_overlap,
@@ -70,6 +74,11 @@ def negatives():
             lambda Kc=Kc, lay=layout, mo=masked_only: sslfast.sample_negatives(
                 m, 100, cross_sample_negatives=Kc, padding_mask=pad, from_masked_only=mo, layout=lay, seed=1,
                 **TRITON))
+    # the key by pointer (kernels/negatives.py): a seed tensor, and seed=None (drawn on the device)
+    for Kc, layout in ((10, "packed"), (10, "hf"), (0, "hf")):
+        for label, seed in (("seed tensor", torch.tensor(2**40 + 1)), ("seed=None", None)):
+            yield f"{label} Kc={Kc} {layout}", (lambda Kc=Kc, lay=layout, seed=seed: sslfast.sample_negatives(
+                m, 100, cross_sample_negatives=Kc, layout=lay, seed=seed, **TRITON))
 
 
 def apply_mask():
@@ -87,6 +96,11 @@ def apply_mask():
             x = _rand(4, 768, 781, dtype=dtype).transpose(1, 2).requires_grad_(True)
             sslfast.apply_mask(x, _mask(4, 781), _rand(768, dtype=dtype), seed=1, **TRITON).float().sum().backward()
         yield f"strided {dtype}", strided
+    # the seed as a tensor (the kernel loads the key from it; the int seeds above reach the same kernel
+    # through sslfast.random.seed_tensor) and seed=None (a key drawn as a tensor)
+    for seed in ("tensor", None):
+        yield f"B=4 T=781 D=768 noise seed={seed}", (lambda seed=seed: sslfast.apply_mask(
+            _rand(4, 781, 768), _mask(4, 781), 0.1, seed=torch.tensor(-3) if seed else None, **TRITON))
 
 
 def contrastive():
@@ -131,18 +145,20 @@ def info_nce():
 
 
 def gumbel_quantize():
-    def case(N, G, V, d, dtype, hard, training=True, mask=False, diversity=True):
+    def case(N, G, V, d, dtype, hard, training=True, mask=False, diversity=True, seed=1):
         def run():
             logits = _rand(N, G * V, dtype=dtype, grad=True)
             cb = _rand(G * V, d, dtype=dtype, grad=True)
             m = _mask(1, N).reshape(N) if mask else None
-            out = sslfast.gumbel_vector_quantize(logits, cb, groups=G, hard=hard, training=training, mask=m, seed=1,
+            s = torch.tensor(2**40 + 7) if seed == "tensor" else seed
+            out = sslfast.gumbel_vector_quantize(logits, cb, groups=G, hard=hard, training=training, mask=m, seed=s,
                                                  **TRITON)
             loss = out.quantized.float().sum()
             if diversity:  # the prob-perplexity term of the backward (wav2vec 2.0's diversity loss)
                 loss = loss + out.prob_perplexity
             loss.backward()
-        return f"N={N} G={G} V={V} d={d} {dtype} hard={hard} training={training} mask={mask} div={diversity}", run
+        return (f"N={N} G={G} V={V} d={d} {dtype} hard={hard} training={training} mask={mask} div={diversity}"
+                + ("" if seed == 1 else f" seed={seed}"), run)
 
     production = (3124, 2, 320, 128)  # wav2vec 2.0 base: 5 V tiles of 64
     for shape, dtype, hard in itertools.product(
@@ -154,6 +170,9 @@ def gumbel_quantize():
             (torch.float32, torch.bfloat16), [(False, False, True), (True, True, True), (True, False, False)]):
         for hard in (True, False) if training else (True,):
             yield case(*production, dtype, hard, training=training, mask=mask, diversity=diversity)
+    # the seed as a tensor and seed=None (the kernels load the key from a tensor either way)
+    for hard, seed in itertools.product((True, False), ("tensor", None)):
+        yield case(*production, torch.float32, hard, seed=seed)
 
 
 def rp_quantize():

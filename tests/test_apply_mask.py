@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 import sslfast
+from _compile import aot_eager_no_host_reads
 from _tolerance import assert_error_rule
 from sslfast import random as sr
 from sslfast.reference import apply_mask as ref
@@ -438,6 +439,154 @@ def test_torch_compile_fullgraph():
     assert torch.equal(torch.compile(g, fullgraph=True, backend="aot_eager")(x), want[1])
 
 
+# ---------------------------------------------------------------- seeds as device tensors
+
+SEED_BACKENDS = [pytest.param("reference", marks=pytest.mark.cpu)] + KERNELS
+# keys with a zero and a nonzero high word (>= 2^32), and the largest int seed
+SEEDS = (0, 5, 2**32 + 3, 2**40 + 7, 2**63 - 1)
+
+
+def _seeded_calls(x, mask, seed, backend):
+    """Every path that hands the seed on: out of place without and with autograd (the custom
+    op), in place without autograd and on an activation under autograd."""
+    xr = x.clone().requires_grad_()
+    y = x.clone()
+    am(y, mask, 0.3, inplace=True, seed=seed, backend=backend)
+    h = xr * 1.0
+    am(h, mask, 0.3, inplace=True, seed=seed, backend=backend)
+    return [am(x, mask, 0.3, seed=seed, backend=backend), am(xr, mask, 0.3, seed=seed, backend=backend).detach(), y,
+            h.detach()]
+
+
+@pytest.mark.parametrize("backend", SEED_BACKENDS)
+def test_seed_tensor_draws_the_bits_of_the_same_int(backend):
+    dev = _device(backend)
+    x, mask, _ = _inputs((2, 9, 13), torch.float32, device=dev)
+    outs = {}
+    for s in SEEDS:
+        want = am(x, mask, 0.3, seed=s, backend=backend)
+        for seed in (s, torch.tensor(s, device=dev), torch.tensor([s], device=dev)):
+            for got in _seeded_calls(x, mask, seed, backend):
+                assert torch.equal(_bits(got), _bits(want)), (s, seed)
+        outs[s] = want
+    assert not torch.equal(outs[5], outs[2**32 + 3]) and not torch.equal(outs[0], outs[2**63 - 1])
+    # a tensor fill draws nothing: its seed is not even read
+    emb = torch.randn(13, device=dev)
+    assert torch.equal(am(x, mask, emb, seed=torch.tensor(7, device=dev), backend=backend),
+                       am(x, mask, emb, backend=backend))
+
+
+@pytest.mark.parametrize("backend", SEED_BACKENDS)
+def test_negative_seed_tensor_is_its_twos_complement_key(backend):
+    dev = _device(backend)
+    x, mask, _ = _inputs((2, 9, 13), torch.float32, device=dev)
+    neg = torch.tensor(-5, device=dev)
+    out = am(x, mask, 0.3, seed=neg, backend=backend)
+    assert torch.equal(_bits(am(x, mask, 0.3, seed=neg.clone(), backend=backend)), _bits(out))  # deterministic
+    # the reference noise keyed by the unsigned int 2^64 - 5 (Philox on Python ints, not on a tensor)
+    B, T, D = x.shape
+    want = torch.where(mask.cpu().unsqueeze(-1), ref.frame_noise(B, T, D, 0.3, 2**64 - 5, "cpu"), x.cpu())
+    if backend == "reference":
+        assert torch.equal(out.cpu(), want)
+    else:
+        _assert_noise_close(out.cpu(), want, 0.3, torch.float32)
+    assert not torch.equal(out, am(x, mask, 0.3, seed=5, backend=backend))
+    assert not torch.equal(out, am(x, mask, 0.3, seed=2**63 - 5, backend=backend))
+
+
+@pytest.mark.parametrize("backend", SEED_BACKENDS)
+def test_seed_none_is_a_device_draw_of_torchs_generator(backend):
+    dev = _device(backend)
+    x, mask, emb = _inputs((2, 9, 13), torch.float32, device=dev)
+    torch.manual_seed(123)
+    a = am(x, mask, 0.3, backend=backend)
+    fresh = am(x, mask, 0.3, backend=backend)
+    torch.manual_seed(123)
+    b = am(x, mask, 0.3, backend=backend)
+    torch.manual_seed(123)
+    drawn = torch.randint(0, 2**63 - 1, (), device=dev)
+    c = am(x, mask, 0.3, seed=drawn, backend=backend)
+    assert torch.equal(_bits(a), _bits(b)) and torch.equal(_bits(a), _bits(c))
+    assert not torch.equal(fresh, a)  # the generator moved on
+    torch.manual_seed(123)
+    am(x, mask, emb, backend=backend)  # a tensor fill draws no seed
+    assert torch.equal(torch.randint(0, 2**63 - 1, (), device=dev), drawn)
+
+
+@pytest.mark.parametrize("backend", SEED_BACKENDS)
+def test_derived_seed_tensors_match_derived_ints(backend):
+    dev = _device(backend)
+    x, mask, _ = _inputs((2, 9, 13), torch.float32, device=dev)
+    base = 2**40 + 9
+
+    def t(v):
+        return torch.tensor(v, device=dev)
+
+    outs = []
+    for rank, step in ((0, 0), (3, 7), (1, 2**33 + 5)):
+        want = am(x, mask, 0.3, seed=sr.derive_seed(base, rank=rank, step=step), backend=backend)
+        for seed in (sr.derive_seed(base, rank=rank, step=t(step)), sr.derive_seed(t(base), rank=t(rank), step=step)):
+            assert isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.device == dev
+            assert torch.equal(_bits(am(x, mask, 0.3, seed=seed, backend=backend)), _bits(want)), (rank, step)
+        outs.append(want)
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
+@pytest.mark.cpu
+def test_bad_seed_tensors_raise():
+    x = torch.zeros(2, 5, 4)
+    m = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(TypeError, match="int64"):
+        am(x, m, 0.1, seed=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="int64"):
+        am(x, m, 0.1, seed=torch.tensor(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one value"):
+        am(x, m, 0.1, seed=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="seed tensor is on meta"):
+        am(x, m, 0.1, seed=torch.tensor(1, device="meta"))
+    with pytest.raises(TypeError, match="seed"):
+        am(x, m, 0.1, seed=True)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_torch_compile_fullgraph_seed_tensor_and_none(backend):
+    """A seed tensor or seed=None compiles with fullgraph=True (no graph break) into a graph
+    that reads no tensor on the host (tests/_compile.py); the compiled calls match eager bit
+    for bit."""
+    x, mask, _ = _inputs((2, 9, 6), torch.float32)
+
+    def f(x, seed):
+        y = x.clone()
+        am(y, mask, 0.2, inplace=True, seed=seed, backend=backend)
+        return am(x, mask, 0.2, seed=seed, backend=backend), y
+
+    compiled = torch.compile(f, fullgraph=True, backend=aot_eager_no_host_reads)
+    for s in (3, 2**40 + 7):
+        got = compiled(x, torch.tensor(s))  # one graph: the seed is an input, not a constant
+        want = am(x, mask, 0.2, seed=s, backend=backend)
+        assert torch.equal(got[0], want) and torch.equal(got[1], want)
+    assert not torch.equal(compiled(x, torch.tensor(3))[0], compiled(x, torch.tensor(4))[0])
+
+    def g(x):
+        return am(x, mask, 0.2, backend=backend) + 0.0
+
+    compiled_g = torch.compile(g, fullgraph=True, backend=aot_eager_no_host_reads)
+    torch.manual_seed(5)
+    got = compiled_g(x)
+    torch.manual_seed(5)
+    assert torch.equal(got, g(x))
+    assert not torch.equal(compiled_g(x), got)  # a fresh draw per call
+
+    xr = x.clone().requires_grad_()  # autograd: the custom op's seed tensor argument
+    grad = torch.randn(x.shape)
+    out = torch.compile(lambda a, s: am(a, mask, 0.2, seed=s, backend=backend), fullgraph=True,
+                        backend=aot_eager_no_host_reads)(xr, torch.tensor(3))
+    (out * grad).sum().backward()
+    assert torch.equal(out.detach(), am(x, mask, 0.2, seed=3, backend=backend))
+    assert torch.equal(xr.grad, torch.where(mask.unsqueeze(-1), 0.0, grad))
+
+
 # ---------------------------------------------------------------- gpu tier
 
 @pytest.mark.gpu
@@ -473,3 +622,47 @@ def test_gpu_cuda_graph_capture(backend):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_replays_draw_fresh_noise(backend):
+    """Captured once, replayed 3 times: (a) seed=None draws a new key at every replay (torch's
+    graph-safe generator); (b) seed=derive_seed(base, step=step) with step.add_(1) captured
+    gives replay k the key derive_seed(base, step=k): equal to eager calls with that int."""
+    x, mask, _ = _inputs((4, 781, 768), torch.float32, device="cuda")
+    base = 2**40 + 11
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def draw_none():
+        return am(x, mask, 0.1, backend=backend)
+
+    def draw_step():
+        step.add_(1)
+        return am(x, mask, 0.1, seed=sr.derive_seed(base, step=step), backend=backend)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (Triton compiles here)
+        draw_none()
+        draw_step()
+    torch.cuda.current_stream().wait_stream(side)
+    step.zero_()
+    replays = {}
+    for name, fn in (("none", draw_none), ("step", draw_step)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = fn()
+        replays[name] = []
+        for _ in range(3):
+            graph.replay()
+            replays[name].append(static.clone())
+    torch.cuda.synchronize()
+    assert int(step) == 3
+    for name, outs in replays.items():
+        for i in range(3):
+            assert torch.equal(outs[i][~mask], x[~mask])
+            for j in range(i):
+                assert not torch.equal(outs[i][mask], outs[j][mask]), (name, i, j)
+    for k, got in enumerate(replays["step"], start=1):
+        assert torch.equal(got, am(x, mask, 0.1, seed=sr.derive_seed(base, step=k), backend=backend)), k

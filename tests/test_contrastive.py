@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import sslfast
-from sslfast import _ext
+from sslfast import _dispatch, _ext
+from sslfast import random as sr
 from sslfast.reference import contrastive as ref
+from sslfast.reference import negatives as ref_negatives
 from _tolerance import assert_error_rule
 
 try:
@@ -613,6 +615,89 @@ def test_wav2vec2_loss_validation_and_empty_mask():
         sslfast.wav2vec2_contrastive_loss(x, y, mask, 5, negatives=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="negatives must index"):
         sslfast.wav2vec2_contrastive_loss(x, y, mask, 5, negatives=torch.full((3, 5), 3))
+
+
+# ------------------------------------------------ seeds as device tensors (issue 12, item 3)
+
+
+def _w2v_problem():
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 31, 12, generator=g)
+    y = torch.randn(3, 31, 12, generator=g)
+    mask = torch.rand(3, 31, generator=g) < 0.45
+    return x, y, mask
+
+
+def _w2v_backend(backend):
+    if backend not in _dispatch.implemented_backends("sample_negatives"):
+        pytest.skip(f"sample_negatives has no {backend} backend in this build")
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("convention", ["fairseq", "hf"])
+def test_wav2vec2_loss_seed_forms_key_the_specified_negatives(backend, convention):
+    # Each seed form draws the negatives the specification (the reference sampler with the
+    # key as a Python int) gives for its key, and the loss equals the loss on those negatives.
+    _w2v_backend(backend)
+    x, y, mask = _w2v_problem()
+    K, Kc = 6, 2
+    layout = "packed" if convention == "fairseq" else "hf"
+    kw = dict(cross_sample_negatives=Kc, convention=convention, backend=backend)
+
+    def given(key):
+        neg = ref_negatives.sample_negatives(mask, K, Kc, None, True, layout, key)
+        return sslfast.wav2vec2_contrastive_loss(x, y, mask, K, negatives=neg, **kw)
+
+    s = 2**40 + 3
+    want = given(s)
+    assert torch.equal(sslfast.wav2vec2_contrastive_loss(x, y, mask, K, seed=s, **kw), want)
+    assert torch.equal(sslfast.wav2vec2_contrastive_loss(x, y, mask, K, seed=torch.tensor(s), **kw), want)
+    assert torch.equal(sslfast.wav2vec2_contrastive_loss(x, y, mask, K, seed=torch.tensor(-9), **kw),
+                       given(2**64 - 9))
+    torch.manual_seed(5)
+    none = sslfast.wav2vec2_contrastive_loss(x, y, mask, K, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(none, given(int(torch.randint(0, 2**63 - 1, ()))))
+    step = sslfast.wav2vec2_contrastive_loss(x, y, mask, K, seed=sr.derive_seed(s, rank=1, step=torch.tensor(4)), **kw)
+    assert torch.equal(step, given(sr.derive_seed(s, rank=1, step=4)))
+    with pytest.raises(TypeError, match="int64"):
+        sslfast.wav2vec2_contrastive_loss(x, y, mask, K, seed=torch.tensor(1.5), **kw)
+    with pytest.raises(ValueError, match="one value"):
+        sslfast.wav2vec2_contrastive_loss(x, y, mask, K, seed=torch.tensor([1, 2]), **kw)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend,convention", [("cpu", "fairseq"), ("cpu", "hf"),
+                                                pytest.param("reference", "fairseq", marks=pytest.mark.slow),
+                                                pytest.param("reference", "hf", marks=pytest.mark.slow)])
+def test_wav2vec2_loss_compile_fullgraph_seed_none_and_seed_tensor(backend, convention):
+    # fullgraph=True fails on any graph break: the loss with seed=None (torch.randint in the
+    # graph) and with a seed tensor compiles to one graph that matches eager, one compile for
+    # every seed tensor. (The reference's packed sampler has a data-dependent row count under
+    # compile: the loss checks it with a deferred torch._check instead of a guard.)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _w2v_backend(backend)
+    x, y, mask = _w2v_problem()
+    n = int(mask.sum())
+
+    def f(x, y, seed=None):
+        return sslfast.wav2vec2_contrastive_loss(x, y, mask, 6, cross_sample_negatives=2, seed=seed, num_masked=n,
+                                                 convention=convention, backend=backend)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    for s in (3, 4):
+        torch.manual_seed(s)
+        got = compiled(x, y)
+        torch.manual_seed(s)
+        assert torch.equal(got, f(x, y)), s
+    for v in (2**40 + 1, -3):
+        seed = torch.tensor(v)
+        assert torch.equal(compiled(x, y, seed), f(x, y, seed)), v
+    assert counter.frame_count == 2
 
 
 @pytest.mark.gpu

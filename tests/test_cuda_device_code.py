@@ -39,17 +39,21 @@ def _ptr(t):
 @pytest.fixture
 def emulated_cuda(C, monkeypatch):
     """Replaces the CUDA module by the host emulation of its kernels; returns the record of
-    which negatives path each call took and the row limit the module reports."""
-    state = types.SimpleNamespace(paths=[], hf_limit=12288)
+    which negatives path each call took, the row limit the module reports and the seed
+    pointers compute_mask_indices and sample_negatives were given."""
+    state = types.SimpleNamespace(paths=[], hf_limit=12288, seed_ptrs=[])
 
     def compute_mask_indices(lengths, pad, B, T, mask_prob, L, vmin, thr, n_thr, min_masks, require_same, dropout,
-                             hf, seed, no_overlap, min_space, n_cap, r_cap, lens_ws, keys_ws, counts_ws, out,
-                             cuda_stream):
+                             hf, seed, seed_ptr, no_overlap, min_space, n_cap, r_cap, lens_ws, keys_ws, counts_ws,
+                             out, cuda_stream):
         (rows, *_) = C.launch.compute_mask_indices(B, T, bool(hf), bool(require_same), dropout)
+        state.seed_ptrs.append(seed_ptr)
         C._testing.masking_kernels(lengths, pad, B, T, mask_prob, L, vmin, thr, n_thr, min_masks, require_same,
-                                   dropout, hf, seed, no_overlap, min_space, n_cap, r_cap, rows["threads"], out)
+                                   dropout, hf, seed, seed_ptr, no_overlap, min_space, n_cap, r_cap, rows["threads"],
+                                   out)
 
-    def sample_negatives(mask, pad, B, T, K, Kc, from_masked_only, hf, seed, ws32, ws64, n_rows, out, cuda_stream):
+    def sample_negatives(mask, pad, B, T, K, Kc, from_masked_only, hf, seed, seed_ptr, ws32, ws64, n_rows, out,
+                         cuda_stream):
         # the CUDA host's choice, with a device whose opt-in room is state.hf_limit frames
         plan = C.launch.sample_negatives(B, T, K, Kc, bool(hf), 0, 4 * state.hf_limit)
         if not plan:
@@ -57,7 +61,8 @@ def emulated_cuda(C, monkeypatch):
         one_pass = plan[0]["kernel"].startswith("negatives_one_pass")
         state.paths.append(("one_pass" if one_pass else "two_pass", ws32 != 0 and ws64 != 0))
         fn = C._testing.negatives_one_pass if one_pass else C._testing.negatives_two_pass
-        fn(mask, pad, from_masked_only, B, T, K, Kc, bool(hf), seed, n_rows, out)
+        state.seed_ptrs.append(seed_ptr)
+        fn(mask, pad, from_masked_only, B, T, K, Kc, bool(hf), seed, seed_ptr, n_rows, out)
 
     fake = types.SimpleNamespace(compute_mask_indices=compute_mask_indices, sample_negatives=sample_negatives,
                                  negatives_hf_one_pass_max_t=lambda: state.hf_limit)
@@ -100,6 +105,33 @@ def test_masking_kernels_on_the_host_match_the_reference(emulated_cuda, case, pa
     assert got.any()
     assert torch.equal(got, want)
 
+
+
+@pytest.mark.parametrize("no_overlap", [False, True])
+@pytest.mark.parametrize("seed", [1234, 2**32 + 7, -5])
+def test_masking_kernels_load_a_seed_tensor(emulated_cuda, seed, no_overlap):
+    # A seed tensor reaches both kernels as a pointer (value argument 0) and each loads the key
+    # from it (load_seed); here the pointer is a CPU tensor's. Its 64 bits are the key: the
+    # reference's mask for that tensor, not the mask of key 0.
+    g = torch.Generator().manual_seed(11)
+    B, T = 5, 301
+    lengths = torch.randint(T // 3, T + 1, (B,), generator=g)
+    pad = torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)
+    key = torch.tensor(seed)
+    args = (lengths, pad, B, T, 0.65, 10, "poisson", 0.0, 2, True, 0.2, "fairseq")  # both kernels draw
+
+    def ref(s):
+        return ref_masking.compute_mask_indices(B, T, lengths, 0.65, 10, "poisson", 0.0, 2, True, 0.2, "fairseq", s,
+                                                pad, no_overlap, 1)
+
+    got = ops_masking._cuda(*args, key, no_overlap, 1)
+    assert emulated_cuda.seed_ptrs == [key.data_ptr()]
+    want = ref(key)
+    assert got.any() and torch.equal(got, want)
+    assert not torch.equal(got, ref(0))
+    if seed >= 0:
+        assert torch.equal(ops_masking._cuda(*args, seed, no_overlap, 1), want)
+        assert emulated_cuda.seed_ptrs[-1] == 0  # an int seed: the value argument
 
 def test_negatives_prefix_counts_every_thread_share(C):
     # count_prefix over the kernel's 256 threads (16-byte body and byte tail, aligned and not)
@@ -146,6 +178,31 @@ def test_negatives_kernels_on_the_host_match_the_reference(emulated_cuda, case):
     got = ops_negatives._cuda(mask, pad, K, Kc, fmo, layout, 99)
     want = ref_negatives.sample_negatives(mask, K, Kc, pad, fmo, layout, 99)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", NEG_CASES[1:5], ids=lambda c: "-".join(map(str, c)))
+def test_negatives_kernels_load_a_seed_tensor_on_the_host(emulated_cuda, case):
+    # The seed-pointer path (issue 12.3): the host code passes the seed tensor's address and
+    # the kernels load the key from it (a CPU pointer works in the emulation); the bits are
+    # the int seed's, and a negative value keys its two's-complement bits. The expected values
+    # are the reference's with the key as a Python int.
+    B, T, K, Kc, fmo, padded, layout = case
+    g = torch.Generator().manual_seed(12)
+    mask = torch.rand(B, T, generator=g) < 0.45
+    pad = (torch.rand(B, T, generator=g) < 0.2) & ~mask if padded else None
+    for limit in (12288, 1):  # the one-pass kernels and (hf) the two-launch path
+        emulated_cuda.hf_limit = limit
+        for value in (2**32 + 5, 2**63 - 1, -12345):
+            seed = torch.tensor(value)
+            emulated_cuda.seed_ptrs.clear()
+            got = ops_negatives._cuda(mask, pad, K, Kc, fmo, layout, seed)
+            assert emulated_cuda.seed_ptrs == [seed.data_ptr()]  # the key travels by pointer
+            want = ref_negatives.sample_negatives(mask, K, Kc, pad, fmo, layout, value % 2**64)
+            assert torch.equal(got, want), value
+            if value >= 0:
+                emulated_cuda.seed_ptrs.clear()
+                assert torch.equal(ops_negatives._cuda(mask, pad, K, Kc, fmo, layout, value), want)
+                assert emulated_cuda.seed_ptrs == [0]  # an int travels by value
 
 
 def test_negatives_hf_rows_beyond_the_device_limit_take_the_two_launch_path(emulated_cuda):
@@ -236,6 +293,17 @@ def test_gumbel_kernels_on_the_host_match_fp64(emulated_gumbel_cuda, dtype, hard
     import test_gumbel_quantize as tg
 
     tg._parity("cuda", "cpu", [dtype], shapes=GUMBEL_HOST_SHAPES, hard=hard)
+
+
+@pytest.mark.parametrize("case", ["_check_seed_tensor_same_bits", "_check_negative_seed_tensor", "_check_seed_none",
+                                  "_check_derived_seed_tensors"])
+def test_gumbel_kernels_on_the_host_seed_tensors(emulated_gumbel_cuda, case):
+    # A seed tensor reaches the kernels as a pointer (sslfast.random.seed_args), here a CPU
+    # tensor's, loaded by load_seed as each kernel loads it: the same bits as the int seed,
+    # forward and backward (tests/test_gumbel_quantize.py's seed checks).
+    import test_gumbel_quantize as tg
+
+    getattr(tg, case)("cuda", torch.device("cpu"))
 
 
 @pytest.fixture
@@ -359,7 +427,12 @@ def test_apply_mask_kernels_on_the_host_match_the_reference(emulated_apply_mask_
 
 @pytest.mark.parametrize("case", ["test_unmasked_frames_untouched_bit_for_bit", "test_all_and_none_masked_and_empty",
                                   "test_non_contiguous_x_and_integer_masks", "test_inplace_semantics",
-                                  "test_noise_depends_only_on_seed_frame_and_channel"])
+                                  "test_noise_depends_only_on_seed_frame_and_channel",
+                                  # seed tensors: the kernel loads the key through seed_ptr (a CPU pointer here)
+                                  "test_seed_tensor_draws_the_bits_of_the_same_int",
+                                  "test_negative_seed_tensor_is_its_twos_complement_key",
+                                  "test_seed_none_is_a_device_draw_of_torchs_generator",
+                                  "test_derived_seed_tensors_match_derived_ints"])
 def test_apply_mask_kernels_on_the_host_edge_cases(emulated_apply_mask_cuda, case):
     import test_apply_mask as ta
 
@@ -401,3 +474,21 @@ def test_masked_prediction_kernels_on_the_host_edge_cases(emulated_masked_predic
 def test_masked_prediction_kernels_on_the_host_low_precision(emulated_masked_prediction_cuda, dtype, head):
     # at most twice PyTorch's own error in the dtype (tests/test_masked_prediction.py's rule)
     emulated_masked_prediction_cuda.test_kernel_low_precision_error_at_most_twice_pytorch("cuda", dtype, head)
+
+
+@pytest.mark.parametrize("n,h,v,d", [(1, 1, 1, 1), (37, 2, 50, 9), (40, 2, 70, 130)])
+def test_masked_prediction_soft_targets_on_the_host_match_the_reference(emulated_masked_prediction_cuda, n, h, v, d):
+    # the kSoft kernels (soft targets staged beside the logit tile, dq from the first feature
+    # block of dx_kernel): loss, stats and the gradients of x, W, b and the targets
+    for reduction in ("mean", "none"):
+        for head in ("linear", "cosine"):
+            emulated_masked_prediction_cuda.test_soft_kernel_matches_reference("cuda", n, h, v, d, reduction, head)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_masked_prediction_kernels_on_the_host_large_logits(emulated_masked_prediction_cuda, soft):
+    # the gradient kernels recompute p from the saved (max, log l), not a rounded fp32 lse
+    for base in (100.0, 1e3, -4e3):
+        for reduction in ("mean", "none"):
+            emulated_masked_prediction_cuda.test_kernel_gradients_at_large_logits_within_twice_the_reference(
+                "cuda", base, reduction, soft)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sslfast
+from _compile import aot_eager_no_host_reads
 from sslfast import random as sr
 from sslfast.nn import GumbelVectorQuantizer, Wav2Vec2GumbelVectorQuantizer
 from sslfast.ops.gumbel_quantize import gumbel_vector_quantize as gvq
@@ -607,6 +608,167 @@ def test_torch_compile_fullgraph_cpu_backend():
     assert torch.allclose(l1.grad, l2.grad) and torch.allclose(c1.grad, c2.grad)
 
 
+# ----------------------------------------------------------------------------- seeds as device tensors
+
+# keys with a zero and a nonzero high word (3 and 2^32 + 3 share the low word) and the largest int
+SEEDS = (3, 2**32 + 3, 2**63 - 1)
+SEED_SHAPE = (11, 2, 13, 5)  # (N, G, V, d)
+SEED_BACKENDS = [pytest.param("reference", marks=pytest.mark.cpu), pytest.param("cpu", marks=pytest.mark.cpu),
+                 pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def _seed_device(backend, triton_device):
+    return triton_device if backend == "triton" else torch.device("cpu")
+
+
+def _assert_same_run(got, want):
+    """Bit-identical outputs and gradients of two ``run`` results."""
+    (o1, gl1, gc1), (o2, gl2, gc2) = got, want
+    assert torch.equal(o1.codes, o2.codes) and torch.equal(o1.quantized, o2.quantized)
+    assert torch.equal(o1.prob_perplexity, o2.prob_perplexity) and torch.equal(o1.code_perplexity, o2.code_perplexity)
+    assert torch.equal(gl1, gl2) and torch.equal(gc1, gc2)
+
+
+def _seed_run(backend, device, seed, hard=True, training=True):
+    n, g, v, d = SEED_SHAPE
+    logits, cb, mask = inputs(n, g, v, d, device=device)
+    return run(backend, logits, cb, groups=g, seed=seed, mask=mask, hard=hard, training=training, tau=0.9)
+
+
+def _check_seed_tensor_same_bits(backend, device):
+    """seed=s, torch.tensor(s) and torch.tensor([s]): the same codes, outputs and gradients (the
+    backward redraws the noise from the saved seed tensor), hard and soft."""
+    for hard in (True, False):
+        outs = {}
+        for s in SEEDS:
+            want = _seed_run(backend, device, s, hard)
+            for seed in (torch.tensor(s, device=device), torch.tensor([s], device=device)):
+                _assert_same_run(_seed_run(backend, device, seed, hard), want)
+            outs[s] = want
+        assert not torch.equal(outs[3][0].codes, outs[2**32 + 3][0].codes)  # the high word is part of the key
+        assert not torch.equal(outs[3][1], outs[2**63 - 1][1])
+
+
+def _check_negative_seed_tensor(backend, device):
+    """A negative seed tensor is the key of its 64 bits: deterministic, and the fp64 formulation
+    keyed by the unsigned int 2^64 - 5 (Philox on Python ints) agrees."""
+    n, g, v, d = SEED_SHAPE
+    neg = torch.tensor(-5, device=device)
+    a = _seed_run(backend, device, neg)
+    _assert_same_run(_seed_run(backend, device, neg.clone()), a)
+    logits, cb, mask = inputs(n, g, v, d)
+    check_against_fp64(*a, run_fp64(logits, cb, groups=g, seed=2**64 - 5, mask=mask, tau=0.9), torch.float32)
+    assert not torch.equal(a[0].codes, _seed_run(backend, device, 5)[0].codes)
+
+
+def _check_seed_none(backend, device):
+    """seed=None draws the key with torch.randint on the device: repeatable under
+    torch.manual_seed, equal to passing that draw, and fresh at the next call."""
+    torch.manual_seed(123)
+    a = _seed_run(backend, device, None)
+    fresh = _seed_run(backend, device, None)
+    torch.manual_seed(123)
+    b = _seed_run(backend, device, None)
+    torch.manual_seed(123)
+    c = _seed_run(backend, device, torch.randint(0, 2**63 - 1, (), device=device))
+    _assert_same_run(b, a)
+    _assert_same_run(c, a)
+    assert not torch.equal(fresh[1], a[1])
+
+
+def _check_derived_seed_tensors(backend, device):
+    """derive_seed with a step (and rank, base) tensor gives the key derive_seed gives the ints."""
+    base = 2**40 + 9
+
+    def t(v):
+        return torch.tensor(v, device=device)
+
+    for rank, step in ((0, 0), (3, 7), (1, 2**33 + 5)):
+        want = _seed_run(backend, device, sr.derive_seed(base, rank=rank, step=step))
+        for seed in (sr.derive_seed(base, rank=rank, step=t(step)), sr.derive_seed(t(base), rank=t(rank), step=step)):
+            assert isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.device == device
+            _assert_same_run(_seed_run(backend, device, seed), want)
+
+
+SEED_CHECKS = [_check_seed_tensor_same_bits, _check_negative_seed_tensor, _check_seed_none, _check_derived_seed_tensors]
+
+
+@pytest.mark.parametrize("check", SEED_CHECKS, ids=lambda f: f.__name__[len("_check_"):])
+@pytest.mark.parametrize("backend", SEED_BACKENDS)
+def test_seed_tensors_and_none(backend, check, triton_device):
+    check(backend, _seed_device(backend, triton_device))
+
+
+@pytest.mark.cpu
+def test_reference_noise_of_a_negative_seed_tensor():
+    # the tensor key's 64 bits (arithmetic shift, then mask) against Philox on the Python int
+    for s in (-5, -(2**63), -1):
+        assert torch.equal(ref.gumbel_noise(7, 10, torch.tensor(s)), noise_fp64(7, 10, s + 2**64))
+
+
+@pytest.mark.parametrize("backend", SEED_BACKENDS[1:])  # the kernel backends: their backward redraws the noise
+def test_backward_keeps_the_seed_tensor(backend, triton_device):
+    # the custom op saves the seed tensor itself (no host copy of its value): changing it in place
+    # between forward and backward raises instead of redrawing other noise
+    dev = _seed_device(backend, triton_device)
+    logits, cb, _ = inputs(8, 2, 5, 3, device=dev)
+    s = torch.tensor(5, device=dev)
+    out = gvq(logits.clone().requires_grad_(), cb, groups=2, hard=False, seed=s, backend=backend)
+    s.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.quantized.sum().backward()
+
+
+@pytest.mark.cpu
+def test_bad_seed_tensors_raise():
+    logits, cb, _ = inputs(8, 2, 5, 3)
+    with pytest.raises(TypeError, match="int64"):
+        gvq(logits, cb, groups=2, seed=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="int64"):
+        gvq(logits, cb, groups=2, seed=torch.tensor(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one value"):
+        gvq(logits, cb, groups=2, seed=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="seed tensor is on meta"):
+        gvq(logits, cb, groups=2, seed=torch.tensor(1, device="meta"))
+    with pytest.raises(TypeError, match="seed"):
+        gvq(logits, cb, groups=2, seed=2.0)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_torch_compile_fullgraph_seed_tensor_and_none(backend, hard):
+    """A seed tensor or seed=None compiles with fullgraph=True (no graph break) into a graph
+    that reads no tensor on the host (tests/_compile.py); forward and backward match eager
+    (the int seed, resp. the same manual_seed) bit for bit."""
+    logits, cb, mask = inputs(12, 2, 5, 3)
+    r = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
+
+    def f(l, c, seed=None):
+        out = gvq(l, c, groups=2, tau=1.5, hard=hard, seed=seed, mask=mask, backend=backend)
+        return (out.quantized * r).sum() + out.prob_perplexity, out.codes
+
+    def both(fn, *seed):
+        l, c = logits.clone().requires_grad_(), cb.clone().requires_grad_()
+        loss, codes = fn(l, c, *seed)
+        loss.backward()
+        return loss.detach(), codes, l.grad, c.grad
+
+    def same(a, b):
+        return all(torch.equal(u, w) for u, w in zip(a, b))
+
+    compiled = torch.compile(f, fullgraph=True, backend=aot_eager_no_host_reads)
+    for s in (11, 2**40 + 7):
+        assert same(both(compiled, torch.tensor(s)), both(f, s)), s
+    assert not same(both(compiled, torch.tensor(11)), both(compiled, torch.tensor(12)))
+    torch.manual_seed(5)
+    got = both(compiled)
+    fresh = both(compiled)
+    torch.manual_seed(5)
+    assert same(got, both(f))
+    assert not same(fresh, got)
+
+
 # ----------------------------------------------------------------------------- Triton (interpreter)
 
 
@@ -799,3 +961,79 @@ def test_gpu_soft_same_noise_deterministic_and_large(backend):
     # deterministic: chunk partials added in a fixed order, no atomics
     assert torch.equal(outs[0][0].quantized, outs[1][0].quantized)
     assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
+
+
+def _assert_graph_replays(fn, base, noisy):
+    """fn(seed) -> tuple of tensors, captured twice in a CUDA graph, with (a) seed=None and (b)
+    seed=derive_seed(base, step=step) after step.add_(1) inside the capture, each replayed 3
+    times: output ``noisy`` differs between the replays of each, and replay k of (b) equals an
+    eager fn(derive_seed(base, step=k)) in every output."""
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def captured(name):
+        if name == "none":
+            return fn(None)
+        step.add_(1)
+        return fn(sr.derive_seed(base, step=step))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (Triton compiles here)
+        captured("none")
+        captured("step")
+    torch.cuda.current_stream().wait_stream(side)
+    step.zero_()
+    replays = {}
+    for name in ("none", "step"):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = captured(name)
+        replays[name] = []
+        for _ in range(3):
+            graph.replay()
+            replays[name].append([t.clone() for t in static])
+    torch.cuda.synchronize()
+    assert int(step) == 3
+    for name, outs in replays.items():
+        for i in range(3):
+            for j in range(i):
+                assert not torch.equal(outs[i][noisy], outs[j][noisy]), (name, i, j)
+    for k, got in enumerate(replays["step"], start=1):
+        want = fn(sr.derive_seed(base, step=k))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_replays_draw_fresh_noise(backend, hard):
+    """Forward captured in a CUDA graph: every replay draws new noise, with seed=None (torch's
+    graph-safe generator) and with a derived seed whose step tensor advances inside the graph;
+    replay k of the latter equals an eager call with seed=derive_seed(base, step=k)."""
+    logits, cb, mask = inputs(301, 2, 320, 128, scale=1.0, seed=3)
+    logits, cb, mask = logits.cuda(), cb.cuda(), mask.cuda()
+
+    def fn(seed):
+        out = gvq(logits, cb, groups=2, tau=0.7, hard=hard, seed=seed, mask=mask, backend=backend)
+        return out.quantized, out.codes, out.prob_perplexity
+
+    _assert_graph_replays(fn, 2**40 + 13, noisy=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_forward_and_backward(backend, hard):
+    """Forward and backward in one captured graph: the backward redraws the noise from the seed
+    tensor the forward used (seed=None: the replay's draw), so replay k of the derived seed
+    equals an eager forward and backward with seed=derive_seed(base, step=k)."""
+    logits, cb, mask = inputs(301, 2, 320, 128, scale=1.0, seed=3)
+    logits, cb, mask = logits.cuda().requires_grad_(), cb.cuda().requires_grad_(), mask.cuda()
+    r = torch.randn(301, 256, generator=torch.Generator().manual_seed(4)).cuda()
+
+    def fn(seed):
+        out = gvq(logits, cb, groups=2, tau=0.7, hard=hard, seed=seed, mask=mask, backend=backend)
+        gl, gc = torch.autograd.grad((out.quantized * r).sum() + 2.5 * out.prob_perplexity, (logits, cb))
+        return out.codes, out.quantized.detach(), gl, gc
+
+    _assert_graph_replays(fn, 2**40 + 17, noisy=2)

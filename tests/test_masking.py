@@ -306,6 +306,135 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(pad), f(pad))
 
 
+
+# ---------------------------------------------------------------- seeds as tensors
+
+# Every stream of the algorithm is drawn: span counts, non-static lengths, starts (and
+# no_overlap's interval choices), require_same_masks' cut and mask_dropout.
+_SEED_CASES = [
+    dict(mask_type="poisson", min_masks=2, mask_dropout=0.2),
+    dict(mask_type="uniform", mask_other=2.0, no_overlap=True, min_space=1, mask_dropout=0.1),
+    dict(style="hf", min_masks=1),
+]
+_SEEDS = [0, 5, 2**32 + 7, 0x299F31D0A4093822, 2**63 - 1]
+
+
+def _seed_inputs(device="cpu"):
+    B, T = 4, 97
+    pad = torch.arange(T)[None] >= torch.tensor([97, 80, 41, 97])[:, None]
+    return (B, T), pad.to(device)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("kw", _SEED_CASES)
+def test_seed_tensor_draws_what_the_int_draws(backend, kw):
+    # the int path is pinned against the reference by the tests above; a tensor holding the
+    # same 64 bits must give the same mask, on every backend
+    shape, pad = _seed_inputs()
+    for s in _SEEDS:
+        want = cmi(shape, pad, 0.65, 4, seed=s, backend="reference", **kw)
+        got = cmi(shape, pad, 0.65, 4, seed=torch.tensor(s), backend=backend, **kw)
+        assert torch.equal(got, want), s
+        assert torch.equal(cmi(shape, pad, 0.65, 4, seed=torch.tensor([s]), backend=backend, **kw), want)
+    assert not torch.equal(cmi(shape, pad, 0.65, 4, seed=torch.tensor(5), backend=backend, **kw),
+                           cmi(shape, pad, 0.65, 4, seed=torch.tensor(6), backend=backend, **kw))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kw", _SEED_CASES)
+def test_negative_seed_tensor_is_its_64_bit_pattern(kw):
+    # A tensor's 64 bits are the key (an int seed stops at 2^63 - 1): -5 is 2^64 - 5, so it
+    # draws what neither 5 nor 2^63 - 5 draws, the same on every backend, every time.
+    shape, pad = _seed_inputs()
+    ref = cmi(shape, pad, 0.65, 4, seed=torch.tensor(-5), backend="reference", **kw)
+    assert torch.equal(ref, cmi(shape, pad, 0.65, 4, seed=torch.tensor(-5), backend="reference", **kw))
+    for _ in range(2):
+        assert torch.equal(cmi(shape, pad, 0.65, 4, seed=torch.tensor(-5), backend="cpu", **kw), ref)
+    for other in (5, 2**63 - 5):
+        assert not torch.equal(ref, cmi(shape, pad, 0.65, 4, seed=other, backend="reference", **kw)), other
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_seed_none_is_a_draw_of_torchs_generator(backend):
+    shape, pad = _seed_inputs()
+    kw = dict(mask_type="normal", mask_other=2.0, min_masks=2, mask_dropout=0.1)
+    torch.manual_seed(123)
+    a = cmi(shape, pad, 0.65, 4, backend=backend, **kw)
+    b = cmi(shape, pad, 0.65, 4, backend=backend, **kw)  # the generator moved on: another key
+    torch.manual_seed(123)
+    assert torch.equal(cmi(shape, pad, 0.65, 4, backend=backend, **kw), a)
+    torch.manual_seed(123)
+    drawn = torch.randint(0, 2**63 - 1, ())
+    assert torch.equal(cmi(shape, pad, 0.65, 4, seed=int(drawn), backend="reference", **kw), a)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_derived_seed_tensors_give_the_int_derivations_masks(backend):
+    shape, pad = _seed_inputs()
+    kw = dict(mask_type="poisson", min_masks=2, mask_dropout=0.2, backend=backend)
+    masks = []
+    for k in (0, 1, 7, 2**40 + 3):
+        want = cmi(shape, pad, 0.65, 4, seed=sslfast.derive_seed(99, rank=3, step=k), **kw)
+        for seed in (sslfast.derive_seed(99, rank=3, step=torch.tensor(k)),
+                     sslfast.derive_seed(99, rank=torch.tensor(3), step=torch.tensor(k)),
+                     sslfast.derive_seed(torch.tensor(99), rank=3, step=k)):
+            assert isinstance(seed, torch.Tensor) and seed.dtype == torch.int64
+            assert torch.equal(cmi(shape, pad, 0.65, 4, seed=seed, **kw), want), k
+        masks.append(want)
+    assert all(not torch.equal(x, y) for x, y in itertools.combinations(masks, 2))
+
+
+@pytest.mark.cpu
+def test_bad_seed_tensors_raise():
+    shape, pad = _seed_inputs()
+    for bad in (torch.tensor(5.0), torch.tensor(5, dtype=torch.int32), torch.tensor(True)):
+        with pytest.raises(TypeError, match="int64"):
+            cmi(shape, pad, seed=bad)
+    with pytest.raises(ValueError, match="one value"):
+        cmi(shape, pad, seed=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="one value"):
+        cmi(shape, pad, seed=torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="runs on"):  # the mask is made on the CPU, the seed is not
+        cmi(shape, pad, seed=torch.tensor(5, device="meta"))
+    with pytest.raises(TypeError, match="seed"):
+        cmi(shape, pad, seed=5.0)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "cpu"])  # reference: 10-30 s
+def test_torch_compile_fullgraph_with_seed_tensors_and_none(backend):
+    # fullgraph=True fails on any graph break: seed=None must be traced (a torch.randint in the
+    # graph, no .item()) and a seed tensor must reach the kernels as a tensor, read when they run.
+    shape, pad = _seed_inputs()
+    kw = dict(mask_type="poisson", min_masks=2, mask_dropout=0.2)
+
+    def with_tensor(pad, seed):
+        return cmi(shape, pad, 0.65, 4, seed=seed, backend=backend, **kw)
+
+    def with_none(pad):
+        return cmi(shape, pad, 0.65, 4, backend=backend, **kw)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(with_tensor, fullgraph=True, backend="aot_eager")
+    outs = []
+    for s in (7, 8, 2**40 + 1):  # one graph: the seed's value is never baked in
+        got = compiled(pad, torch.tensor(s))
+        assert torch.equal(got, cmi(shape, pad, 0.65, 4, seed=s, backend="reference", **kw)), s
+        outs.append(got)
+    assert not torch.equal(outs[0], outs[1])
+    compiled_none = torch.compile(with_none, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    a = compiled_none(pad)
+    b = compiled_none(pad)
+    torch.manual_seed(5)
+    assert torch.equal(a, with_none(pad)) and torch.equal(b, with_none(pad))
+    assert not torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- kernels
 
 def _kernel_cases():
@@ -496,3 +625,93 @@ def test_triton_gpu_tiles_bit_identical(kw, triton_device):
     assert torch.equal(out.cpu(), ref)
     if kw.get("no_overlap"):
         assert int(ref.sum(1).max()) > 64  # enough spans placed that the list spans chunks
+
+
+
+# ---------------------------------------------------------------- seeds on the device (kernels)
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kw", [dict(mask_type="poisson", min_masks=2, mask_dropout=0.2),  # both kernels draw
+                                dict(no_overlap=True, min_space=1, min_masks=2, require_same_masks=False,
+                                     mask_dropout=0.1),
+                                dict(style="hf")])
+def test_triton_seed_tensor_draws_what_the_int_draws(kw, triton_device):
+    shape, pad = _seed_inputs()
+    for s in (2**32 + 7, -5):  # above 32 bits; a negative tensor is its 64-bit pattern
+        want = cmi(shape, pad, 0.65, 4, seed=torch.tensor(s), backend="reference", **kw)
+        got = cmi(shape, pad.to(triton_device), 0.65, 4, seed=torch.tensor(s, device=triton_device),
+                  backend="triton", **kw)
+        assert torch.equal(got.cpu(), want), s
+    assert torch.equal(cmi(shape, pad.to(triton_device), 0.65, 4, seed=2**32 + 7, backend="triton", **kw).cpu(),
+                       cmi(shape, pad, 0.65, 4, seed=2**32 + 7, backend="reference", **kw))
+
+
+def _graph_case():
+    B, T = 8, 301
+    lengths = torch.tensor([301, 280, 150, 301, 77, 301, 200, 290])
+    pad = torch.arange(T)[None] >= lengths[:, None]
+    # two launches on both backends (require_same_masks, then dropout), every stream drawn
+    return (B, T), pad, dict(mask_type="poisson", min_masks=2, mask_dropout=0.2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_replays_draw_fresh_masks(backend):
+    # Captured once, replayed three times: (a) seed=None draws a fresh key at every replay
+    # (torch's graph-safe Philox offsets); (b) seed=derive_seed(base, step=step) with step
+    # advanced inside the graph draws step k's mask at replay k, what eager calls with the int
+    # derivations draw (and the CPU reference).
+    if backend not in _dispatch.implemented_backends("compute_mask_indices"):
+        pytest.skip(f"compute_mask_indices has no {backend} backend in this build")
+    dev = torch.device("cuda")
+    shape, pad, kw = _graph_case()
+    pad_d = pad.to(dev)
+    # eager, with a device seed tensor: the reference's bits
+    for s in (9, 2**32 + 7, -5):
+        assert torch.equal(cmi(shape, pad_d, 0.65, 4, seed=torch.tensor(s, device=dev), backend=backend, **kw).cpu(),
+                           cmi(shape, pad, 0.65, 4, seed=torch.tensor(s), backend="reference", **kw)), s
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, tables reach the device
+        for _ in range(2):
+            cmi(shape, pad_d, 0.65, 4, seed=None, backend=backend, **kw)
+            cmi(shape, pad_d, 0.65, 4, seed=sslfast.derive_seed(3, step=torch.zeros((), dtype=torch.int64,
+                                                                                    device=dev)),
+                backend=backend, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    # (a) seed=None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cmi(shape, pad_d, 0.65, 4, seed=None, backend=backend, **kw)
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append(out.cpu())
+    for m in replays:
+        counts = m.sum(1)
+        assert bool((counts == counts[0]).all()) and int(counts[0]) > 0  # require_same_masks held
+        assert not bool(m[pad].any())
+    assert all(not torch.equal(x, y) for x, y in itertools.combinations(replays, 2))
+
+    # (b) a step tensor advanced inside the graph
+    base = 2024
+    step = torch.zeros((), dtype=torch.int64, device=dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.add_(1)
+        out = cmi(shape, pad_d, 0.65, 4, seed=sslfast.derive_seed(base, step=step), backend=backend, **kw)
+    step.zero_()  # capture records the kernels without running them; set it anyway
+    replays = []
+    for k in (1, 2, 3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(step) == k
+        got = out.cpu()
+        seed_k = sslfast.derive_seed(base, step=k)
+        assert torch.equal(got, cmi(shape, pad_d, 0.65, 4, seed=seed_k, backend=backend, **kw).cpu()), k
+        assert torch.equal(got, cmi(shape, pad, 0.65, 4, seed=seed_k, backend="reference", **kw)), k
+        replays.append(got)
+    assert all(not torch.equal(x, y) for x, y in itertools.combinations(replays, 2))

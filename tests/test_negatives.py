@@ -7,6 +7,8 @@ from scipy import stats
 
 import sslfast
 from sslfast import _dispatch
+from sslfast import random as sr
+from sslfast.reference import negatives as ref_negatives
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -251,6 +253,225 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(mask), f(mask))
 
 
+
+# ------------------------------------------------ seeds as device tensors (issue 12, item 3)
+#
+# Expected values come from the reference called with the key as a Python int (any 64-bit
+# pattern: sslfast.random.philox4x32's int path), never from the seed-tensor path under test.
+
+SEED_VALUES = [0, 987654321, 2**32 + 5, 2**63 - 1]  # from 2**32 on the key's high word matters
+NEGATIVE_SEEDS = [-1, -12345, -(2**63)]  # a tensor's 64 bits are the key: two's complement
+SEED_CASES = [
+    # B, T, K, Kc, pad_frac, from_masked_only, layout
+    (4, 23, 6, 3, 0.3, True, "packed"),
+    (4, 23, 5, 2, 0.3, False, "hf"),  # two launches on the GPU backends
+    (3, 17, 7, 0, 0.0, True, "hf"),
+]
+
+
+def _seed_problem(case, device="cpu"):
+    B, T, K, Kc, pad_frac, fmo, layout = case
+    mask, pad = _batch(B, T, pad_frac=pad_frac, seed=B + T)
+    kw = dict(cross_sample_negatives=Kc, padding_mask=pad, from_masked_only=fmo, layout=layout)
+    return mask, K, kw
+
+
+def _spec(mask, K, kw, key):
+    """The specification's negatives for the 64-bit key ``key`` (a Python int in [0, 2**64))."""
+    return ref_negatives.sample_negatives(mask, K, kw["cross_sample_negatives"], kw["padding_mask"],
+                                          kw["from_masked_only"], kw["layout"], key)
+
+
+def _draw(mask, K, kw, seed, backend, device="cpu"):
+    dev = dict(kw, padding_mask=None if kw["padding_mask"] is None else kw["padding_mask"].to(device))
+    return sslfast.sample_negatives(mask.to(device), K, seed=seed, backend=backend, **dev).cpu()
+
+
+def _needs(backend):
+    if backend not in _dispatch.implemented_backends("sample_negatives"):
+        pytest.skip(f"sample_negatives has no {backend} backend in this build")
+
+
+def _check_seed_tensors(backend, case, device, seeds=SEED_VALUES, negative_seeds=NEGATIVE_SEEDS):
+    mask, K, kw = _seed_problem(case)
+    for s in seeds:
+        want = _spec(mask, K, kw, s)
+        assert torch.equal(_draw(mask, K, kw, s, backend, device), want), s
+        assert torch.equal(_draw(mask, K, kw, torch.tensor(s, device=device), backend, device), want), s
+        one = torch.tensor([s], device=device)  # one element, not 0-d: accepted too
+        assert torch.equal(_draw(mask, K, kw, one, backend, device), want), s
+    for v in negative_seeds:
+        want = _spec(mask, K, kw, v % 2**64)
+        got = _draw(mask, K, kw, torch.tensor(v, device=device), backend, device)
+        assert torch.equal(got, want), v
+        assert torch.equal(_draw(mask, K, kw, torch.tensor(v, device=device), backend, device), got), v
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", SEED_CASES)
+def test_seed_tensor_draws_the_int_seeds_bits(backend, case):
+    # seed=s and seed=torch.tensor(s) give the same bits (s >= 2**32 too); a negative value
+    # is the key of its two's-complement bits, deterministic.
+    _needs(backend)
+    _check_seed_tensors(backend, case, "cpu")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", SEED_CASES)
+def test_triton_seed_tensor_draws_the_int_seeds_bits(case, triton_device):
+    _needs("triton")
+    _check_seed_tensors("triton", case, triton_device, SEED_VALUES[2:], NEGATIVE_SEEDS[1:2])  # the interpreter is slow
+
+
+def _check_seed_none(backend, device):
+    mask, K, kw = _seed_problem(SEED_CASES[0])
+    torch.manual_seed(1234)
+    a = _draw(mask, K, kw, None, backend, device)
+    torch.manual_seed(1234)
+    assert torch.equal(_draw(mask, K, kw, None, backend, device), a)  # repeatable
+    torch.manual_seed(1234)
+    key = torch.randint(0, 2**63 - 1, (), device=device)  # what seed=None draws, on the device
+    assert torch.equal(_draw(mask, K, kw, key, backend, device), a)
+    assert torch.equal(a, _spec(mask, K, kw, int(key)))
+    torch.manual_seed(1235)
+    assert not torch.equal(_draw(mask, K, kw, None, backend, device), a)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_seed_none_is_a_randint_draw_of_the_devices_generator(backend):
+    _needs(backend)
+    _check_seed_none(backend, "cpu")
+
+
+@pytest.mark.interpreter
+def test_triton_seed_none_is_a_randint_draw_of_the_devices_generator(triton_device):
+    _needs("triton")
+    _check_seed_none("triton", triton_device)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_derive_seed_with_step_and_rank_tensors(backend):
+    # The DDP rule with device-side counters: derive_seed's tensor form keys the same
+    # negatives as its int form; distinct steps and ranks draw distinct negatives.
+    _needs(backend)
+    mask, K, kw = _seed_problem(SEED_CASES[1])
+    seen = []
+    for rank, step in ((0, 0), (0, 7), (3, 7), (1, 2**33 + 1)):
+        want = _spec(mask, K, kw, sr.derive_seed(2024, rank=rank, step=step))
+        assert torch.equal(_draw(mask, K, kw, sr.derive_seed(2024, rank=rank, step=torch.tensor(step)), backend), want)
+        t = sr.derive_seed(torch.tensor(2024), rank=torch.tensor(rank), step=torch.tensor(step))
+        assert torch.equal(_draw(mask, K, kw, t, backend), want)
+        assert not any(torch.equal(want, o) for o in seen)
+        seen.append(want)
+
+
+@pytest.mark.cpu
+def test_bad_seed_tensors_raise():
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    for backend in ("reference", "cpu"):
+        with pytest.raises(TypeError, match="int64"):
+            sslfast.sample_negatives(mask, 3, seed=torch.tensor(1.0), backend=backend)
+        with pytest.raises(TypeError, match="int64"):
+            sslfast.sample_negatives(mask, 3, seed=torch.tensor(1, dtype=torch.int32), backend=backend)
+        with pytest.raises(ValueError, match="one value"):
+            sslfast.sample_negatives(mask, 3, seed=torch.tensor([1, 2]), backend=backend)
+        with pytest.raises(ValueError, match="seed tensor is on meta"):
+            sslfast.sample_negatives(mask, 3, seed=torch.tensor(1, device="meta"), backend=backend)
+        with pytest.raises(TypeError, match="seed"):
+            sslfast.sample_negatives(mask, 3, seed=1.0, backend=backend)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "cpu"])  # 22 s, 2 s
+def test_torch_compile_fullgraph_seed_none_and_seed_tensor(backend):
+    # fullgraph=True fails on any graph break: seed=None (a torch.randint in the graph) and a
+    # seed tensor (read by the op, never on the host) compile to one graph, which matches
+    # eager and is not recompiled for another seed value.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _needs(backend)
+    mask, _ = _batch(3, 19, seed=9)
+    kw = dict(cross_sample_negatives=2, layout="hf", backend=backend)
+
+    def f(m, seed=None):
+        return sslfast.sample_negatives(m, 6, seed=seed, **kw)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    for s in (1, 2):
+        torch.manual_seed(s)
+        got = compiled(mask)
+        torch.manual_seed(s)
+        assert torch.equal(got, f(mask)), s
+        torch.manual_seed(s)
+        assert torch.equal(got, _spec(mask, 6, dict(kw, padding_mask=None, from_masked_only=True),
+                                      int(torch.randint(0, 2**63 - 1, ()))))
+    assert counter.frame_count == 1  # the drawn key is a graph value, not a constant
+    for v in (11, 2**40 + 3, -7):
+        seed = torch.tensor(v)
+        got = compiled(mask, seed)
+        assert torch.equal(got, f(mask, seed)), v
+        assert torch.equal(got, _spec(mask, 6, dict(kw, padding_mask=None, from_masked_only=True), v % 2**64)), v
+    assert counter.frame_count == 2  # one graph for every seed tensor
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout,Kc", [("packed", 10), ("hf", 0), ("hf", 10)])
+def test_gpu_cuda_graph_replays_draw_fresh_seeds(backend, layout, Kc):
+    # (a) seed=None: torch.randint on the device inside the capture draws a fresh key at each
+    # replay (torch's graph-safe Philox offsets); (b) seed=derive_seed(base, step=step) with
+    # step advanced inside the captured region: replay i draws the negatives of step k0 + i.
+    _needs(backend)
+    B, T, per_row, K = 8, 200, 90, 20
+    mask = torch.zeros(B, T, dtype=torch.bool, device="cuda")  # fairseq's require_same_masks: B * per_row
+    mask[:, :per_row] = True
+    kw = dict(cross_sample_negatives=Kc, layout=layout, num_masked=B * per_row, backend=backend)
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def body_none():
+        return sslfast.sample_negatives(mask, K, **kw)
+
+    def body_step():
+        out = sslfast.sample_negatives(mask, K, seed=sr.derive_seed(77, step=step), **kw)
+        step.add_(1)
+        return out
+
+    for body, stepped in ((body_none, False), (body_step, True)):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile / warm up outside the capture
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = body()
+        step.fill_(5)
+        outs = []
+        for i in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            outs.append(out.clone())
+        assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+        assert not torch.equal(outs[0], outs[2])
+        cpu_kw = dict(cross_sample_negatives=Kc, layout=layout)
+        for got in outs:
+            _check_valid(mask.cpu(), None, got.cpu(), K, Kc, True, layout)
+        if stepped:
+            assert int(step) == 8
+            for i, got in enumerate(outs):
+                want = sslfast.sample_negatives(mask.cpu(), K, seed=sr.derive_seed(77, step=5 + i),
+                                                backend="reference", **cpu_kw)
+                assert torch.equal(got.cpu(), want), i
+                eager = sslfast.sample_negatives(mask, K, seed=sr.derive_seed(77, step=torch.tensor(5 + i,
+                                                 device="cuda")), **kw)
+                assert torch.equal(eager, got), i
+
+
 TRITON_CONFIGS = [
     # B, T, K, Kc, pad_frac, from_masked_only, layout
     (3, 17, 7, 5, 0.3, True, "packed"),
@@ -457,6 +678,10 @@ def test_triton_no_host_sync_given_counts(layout, Kc, expected, triton_on_meta):
     out = sslfast.sample_negatives(mask, 7, num_masked=48, **kw)
     assert out.device.type == "meta" and out.shape == ((48, 7 + Kc) if layout == "packed" else (4, 30, 7 + Kc))
     assert triton_on_meta.names == expected
+    # seed=None (a key drawn on the device) and a seed tensor: no host read either
+    for seed in (None, torch.tensor(3, device="meta")):
+        again = sslfast.sample_negatives(mask, 7, num_masked=48, **dict(kw, seed=seed))
+        assert again.device.type == "meta" and again.shape == out.shape
     if layout == "packed":
         with pytest.raises((RuntimeError, NotImplementedError)):
             sslfast.sample_negatives(mask, 7, **kw)

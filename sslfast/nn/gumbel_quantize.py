@@ -28,8 +28,10 @@ class GumbelVectorQuantizer(nn.Module):
     for an input (B, dim, T).
 
     Differs on purpose: the forward value in training is exactly the chosen codewords; the
-    noise comes from sslfast's Philox stream, seeded per call from torch's CPU generator
-    (``seed=`` in ``forward`` fixes it); ``backend=`` picks the kernel.
+    noise comes from sslfast's Philox stream, seeded per call from torch's generator of the
+    input's device, without a host sync (``seed=`` in ``forward`` fixes it: an int or a 0-d
+    int64 device tensor, e.g. ``sslfast.derive_seed(base, rank=rank, step=step)`` so DDP ranks
+    draw different noise; see ``sslfast.gumbel_vector_quantize``); ``backend=`` picks the kernel.
     """
 
     def __init__(self, dim, num_vars, temp, groups, combine_groups, vq_dim, time_first, activation=None,
@@ -83,7 +85,7 @@ class GumbelVectorQuantizer(nn.Module):
         res = self.forward(x, produce_targets=True)
         return res["x"], res["targets"]
 
-    def forward(self, x, produce_targets: bool = False, *, seed: Optional[int] = None,
+    def forward(self, x, produce_targets: bool = False, *, seed: int | torch.Tensor | None = None,
                 mask: Optional[torch.Tensor] = None):
         result = {"num_vars": self.num_vars * self.groups}
         if not self.time_first:
@@ -141,11 +143,11 @@ class Wav2Vec2GumbelVectorQuantizer(nn.Module):
         nn.init.zeros_(self.weight_proj.bias)
         nn.init.uniform_(self.codevectors)
 
-    def forward(self, hidden_states, mask_time_indices=None, *, seed: Optional[int] = None):
+    def forward(self, hidden_states, mask_time_indices=None, *, seed: int | torch.Tensor | None = None):
         return hf_quantizer_forward(self, hidden_states, mask_time_indices, seed=seed, backend=self.backend)
 
 
-def hf_quantizer_forward(module, hidden_states, mask_time_indices=None, *, seed: Optional[int] = None,
+def hf_quantizer_forward(module, hidden_states, mask_time_indices=None, *, seed: int | torch.Tensor | None = None,
                          backend: Optional[str] = None):
     """The forward of Hugging Face's Gumbel quantizer, fused, for any module with its attributes.
 

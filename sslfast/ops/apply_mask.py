@@ -35,7 +35,9 @@ OP, OP_BWD = "apply_mask", "apply_mask_backward"
 # ----------------------------------------------------------------------------- backends
 # forward(x, mask, fill, std, seed, out): out = x with masked frames filled; out is x in
 #     place, else a fresh contiguous tensor. mask (B, T) contiguous bool; fill (D,)
-#     contiguous in x's dtype, or None for noise of std.
+#     contiguous in x's dtype, or None for noise of std; seed an int or a 0-d int64 tensor on
+#     x's device (sslfast.random.resolve_seed), read by the kernels, never on the host
+#     (except by the C++ CPU kernels, whose tensor is on the CPU).
 # backward(grad, mask, need_x, need_fill) -> (grad_x (B, T, D) contiguous or None,
 #     grad_fill (D,) fp32 or None).
 
@@ -45,10 +47,10 @@ def _forward_reference(x, mask, fill, std, seed, out):
     return out.copy_(value)
 
 
-def _native_forward(module, stream_args, x, mask, fill, std, seed, out):
+def _native_forward(module, seed_args, stream_args, x, mask, fill, std, out):
     B, T, D = x.shape
     module.apply_mask_forward(_ext.ptr(x), *x.stride(), _ext.ptr(out), *out.stride(), _ext.ptr(mask), _ext.ptr(fill),
-                              _ext.DTYPE_CODE[x.dtype], B, T, D, float(std), seed, *stream_args)
+                              _ext.DTYPE_CODE[x.dtype], B, T, D, float(std), *seed_args, *stream_args)
     return out
 
 
@@ -70,7 +72,7 @@ def _native_backward(module, stream_args, grad, mask, need_x, need_fill):
 
 @_dispatch.register(OP, "cpu")
 def _forward_cpu(x, mask, fill, std, seed, out):
-    return _native_forward(_ext.cpu_module(), (), x, mask, fill, std, seed, out)
+    return _native_forward(_ext.cpu_module(), (sr.seed_value(seed),), (), x, mask, fill, std, out)
 
 
 @_dispatch.register(OP_BWD, "cpu")
@@ -80,7 +82,7 @@ def _backward_cpu(grad, mask, need_x, need_fill):
 
 @_dispatch.register(OP, "cuda")
 def _forward_cuda(x, mask, fill, std, seed, out):
-    return _native_forward(_ext.cuda_module(), (_ext.stream(x.device),), x, mask, fill, std, seed, out)
+    return _native_forward(_ext.cuda_module(), sr.seed_args(seed), (_ext.stream(x.device),), x, mask, fill, std, out)
 
 
 @_dispatch.register(OP_BWD, "cuda")
@@ -108,28 +110,30 @@ def _fill_arg(x: torch.Tensor, fill: Optional[torch.Tensor]) -> Optional[torch.T
     return None if fill is None else fill.to(x.dtype).contiguous()
 
 
+# The seed crosses the custom ops as (seed: int, seed_t: Tensor?): sr.split_seed / join_seed.
+
 @torch.library.custom_op("sslfast::apply_mask", mutates_args=())
 def _apply_mask_op(x: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor], std: float, seed: int,
-                   backend: str) -> torch.Tensor:
+                   seed_t: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     """x with its masked frames filled (a new contiguous tensor)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _dispatch.get(OP, backend)(x, mask, _fill_arg(x, fill), std, seed, out)
+    return _dispatch.get(OP, backend)(x, mask, _fill_arg(x, fill), std, sr.join_seed(seed, seed_t), out)
 
 
 @_apply_mask_op.register_fake
-def _(x, mask, fill, std, seed, backend):
+def _(x, mask, fill, std, seed, seed_t, backend):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("sslfast::apply_mask_", mutates_args=("x",))
 def _apply_mask_inplace_op(x: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor], std: float, seed: int,
-                           backend: str) -> None:
+                           seed_t: Optional[torch.Tensor], backend: str) -> None:
     """Fill the masked frames of x in place (unmasked frames are not read or written)."""
-    _dispatch.get(OP, backend)(x, mask, _fill_arg(x, fill), std, seed, x)
+    _dispatch.get(OP, backend)(x, mask, _fill_arg(x, fill), std, sr.join_seed(seed, seed_t), x)
 
 
 @_apply_mask_inplace_op.register_fake
-def _(x, mask, fill, std, seed, backend):
+def _(x, mask, fill, std, seed, seed_t, backend):
     return None
 
 
@@ -155,7 +159,7 @@ def _grads(grad, mask, fill, need_x, need_fill, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, mask, fill, std, seed, backend = inputs
+    x, mask, fill, std, seed, seed_t, backend = inputs
     ctx.save_for_backward(mask, fill)
     ctx.backend = backend
 
@@ -164,7 +168,7 @@ def _backward(ctx, grad):
     mask, fill = ctx.saved_tensors
     need_x, need_fill = ctx.needs_input_grad[0], fill is not None and ctx.needs_input_grad[2]
     gx, gfill = _grads(grad, mask, fill, need_x, need_fill, ctx.backend)
-    return gx, None, gfill, None, None, None
+    return gx, None, gfill, None, None, None, None
 
 
 torch.library.register_autograd("sslfast::apply_mask", _backward, setup_context=_setup_context)
@@ -176,7 +180,7 @@ class _ApplyMaskInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, fill, std, seed, backend):
-        torch.ops.sslfast.apply_mask_(x, mask, fill, std, seed, backend)
+        torch.ops.sslfast.apply_mask_(x, mask, fill, std, *sr.split_seed(seed), backend)
         ctx.mark_dirty(x)
         ctx.save_for_backward(mask, fill)
         ctx.backend = backend
@@ -192,8 +196,8 @@ class _ApplyMaskInplace(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public API
 
-def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = False, seed: int | None = None,
-               backend: str | None = None) -> torch.Tensor:
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = False,
+               seed: int | torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Fill the masked frames of ``x`` (B, T, D) and return the result.
 
     ``fill`` is either a (D,) tensor, the learned mask embedding of wav2vec 2.0 / HuBERT
@@ -210,9 +214,18 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = Fal
         inplace: write into x and return it. Without autograd only masked frames are written.
             Under autograd it is recorded as an in-place op (as ``x[mask] = emb`` is), so x
             must not be a leaf that requires grad.
-        seed: Philox seed of the noise (``sslfast.derive_seed`` gives per-rank, per-step
-            seeds); None draws one from torch's default CPU generator, on the host, without a
-            device sync. Ignored for a tensor fill.
+        seed: Philox key of the noise (ignored for a tensor fill): an int in [0, 2^63 - 1]; a
+            0-d (or one-element) int64 tensor on x's device, whose 64 bits are the key, read by
+            the kernel when it runs (no host sync, no graph break under ``torch.compile``; a
+            captured CUDA graph replays with the tensor's value at replay); or None: a key
+            drawn with ``torch.randint`` from torch's default generator of x's device, as a
+            device tensor (no sync; ``torch.manual_seed`` makes it repeatable; fresh at every
+            CUDA-graph replay). ``seed=s`` and ``seed=torch.tensor(s)`` give the same bits.
+            DDP: ranks given one seed draw the same noise; pass
+            ``sslfast.derive_seed(base, rank=rank, step=step)`` (rank and step may be device
+            tensors, e.g. a step counter advanced with ``step.add_(1)`` inside a captured
+            graph). See ``sslfast.random.resolve_seed``. Raises TypeError (not an int, int64
+            tensor or None) or ValueError (out of range, several elements, another device).
         backend: None, "reference", "cpu", "triton" or "cuda".
 
     Noise: frame (b, t) draws its D values from its own Philox blocks keyed by (seed, b, t)
@@ -246,7 +259,8 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = Fal
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     fill_t = fill if isinstance(fill, torch.Tensor) else None
-    seed = 0 if fill_t is not None else sr.resolve_seed(seed)
+    # the key: drawn (on x's device) only for a noise fill; a tensor fill ignores it
+    seed = 0 if fill_t is not None else sr.resolve_seed(seed, device=x.device)
     if B * T * ((D + 3) // 4) >= 2**32 or B >= 2**32:
         raise ValueError(f"x is too large for the noise's 32-bit Philox counters: T * ceil(D / 4) and B must be "
                          f"< 2**32, got shape {(B, T, D)}")
@@ -266,12 +280,12 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = Fal
         if grad_on:
             return _ApplyMaskInplace.apply(x, mask, fill_t, std, seed, name)
         if torch.compiler.is_compiling():
-            torch.ops.sslfast.apply_mask_(x, mask, fill_t, std, seed, name)
+            torch.ops.sslfast.apply_mask_(x, mask, fill_t, std, *sr.split_seed(seed), name)
         else:
             _dispatch.get(OP, name)(x, mask, _fill_arg(x, fill_t), std, seed, x)
         return x
     if grad_on or torch.compiler.is_compiling():
-        return torch.ops.sslfast.apply_mask(x, mask, fill_t, std, seed, name)
+        return torch.ops.sslfast.apply_mask(x, mask, fill_t, std, *sr.split_seed(seed), name)
     # Eager calls without autograd skip the custom-op dispatch (~0.1 ms on a CPU).
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return _dispatch.get(OP, name)(x, mask, _fill_arg(x, fill_t), std, seed, out)

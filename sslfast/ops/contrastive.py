@@ -364,7 +364,7 @@ def wav2vec2_contrastive_loss(
     *,
     cross_sample_negatives: int = 0,
     temperature: float = 0.1,
-    seed: Optional[int] = None,
+    seed: int | torch.Tensor | None = None,
     convention: str = "fairseq",
     negatives: Optional[torch.Tensor] = None,
     padding_mask: Optional[torch.Tensor] = None,
@@ -388,8 +388,14 @@ def wav2vec2_contrastive_loss(
         num_negatives, cross_sample_negatives: K within-utterance and Kc cross-sample negatives
             per masked frame, drawn by ``sslfast.sample_negatives`` (uniform, never the positive).
         temperature: logit temperature (0.1 in wav2vec 2.0).
-        seed: Philox seed of the negatives (``sslfast.derive_seed`` gives per-rank, per-step
-            seeds); None draws one from torch's default CPU generator, without a host sync.
+        seed: Philox key of the sampled negatives, as ``sslfast.sample_negatives`` takes it: an
+            int in [0, 2**63 - 1]; a 0-d int64 tensor on x's device, read by the kernels when
+            they run (no host sync, no graph break under ``torch.compile``, the current value at
+            each replay of a captured CUDA graph; ``seed=s`` and ``seed=torch.tensor(s)`` give
+            the same loss); or None (default): drawn with ``torch.randint`` from torch's default
+            generator of x's device, on the device. DDP: pass
+            ``sslfast.derive_seed(base, rank=rank, step=step)`` so ranks draw different negatives
+            (rank and step may be 0-d int64 device tensors). Unused when ``negatives`` is given.
         convention: ``"fairseq"``: negatives in the packed layout (indices into ``y[mask]``),
             logits in fairseq's precision order; ``"hf"``: negatives in Hugging Face's layout
             ((B, T, K) flat indices into the B*T frames, its ``sampled_negative_indices``) and its
@@ -455,7 +461,11 @@ def wav2vec2_contrastive_loss(
                                      num_masked=num_masked, backend=sampler_backend)
     if convention == "fairseq":
         check_tensor("negatives", negatives, ndim=2, dtypes=INDEX_DTYPES)
-        if negatives.shape[0] != n:
+        if not given and torch.compiler.is_compiling():
+            # the reference sampler's row count is data-dependent under torch.compile (nonzero):
+            # a deferred runtime check instead of a guard that would break the graph
+            torch._check(negatives.shape[0] == n, lambda: "num_masked does not match mask.sum()")
+        elif negatives.shape[0] != n:
             raise ValueError(f"negatives must have shape ({n}, K) (packed, one row per masked frame), "
                              f"got {tuple(negatives.shape)}")
         if given and check_indices:

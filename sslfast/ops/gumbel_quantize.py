@@ -53,12 +53,14 @@ class GumbelQuantizeOutput(NamedTuple):
 # mask_u8, groups, tau, hard, training, seed) -> (grad_logits, grad_codebook); the marginals are
 # the sums divided by the number of selected frames, done once here. ``hard`` is True whenever
 # training is False (eval quantizes by the argmax either way), so hard=False means the soft
-# training path.
+# training path. ``seed`` is an int or a 0-d int64 tensor on the logits' device
+# (sslfast.random.resolve_seed): the kernels read it (the C++ CPU ones on the host, from a
+# CPU tensor; CUDA and Triton on the device).
 
 
 def _count(mask: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
-    if mask is None:
-        return torch.tensor(float(max(n, 1)), device=device)
+    if mask is None:  # a fill, not a host-to-device copy: capturable in a CUDA graph
+        return torch.full((), float(max(n, 1)), device=device)
     return mask.sum().to(torch.float32).clamp_min(1.0)
 
 
@@ -89,7 +91,7 @@ def _forward_cpu(logits, codebook, mask, groups, tau, hard, training, seed):
     cbf = None if hard else codebook.float().contiguous()  # the soft product reads fp32 rows
     _ext.cpu_module().gumbel_quantize_forward(
         _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype], _ext.ptr(codebook), _ext.DTYPE_CODE[codebook.dtype],
-        _ext.ptr(cbf), n, groups, gv // groups, d, training, hard, float(tau), seed, _ext.ptr(mask),
+        _ext.ptr(cbf), n, groups, gv // groups, d, training, hard, float(tau), sr.seed_value(seed), _ext.ptr(mask),
         _ext.ptr(quantized), _ext.ptr(codes), _ext.ptr(prob_sum), _ext.ptr(code_sum))
     count = _count(mask, n, logits.device)
     return quantized, codes, prob_sum / count, code_sum / count
@@ -101,9 +103,10 @@ def _codebook_t(codebook, groups):
     return codebook.float().reshape(groups, gv // groups, d).transpose(1, 2).contiguous()
 
 
-def _backward_native(module, extra_args, grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training,
-                     seed):
-    """The C++ and CUDA backward take the same arguments (CUDA adds its workspace and stream)."""
+def _backward_native(module, seed_args, extra_args, grad_q, w, logits, codebook, codes, mask, groups, tau, hard,
+                     training):
+    """The C++ and CUDA backward take the same arguments (CUDA adds the seed tensor's pointer after
+    the seed, ``seed_args``, and its workspace and stream, ``extra_args``)."""
     n, gv = logits.shape
     d = codebook.shape[1]
     grad_logits = torch.empty_like(logits)
@@ -114,13 +117,15 @@ def _backward_native(module, extra_args, grad_q, w, logits, codebook, codes, mas
     module.gumbel_quantize_backward(
         _ext.ptr(grad_q), _ext.DTYPE_CODE[grad_q.dtype], _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype],
         _ext.ptr(cbt), _ext.ptr(codes), _ext.ptr(mask), _ext.ptr(w), n, groups, gv // groups, d, training, hard,
-        float(tau), seed, _ext.ptr(grad_logits), _ext.DTYPE_CODE[codebook.dtype], _ext.ptr(grad_cb), *extra_args)
+        float(tau), *seed_args, _ext.ptr(grad_logits), _ext.DTYPE_CODE[codebook.dtype], _ext.ptr(grad_cb),
+        *extra_args)
     return grad_logits, grad_cb
 
 
 @_dispatch.register(OP_BWD, "cpu")
-def _backward_cpu(grad_q, w, logits, *args):
-    return _backward_native(_ext.cpu_module(), (), grad_q, w, logits, *args)
+def _backward_cpu(grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training, seed):
+    return _backward_native(_ext.cpu_module(), (sr.seed_value(seed),), (), grad_q, w, logits, codebook, codes, mask,
+                            groups, tau, hard, training)
 
 
 @_dispatch.register(OP, "triton")
@@ -158,8 +163,8 @@ def _forward_cuda(logits, codebook, mask, groups, tau, hard, training, seed):
     sums = torch.empty(2, groups, gv // groups, device=dev)
     _ext.cuda_module().gumbel_quantize_forward(
         _ext.ptr(logits), _ext.DTYPE_CODE[logits.dtype], _ext.ptr(codebook), _ext.DTYPE_CODE[codebook.dtype],
-        n, groups, gv // groups, d, training, hard, float(tau), seed, _ext.ptr(mask), _ext.ptr(quantized),
-        _ext.ptr(codes), _ext.ptr(partial), _ext.ptr(sums), _ext.stream(dev))
+        n, groups, gv // groups, d, training, hard, float(tau), *sr.seed_args(seed), _ext.ptr(mask),
+        _ext.ptr(quantized), _ext.ptr(codes), _ext.ptr(partial), _ext.ptr(sums), _ext.stream(dev))
     count = _count(mask, n, dev)
     return quantized, codes, sums[0] / count, sums[1] / count
 
@@ -171,22 +176,25 @@ def _backward_cuda(grad_q, w, logits, codebook, codes, mask, groups, tau, hard, 
     # soft path: per-row softmax statistics and the per-chunk codebook-gradient partials
     ws = torch.empty(0 if hard else module.gumbel_quantize_soft_workspace(n, groups, gv // groups, codebook.shape[1]),
                      device=logits.device)
-    return _backward_native(module, (_ext.ptr(ws) if ws.numel() else 0, _ext.stream(logits.device)), grad_q, w,
-                            logits, codebook, codes, mask, groups, tau, hard, training, seed)
+    extra = (_ext.ptr(ws) if ws.numel() else 0, _ext.stream(logits.device))
+    return _backward_native(module, sr.seed_args(seed), extra, grad_q, w, logits, codebook, codes, mask, groups, tau,
+                            hard, training)
 
 
 # ----------------------------------------------------------------------------- custom ops
+# The seed crosses the custom ops as (seed: int, seed_t: Tensor?): sr.split_seed / join_seed.
 
 
 @torch.library.custom_op("sslfast::gumbel_vector_quantize", mutates_args=())
 def _gvq_op(logits: torch.Tensor, codebook: torch.Tensor, mask: Optional[torch.Tensor], groups: int, tau: float,
-            hard: bool, training: bool, seed: int,
+            hard: bool, training: bool, seed: int, seed_t: Optional[torch.Tensor],
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_dispatch.get(OP, backend)(logits, codebook, mask, groups, tau, hard, training, seed))
+    return tuple(_dispatch.get(OP, backend)(logits, codebook, mask, groups, tau, hard, training,
+                                            sr.join_seed(seed, seed_t)))
 
 
 @_gvq_op.register_fake
-def _gvq_fake(logits, codebook, mask, groups, tau, hard, training, seed, backend):
+def _gvq_fake(logits, codebook, mask, groups, tau, hard, training, seed, seed_t, backend):
     n, gv = logits.shape
     d = codebook.shape[1]
     return (logits.new_empty(n, groups * d, dtype=codebook.dtype), logits.new_empty(n, groups, dtype=torch.int64),
@@ -197,26 +205,31 @@ def _gvq_fake(logits, codebook, mask, groups, tau, hard, training, seed, backend
 @torch.library.custom_op("sslfast::gumbel_vector_quantize_backward", mutates_args=())
 def _gvq_backward_op(grad_q: torch.Tensor, w: Optional[torch.Tensor], logits: torch.Tensor, codebook: torch.Tensor,
                      codes: torch.Tensor, mask: Optional[torch.Tensor], groups: int, tau: float, hard: bool,
-                     training: bool, seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     training: bool, seed: int, seed_t: Optional[torch.Tensor],
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(_dispatch.get(OP_BWD, backend)(grad_q, w, logits, codebook, codes, mask, groups, tau, hard,
-                                                training, seed))
+                                                training, sr.join_seed(seed, seed_t)))
 
 
 @_gvq_backward_op.register_fake
-def _gvq_backward_fake(grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training, seed, backend):
+def _gvq_backward_fake(grad_q, w, logits, codebook, codes, mask, groups, tau, hard, training, seed, seed_t,
+                       backend):
     return torch.empty_like(logits), torch.empty_like(codebook)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, codebook, mask, groups, tau, hard, training, seed, backend = inputs
+    logits, codebook, mask, groups, tau, hard, training, seed, seed_t, backend = inputs
     # p is recomputed in the backward from the logits and the seed (one Philox draw per
-    # element), not saved: it would be N*G*V fp32 more per call (8 MB at wav2vec 2.0 base)
-    ctx.save_for_backward(logits, codebook, mask, output[1])
+    # element), not saved: it would be N*G*V fp32 more per call (8 MB at wav2vec 2.0 base).
+    # A seed tensor is saved as a tensor (never read on the host): the backward's kernels load
+    # the same key, also in a captured CUDA graph; changing it in place before the backward
+    # raises autograd's version-counter error instead of redrawing other noise.
+    ctx.save_for_backward(logits, codebook, mask, output[1], seed_t)
     ctx.groups, ctx.tau, ctx.hard, ctx.training, ctx.seed, ctx.backend = groups, tau, hard, training, seed, backend
 
 
 def _backward(ctx, grad_q, grad_codes, grad_prob_m, grad_code_m):
-    logits, codebook, mask, codes = ctx.saved_tensors
+    logits, codebook, mask, codes, seed_t = ctx.saved_tensors
     if grad_q is None:
         grad_q = torch.zeros(logits.shape[0], ctx.groups * codebook.shape[1], dtype=codebook.dtype,
                              device=logits.device)
@@ -226,8 +239,8 @@ def _backward(ctx, grad_q, grad_codes, grad_prob_m, grad_code_m):
         w = (grad_prob_m.float() / _count(mask, logits.shape[0], logits.device)).contiguous()
     grad_logits, grad_cb = torch.ops.sslfast.gumbel_vector_quantize_backward(
         grad_q.contiguous(), w, logits, codebook, codes, mask, ctx.groups, ctx.tau, ctx.hard, ctx.training,
-        ctx.seed, ctx.backend)
-    return grad_logits, grad_cb, None, None, None, None, None, None, None
+        ctx.seed, seed_t, ctx.backend)
+    return grad_logits, grad_cb, None, None, None, None, None, None, None, None
 
 
 _gvq_op.register_autograd(_backward, setup_context=_setup_context)
@@ -250,7 +263,7 @@ def gumbel_vector_quantize(
     tau: float = 2.0,
     hard: bool = True,
     training: bool = True,
-    seed: Optional[int] = None,
+    seed: int | torch.Tensor | None = None,
     mask: Optional[torch.Tensor] = None,
     perplexity_eps: float = 1e-7,
     backend: Optional[str] = None,
@@ -270,9 +283,18 @@ def gumbel_vector_quantize(
             ``hard=True`` for one seed. In eval ``hard`` has no effect: the argmax codeword,
             as fairseq and HF.
         training: True draws Gumbel noise; False takes the argmax of the logits (no noise).
-        seed: Philox seed of the noise (None draws one from torch's CPU generator, so
-            ``torch.manual_seed`` makes runs repeatable). One seed gives the same codes on
-            every backend.
+        seed: Philox key of the noise: an int in [0, 2^63 - 1]; a 0-d (or one-element) int64
+            tensor on the logits' device, whose 64 bits are the key, read by the kernels when
+            they run (no host sync, no graph break under ``torch.compile``; a captured CUDA
+            graph replays with the tensor's value at replay; the backward, which redraws the
+            noise, keeps the tensor); or None: a key drawn with ``torch.randint`` from torch's
+            default generator of the logits' device, as a device tensor (no sync;
+            ``torch.manual_seed`` makes runs repeatable; fresh at every CUDA-graph replay).
+            ``seed=s`` and ``seed=torch.tensor(s)`` draw the same noise, and one seed gives
+            the same codes on every backend. DDP: ranks given one seed draw the same noise;
+            pass ``sslfast.derive_seed(base, rank=rank, step=step)`` (rank and step may be
+            device tensors, e.g. a step counter advanced with ``step.add_(1)`` inside a
+            captured graph). See ``sslfast.random.resolve_seed``.
         mask: None (all frames) or a bool tensor with N elements (e.g. HF's
             ``mask_time_indices`` (B, T)): the frames the perplexities average over.
             ``quantized`` and ``codes`` cover every frame.
@@ -323,13 +345,13 @@ def gumbel_vector_quantize(
     if isinstance(perplexity_eps, bool) or not isinstance(perplexity_eps, (int, float)) or not (
             0.0 <= float(perplexity_eps) < 1.0):
         raise ValueError(f"perplexity_eps must be a float in [0, 1), got {perplexity_eps!r}")
-    seed = sr.resolve_seed(seed)
     if mask is not None:
         check_tensor("mask", mask, dtypes=(torch.bool,))
         if mask.numel() != n:
             raise ValueError(f"mask must have N = {n} elements (one per logits row), got shape {tuple(mask.shape)}")
         mask = mask.reshape(n)
     device = check_same_device(logits=logits, codebook=codebook, mask=mask)
+    seed = sr.resolve_seed(seed, device=device)  # None: a device tensor drawn without a sync
 
     V.check_inputs_finite(OP, logits=logits, codebook=codebook)
     name = V.resolve_backend(OP, backend, device, logits=logits, codebook=codebook)
@@ -351,6 +373,7 @@ def gumbel_vector_quantize(
     else:
         mask_u8 = None if mask is None else mask.contiguous().view(torch.uint8)
         quantized, codes, prob_m, code_m = torch.ops.sslfast.gumbel_vector_quantize(
-            logits.contiguous(), codebook.contiguous(), mask_u8, groups, tau, hard, training, seed, name)
+            logits.contiguous(), codebook.contiguous(), mask_u8, groups, tau, hard, training, *sr.split_seed(seed),
+            name)
     eps = float(perplexity_eps)
     return GumbelQuantizeOutput(quantized, codes, ref.perplexity(prob_m, eps), ref.perplexity(code_m.detach(), eps))

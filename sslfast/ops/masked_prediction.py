@@ -3,7 +3,9 @@ cross-entropy over H heads without ever holding the (N, H, V) logits.
 
 Every kernel backend computes the same core per head h: logits ``z = scale * x_h W_h^T + b_h``
 (V classes), the per-row loss ``lse(z) - (1 - eps) z_y - eps/V sum z`` (0 for an ignored row),
-its log-sum-exp and whether the target attains the maximum; and, given per-row gradient
+its log-sum-exp (saved as its two parts, the max and log l: their fp32 sum would put ulp(lse) / 2
+of error into every probability the gradients recompute, csrc/masked_prediction.h) and whether
+the target attains the maximum; and, given per-row gradient
 weights g (N, H), the gradients of ``sum g * loss`` w.r.t. x, W and b. Logits are computed a
 tile at a time and recomputed for the gradients (memory O(N D + H V D)).
 
@@ -19,9 +21,9 @@ Two custom ops use that core:
 
 The cosine head L2-normalises x and the label embeddings here, in PyTorch (with gradient), and
 runs the core with scale = 1 / logit_temp. Soft targets (N, H, V) (BiRQ) go through the same
-ops on the cpu and triton kernels (op ``masked_prediction_loss_soft``: no cuda kernel yet) and
-receive the gradient ``(1 - eps) * (lse - z)``; producing them on the fly from RPQ scores with
-Gumbel noise (never storing them) is not implemented.
+ops on every kernel backend (op ``masked_prediction_loss_soft``) and receive the gradient
+``(1 - eps) * (lse - z)``; producing them on the fly from RPQ scores with Gumbel noise (never
+storing them) is not implemented.
 """
 from __future__ import annotations
 
@@ -41,11 +43,11 @@ OP, OP_BWD = "masked_prediction_loss", "masked_prediction_backward"
 
 # ----------------------------------------------------------------------------- backends
 # core(x (N, Hx, D), w (H, V, D), bias (H, V) | None, targets, grad (N, H) fp32 | None, scale, eps)
-#   -> (loss (N, H) fp32, lse (N, H) fp32, top (N, H) bool, dx (N, Hx, D) fp32 | None,
+#   -> (loss (N, H) fp32, stats (2, N, H) fp32, top (N, H) bool, dx (N, Hx, D) fp32 | None,
 #       dw (H, V, D) fp32 | None, db (H, V) fp32 | None, dq (N, H, V) fp32 | None)
-# targets: (N, H) int64 labels with -1 = ignored, or (N, H, V) float soft targets (op OP_SOFT:
-# cpu and triton; no cuda kernel yet). Gradients only when grad is given (then dx, dw and, with a
-# bias, db; dq for soft targets).
+# stats: each row's max logit and log l (lse = max + log l, kept apart: csrc/masked_prediction.h).
+# targets: (N, H) int64 labels with -1 = ignored, or (N, H, V) float soft targets (op OP_SOFT).
+# Gradients only when grad is given (then dx, dw and, with a bias, db; dq for soft targets).
 
 OP_SOFT = "masked_prediction_loss_soft"
 
@@ -64,7 +66,7 @@ def _outputs(x, w, bias, targets, grad):
     alloc = torch.empty if n > 0 else torch.zeros
     need_grad = grad is not None
     soft = targets.is_floating_point()
-    return (torch.empty(n, h, **f32), torch.empty(n, h, **f32), torch.empty(n, h, dtype=torch.bool, device=x.device),
+    return (torch.empty(n, h, **f32), torch.empty(2, n, h, **f32), torch.empty(n, h, dtype=torch.bool, device=x.device),
             torch.zeros(n, hx, d, **f32) if need_grad else None, alloc(h, v, d, **f32) if need_grad else None,
             alloc(h, v, **f32) if need_grad and bias is not None else None,
             torch.zeros(n, h, v, **f32) if need_grad and soft else None)
@@ -91,28 +93,34 @@ def _cpu_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
     slots, ws_floats = mod.masked_prediction_layout(w.shape[1], w.shape[2], grad is not None)
     ws = torch.empty(ws_floats, dtype=torch.float32, device=x.device)
     outs = _outputs(x, w, bias, targets, grad)
-    rows = outs[:3] if want_rows else (None, None, None)  # the backward writes no loss, lse or top
-    soft = targets.is_floating_point()
+    loss, stats, top = outs[:3]
+    # the backward writes no loss, statistics or top (it recomputes each row whole)
+    rows = (loss, stats[0], stats[1], top) if want_rows else (None, None, None, None)
     mod.masked_prediction_forward_backward(
-        *_ext_args(x, w, bias, grad, scale, eps), 0 if soft else _ext.ptr(targets), _ext.ptr(targets) if soft else 0,
-        _ext.DTYPE_CODE[targets.dtype] if soft else 0, _ext.ptr(grad), *_sizes(x, w, scale, eps),
+        *_ext_args(x, w, bias, grad, scale, eps), *_target_args(targets), _ext.ptr(grad), *_sizes(x, w, scale, eps),
         *map(_ext.ptr, rows + outs[3:]), _ext.ptr(ws), slots)
     return outs
 
 
-def _hard_only(targets, backend):
+def _target_args(targets):
+    """(labels, soft targets, soft targets' dtype code) of the C++ and CUDA entry points."""
     if targets.is_floating_point():
-        raise _dispatch.BackendUnavailableError(f"sslfast: soft targets have no {backend} kernel yet (cpu, reference)")
+        return 0, _ext.ptr(targets), _ext.DTYPE_CODE[targets.dtype]
+    return _ext.ptr(targets), 0, 0
 
 
 @_dispatch.register(OP, "cuda")
+@_dispatch.register(OP_SOFT, "cuda")
 @_dispatch.register(OP_BWD, "cuda")
 def _cuda_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
-    _hard_only(targets, "cuda")
-    outs = _outputs(x, w, bias, targets, grad)  # lse is always written: the gradient kernels read it
+    # the statistics (and, for soft targets, each row's target mass) are always written: the
+    # gradient kernels read them
+    outs = _outputs(x, w, bias, targets, grad)
+    loss, stats, top, dx, dw, db, dq = outs
+    mass = torch.empty_like(loss) if targets.is_floating_point() else None
     _ext.cuda_module().masked_prediction_forward_backward(
-        *_ext_args(x, w, bias, grad, scale, eps), _ext.ptr(targets), _ext.ptr(grad), *_sizes(x, w, scale, eps),
-        *map(_ext.ptr, outs[:6]), _ext.stream(x.device))
+        *_ext_args(x, w, bias, grad, scale, eps), *_target_args(targets), _ext.ptr(grad), *_sizes(x, w, scale, eps),
+        *map(_ext.ptr, (loss, stats[0], stats[1], mass, top, dx, dw, db, dq)), _ext.stream(x.device))
     return outs
 
 
@@ -142,15 +150,16 @@ def _contig(x, w, bias, targets):
 @torch.library.custom_op("sslfast::masked_prediction", mutates_args=())
 def _rows_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, scale: float,
              eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row losses (N, H), their log-sum-exps and the top flags; no gradients computed."""
-    loss, lse, top, *_ = _dispatch.get(OP, backend)(*_contig(x, w, bias, targets), None, scale, eps)
-    return loss, lse, top
+    """Per-row losses (N, H), their statistics (2, N, H) (max logit, log l: lse is their sum)
+    and the top flags; no gradients computed."""
+    loss, stats, top, *_ = _dispatch.get(OP, backend)(*_contig(x, w, bias, targets), None, scale, eps)
+    return loss, stats, top
 
 
 @_rows_op.register_fake
 def _(x, w, bias, targets, scale, eps, backend):
     n, h = targets.shape[:2]
-    return (x.new_empty(n, h, dtype=torch.float32), x.new_empty(n, h, dtype=torch.float32),
+    return (x.new_empty(n, h, dtype=torch.float32), x.new_empty(2, n, h, dtype=torch.float32),
             x.new_empty(n, h, dtype=torch.bool))
 
 
@@ -179,7 +188,7 @@ def _rows_setup(ctx, inputs, output):
     ctx.has_bias, ctx.soft = bias is not None, targets.is_floating_point()
 
 
-def _rows_backward(ctx, grad_loss, grad_lse, grad_top):
+def _rows_backward(ctx, grad_loss, grad_stats, grad_top):
     x, w, bias, targets = ctx.saved_tensors
     dx, dw, db, dq = torch.ops.sslfast.masked_prediction_backward(x, w, bias, targets, grad_loss, *ctx.args)
     return dx, dw, db if ctx.has_bias else None, dq if ctx.soft else None, None, None, None
@@ -195,7 +204,7 @@ def _fused_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], ta
                          torch.Tensor]:
     """``sum grad * loss`` (0-d fp32), the per-row losses and top flags, and the gradients of
     the sum w.r.t. x, w, bias and soft targets (fp32; empty when absent), all from one pass."""
-    loss, _lse, top, dx, dw, db, dq = _dispatch.get(OP, backend)(*_contig(x, w, bias, targets),
+    loss, _stats, top, dx, dw, db, dq = _dispatch.get(OP, backend)(*_contig(x, w, bias, targets),
                                                                  grad.float().contiguous(), scale, eps)
     total = (loss.double() * grad.double()).sum().float()
     return total, loss, top, dx, dw, _or_empty(db, x), _or_empty(dq, x)
@@ -277,8 +286,7 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
         targets: (N, H) int32/int64 labels in [0, V), or ``ignore_index``; or (N, H, V) float
             target probabilities (soft targets, BiRQ): torch's cross-entropy with probability
             targets (not renormalised, ``ignore_index`` unused), differentiable w.r.t. them;
-            kernels: cpu and triton (CUDA not yet: ``backend=None`` takes Triton on GPU
-            tensors).
+            every backend (cpu, cuda, triton, reference).
         head: ``"linear"`` (default) or ``"cosine"``: ``z = cos(x, weight_v) / logit_temp``.
         bias: (H, V) float or None; linear head only.
         logit_temp: the cosine head's temperature, a finite float > 0 (default 0.1, fairseq).
@@ -381,7 +389,7 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
         loss, _rows, top, *_ = torch.ops.sslfast.masked_prediction_fused(
             x3, weight, bias, tgt, pair_w, scale, label_smoothing, name)
     else:
-        rows, _lse, top = torch.ops.sslfast.masked_prediction(x3, weight, bias, tgt, scale, label_smoothing, name)
+        rows, _stats, top = torch.ops.sslfast.masked_prediction(x3, weight, bias, tgt, scale, label_smoothing, name)
         rows = rows * pair_w
         if reduction == "none":
             loss = rows

@@ -40,8 +40,8 @@ def _cpu(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_ot
     thr_t = torch.tensor(thr, dtype=torch.int64) if thr else None
     _ext.cpu_module().compute_mask_indices(
         _ext.ptr(lengths), _ext.ptr(padding_mask), B, T, float(mask_prob), mask_length, vmin, _ext.ptr(thr_t),
-        len(thr), min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), seed, int(no_overlap),
-        min_space, _ext.ptr(out),
+        len(thr), min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), sr.seed_value(seed),
+        int(no_overlap), min_space, _ext.ptr(out),
     )
     return out
 
@@ -75,8 +75,8 @@ def _cuda(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_o
     n_cap, r_cap, lens_ws, keys_ws, counts = _workspace(lengths, B, T, mask_prob, mask_length, min_masks)
     _ext.cuda_module().compute_mask_indices(
         _ext.ptr(lengths), _ext.ptr(padding_mask), B, T, float(mask_prob), mask_length, vmin, _ext.ptr(thr), n_thr,
-        min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), seed, int(no_overlap), min_space,
-        n_cap, r_cap,
+        min_masks, int(require_same_masks), float(mask_dropout), int(style == "hf"), *sr.seed_args(seed),
+        int(no_overlap), min_space, n_cap, r_cap,
         _ext.ptr(lens_ws), _ext.ptr(keys_ws), _ext.ptr(counts), _ext.ptr(out), _ext.stream(lengths.device),
     )
     return out
@@ -91,8 +91,9 @@ def _triton(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask
     vmin, n_thr, thr = _device_table(mask_type, mask_length, mask_other, lengths.device)
     n_cap = max(_max_spans(T, mask_prob, mask_length, min_masks), 1)
     r_cap = max(T, n_cap + 1)
+    seed_t = sr.seed_tensor(seed, lengths.device)  # the kernels load the key from it
     return km.compute_mask_indices(lengths, padding_mask, B, T, mask_prob, mask_length, vmin, thr, n_thr, min_masks,
-                                   require_same_masks, mask_dropout, style == "hf", seed, n_cap, r_cap, out,
+                                   require_same_masks, mask_dropout, style == "hf", seed_t, n_cap, r_cap, out,
                                    no_overlap, min_space)
 
 
@@ -111,13 +112,15 @@ def _mask_op(
     mask_dropout: float,
     style: str,
     seed: int,
+    seed_t: torch.Tensor | None,
     no_overlap: bool,
     min_space: int,
     backend: str,
 ) -> torch.Tensor:
+    # seed / seed_t: sslfast.random.split_seed (an int, or a seed tensor read when the kernel runs)
     return _dispatch.get(_OP, backend)(lengths, padding_mask, B, T, mask_prob, mask_length, mask_type, mask_other,
-                                       min_masks, require_same_masks, mask_dropout, style, seed, no_overlap,
-                                       min_space)
+                                       min_masks, require_same_masks, mask_dropout, style,
+                                       sr.join_seed(seed, seed_t), no_overlap, min_space)
 
 
 @_mask_op.register_fake
@@ -154,7 +157,7 @@ def compute_mask_indices(
     require_same_masks: bool = True,
     mask_dropout: float = 0.0,
     style: str = "fairseq",
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     device=None,
     backend: str | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -187,8 +190,18 @@ def compute_mask_indices(
         no_overlap, min_space: fairseq's non-overlapping placement (spans longest first into
             free intervals, at least min_space frames apart, the corrected keep condition);
             sequential over a row's spans (one program per row on cuda and triton).
-        seed: Philox seed (``sslfast.derive_seed`` gives per-rank, per-step ones); None draws
-            one from torch's default CPU generator, on the host, without a device sync.
+        seed: the Philox key: an int in [0, 2^63 - 1]; or a 0-d (or one-element) int64 tensor on
+            ``device``, read by the kernels when they run, never on the host (no sync, no graph
+            break under torch.compile; a captured CUDA graph replays with the tensor's value at
+            replay), giving the same mask as the int of the same 64 bits (a negative value is
+            its two's-complement pattern); or None (default): a key drawn by ``torch.randint``
+            from torch's default generator of ``device`` as a device tensor (no sync, repeatable
+            under ``torch.manual_seed``, fresh at each CUDA-graph replay). DDP: ranks given one
+            int seed draw identical masks; pass ``sslfast.derive_seed(base, rank=rank,
+            step=step)`` (rank and step may be device tensors: a step tensor advanced inside a
+            captured graph gives each replay its own stream). Raises TypeError for a non-int64
+            tensor or a non-int seed, ValueError for an int out of range, a tensor of several
+            elements or on another device.
         device: where the mask is made (default: padding_mask's device, else CPU).
         backend: None, "reference", "cpu", "triton" or "cuda".
 
@@ -239,7 +252,7 @@ def compute_mask_indices(
             raise ValueError("style='hf' has no no_overlap placement; use style='fairseq'")
     if T >= 2**31 or _max_spans(T, mask_prob, L, min_masks) >= 2**31:
         raise ValueError(f"shape[1] and the span count must be < 2**31, got T={T}, min_masks={min_masks}")
-    seed = sr.resolve_seed(seed)
+    seed = sr.resolve_seed(seed, device=device)
     if padding_mask is not None:
         lengths = (T - padding_mask.sum(1)).contiguous()
         if require_same_masks and style == "fairseq" and (mask_prob > 0 or min_masks > 0):
@@ -252,7 +265,7 @@ def compute_mask_indices(
     if name == "reference":
         return _reference(*args)
     if torch.compiler.is_compiling():
-        return torch.ops.sslfast.compute_mask_indices(*args, name)
+        return torch.ops.sslfast.compute_mask_indices(*args[:12], *sr.split_seed(seed), *args[13:], name)
     # Eager calls skip the custom-op dispatch: on a CPU it costs about as much as the kernel
     # (~0.1 ms) and this op has no autograd to route; traced calls go through the op above.
     return _dispatch.get(_OP, name)(*args)

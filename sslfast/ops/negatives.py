@@ -31,8 +31,8 @@ def _cpu(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=-
     else:
         out = torch.empty(int(mask.sum()), width, dtype=torch.int64)  # num_masked: a GPU-only hint
     _ext.cpu_module().sample_negatives(
-        _ext.ptr(mask), _ext.ptr(padding_mask), B, T, K, Kc, int(from_masked_only), int(layout == "hf"), seed,
-        _ext.ptr(out),
+        _ext.ptr(mask), _ext.ptr(padding_mask), B, T, K, Kc, int(from_masked_only), int(layout == "hf"),
+        sr.seed_value(seed), _ext.ptr(out),
     )
     return out
 
@@ -63,8 +63,8 @@ def _cuda(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_masked=
         ws32 = torch.empty(3 * B * T, dtype=torch.int32, device=mask.device)
         ws64 = torch.empty(4 * B + 1, dtype=torch.int64, device=mask.device)
     mod.sample_negatives(
-        _ext.ptr(mask), _ext.ptr(padding_mask), B, T, K, Kc, int(from_masked_only), int(layout == "hf"), seed,
-        _ext.ptr(ws32), _ext.ptr(ws64), n_rows, _ext.ptr(out), _ext.stream(mask.device),
+        _ext.ptr(mask), _ext.ptr(padding_mask), B, T, K, Kc, int(from_masked_only), int(layout == "hf"),
+        *sr.seed_args(seed), _ext.ptr(ws32), _ext.ptr(ws64), n_rows, _ext.ptr(out), _ext.stream(mask.device),
     )
     return out
 
@@ -76,7 +76,8 @@ def _triton(mask, padding_mask, K, Kc, from_masked_only, layout, seed, num_maske
     from ..kernels import negatives as kn
 
     out, n_rows = _output(mask, K, Kc, layout, num_masked)
-    kn.sample_negatives(mask, padding_mask, K, Kc, from_masked_only, layout == "hf", seed, n_rows, out)
+    kn.sample_negatives(mask, padding_mask, K, Kc, from_masked_only, layout == "hf", sr.seed_tensor(seed, mask.device),
+                        n_rows, out)
     return out
 
 
@@ -89,16 +90,19 @@ def _sample_negatives_op(
     from_masked_only: bool,
     layout: str,
     seed: int,
+    seed_t: torch.Tensor | None,
     num_masked: int,
     backend: str,
 ) -> torch.Tensor:
     return _dispatch.get(_OP, backend)(
-        mask, padding_mask, num_negatives, cross_sample_negatives, from_masked_only, layout, seed, num_masked
+        mask, padding_mask, num_negatives, cross_sample_negatives, from_masked_only, layout,
+        sr.join_seed(seed, seed_t), num_masked,
     )
 
 
 @_sample_negatives_op.register_fake
-def _(mask, padding_mask, num_negatives, cross_sample_negatives, from_masked_only, layout, seed, num_masked, backend):
+def _(mask, padding_mask, num_negatives, cross_sample_negatives, from_masked_only, layout, seed, seed_t, num_masked,
+      backend):
     width = num_negatives + cross_sample_negatives
     if layout == "hf":
         return mask.new_empty(mask.shape[0], mask.shape[1], width, dtype=torch.int64)
@@ -114,7 +118,7 @@ def sample_negatives(
     padding_mask: torch.Tensor | None = None,
     from_masked_only: bool = True,
     layout: str = "packed",
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     num_masked: int | None = None,
     backend: str | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -136,8 +140,20 @@ def sample_negatives(
             the mask, values indexing the packed candidate frames ``y[cand]`` (``y[mask]`` when
             from_masked_only). ``"hf"``: (B, T, K + Kc) int64 indexing the flattened (B*T)
             frames, Hugging Face's ``sampled_negative_indices`` format, -1 at unmasked frames.
-        seed: Philox seed (``sslfast.derive_seed`` gives per-rank, per-step seeds); None draws
-            one from torch's default CPU generator without touching the device.
+        seed: the Philox key of the draws. An int in [0, 2**63 - 1]; or a 0-d (or one-element)
+            int64 tensor on mask's device, read by the kernels when they run, never on the host
+            (no sync, no graph break under ``torch.compile``; a captured CUDA graph replays with
+            the value the tensor holds at replay; its 64 bits are the key, so negative values are
+            allowed; ``seed=s`` and ``seed=torch.tensor(s)`` draw the same negatives); or None
+            (default): a key drawn with ``torch.randint`` from torch's default generator of mask's
+            device, on the device (no sync; ``torch.manual_seed`` makes it repeatable; fresh at
+            every replay of a captured CUDA graph). DDP: ranks given one seed draw the same
+            negatives (fairseq reseeds every rank alike); pass
+            ``sslfast.derive_seed(base, rank=rank, step=step)`` (rank and step may be 0-d int64
+            device tensors: advance ``step`` inside a captured graph for a fresh stream per
+            replay). Raises TypeError for a seed that is not an int, an int64 tensor or None,
+            ValueError for an int outside [0, 2**63 - 1], a tensor of more than one element or
+            one on another device than mask.
         padding_mask: (B, T) bool, True at padding (fairseq); a non-bool one raises TypeError.
         attention_mask: (B, T) bool or 0/1 integers, 1 at valid frames (Hugging Face's),
             instead of padding_mask.
@@ -182,13 +198,14 @@ def sample_negatives(
         n = -1
     else:
         n = V.check_int("num_masked", num_masked, min_value=0)
-    seed = sr.resolve_seed(seed)
+    seed = sr.resolve_seed(seed, device=device)
     name, _ = _dispatch.resolve(_OP, backend, device)
     if name == "reference":
         return _reference(mask, padding_mask, K, Kc, from_masked_only, layout, seed)
-    args = (mask, padding_mask, K, Kc, from_masked_only, layout, seed, n)
     if torch.compiler.is_compiling():
-        return torch.ops.sslfast.sample_negatives(*args, name)
+        return torch.ops.sslfast.sample_negatives(mask, padding_mask, K, Kc, from_masked_only, layout,
+                                                  *sr.split_seed(seed), n, name)
+    args = (mask, padding_mask, K, Kc, from_masked_only, layout, seed, n)
     # Eager calls skip the custom-op dispatch (~0.1 ms on a CPU, no autograd to route);
     # traced calls go through the op above.
     return _dispatch.get(_OP, name)(*args)

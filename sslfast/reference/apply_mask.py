@@ -39,11 +39,13 @@ __all__ = ["gaussian_noise", "frame_noise", "apply_mask"]
 _CHUNK_BLOCKS = 1 << 20  # Philox blocks per chunk of frames in frame_noise
 
 
-def gaussian_noise(bs: torch.Tensor, ts: torch.Tensor, D: int, std: float, seed: int) -> torch.Tensor:
+def gaussian_noise(bs: torch.Tensor, ts: torch.Tensor, D: int, std: float, seed: int | torch.Tensor) -> torch.Tensor:
     """(*bs.shape, D) fp32 N(0, std^2) noise for frames (bs, ts) (broadcast), module layout.
 
     Box-Muller on Philox words: words (w0, w1) of block q give channels 4q and 4q + 1
     (radius from w0, angle from w1, cos then sin), words (w2, w3) channels 4q + 2, 4q + 3.
+    ``seed``: an int or a 0-d int64 tensor on the frames' device (its 64 bits are the key,
+    never read on the host: ``sslfast.random.philox4x32``).
     """
     qb = (D + 3) // 4
     bs, ts = torch.broadcast_tensors(bs, ts)
@@ -56,7 +58,7 @@ def gaussian_noise(bs: torch.Tensor, ts: torch.Tensor, D: int, std: float, seed:
     return z.reshape(*bs.shape, qb * 4)[..., :D] * std
 
 
-def frame_noise(B: int, T: int, D: int, std: float, seed: int, device) -> torch.Tensor:
+def frame_noise(B: int, T: int, D: int, std: float, seed: int | torch.Tensor, device) -> torch.Tensor:
     """(B, T, D) fp32: the noise of every frame, drawn in chunks of frames along T so the
     int64 Philox temporaries stay below ``_CHUNK_BLOCKS`` blocks (no host sync, no loop over
     frames: a few chunks at production shapes)."""
@@ -70,7 +72,7 @@ def frame_noise(B: int, T: int, D: int, std: float, seed: int, device) -> torch.
     return out
 
 
-def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, inplace: bool, seed: int) -> torch.Tensor:
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, inplace: bool, seed: int | torch.Tensor) -> torch.Tensor:
     """x (B, T, D) with masked frames replaced by ``fill`` (a (D,) embedding) or by
     N(0, fill^2) noise (module docstring). ``mask`` (B, T) bool. ``inplace`` writes into x
     and returns it (autograd records it as an in-place op, as it does ``x[mask] = emb``)."""

@@ -42,8 +42,9 @@ from .. import random as sr
 GUMBEL_U_LO = 2.0**-24
 
 
-def gumbel_noise(n_rows: int, width: int, seed: int, device=None) -> torch.Tensor:
-    """(n_rows, width) fp32 Gumbel(0, 1) noise of the Philox stream the kernels draw."""
+def gumbel_noise(n_rows: int, width: int, seed: int | torch.Tensor, device=None) -> torch.Tensor:
+    """(n_rows, width) fp32 Gumbel(0, 1) noise of the Philox stream the kernels draw; ``seed``
+    an int or a 0-d int64 tensor on ``device`` (the key, never read on the host)."""
     n4 = (width + 3) // 4
     c0 = torch.arange(n4, dtype=torch.int64, device=device)[None, :]
     c1 = torch.arange(n_rows, dtype=torch.int64, device=device)[:, None]
@@ -94,7 +95,7 @@ def gumbel_vector_quantize(
     tau: float = 2.0,
     hard: bool = True,
     training: bool = True,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     mask: torch.Tensor | None = None,
 ):
     """Returns (quantized (N, G*d), codes (N, G) int64, prob_marginal (G, V), code_marginal (G, V)).

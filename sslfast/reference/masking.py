@@ -105,7 +105,7 @@ def max_spans(T: int, mask_prob: float, mask_length: int, min_masks: int) -> int
     return max(min_masks, int(mask_prob * T / mask_length + 1.0))
 
 
-def _words(c: torch.Tensor, row: torch.Tensor, stream: int, seed: int, c_bound: int) -> torch.Tensor:
+def _words(c: torch.Tensor, row: torch.Tensor, stream: int, seed: int | torch.Tensor, c_bound: int) -> torch.Tensor:
     """Word c % 4 of philox(c // 4, row, stream) for every element of c (row broadcasts);
     ``c_bound`` > every c, known on the host (so torch.compile needs no device read)."""
     blocks = max(c_bound - 1, 0) // 4 + 1
@@ -123,7 +123,7 @@ def _ranks(keys: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def _keep_smallest(mask: torch.Tensor, keep: torch.Tensor, stream: int, seed: int) -> torch.Tensor:
+def _keep_smallest(mask: torch.Tensor, keep: torch.Tensor, stream: int, seed: int | torch.Tensor) -> torch.Tensor:
     """Per row, the ``keep[b]`` masked frames with the smallest (word, position) keys."""
     B, T = mask.shape
     pos = torch.arange(T, device=mask.device).expand(B, T)
@@ -145,12 +145,15 @@ def compute_mask_indices(
     require_same_masks: bool,
     mask_dropout: float,
     style: str,
-    seed: int,
+    seed: int | torch.Tensor,
     padding_mask: torch.Tensor | None = None,
     no_overlap: bool = False,
     min_space: int = 0,
 ) -> torch.Tensor:
-    """(B, T) bool mask; ``lengths`` (B,) int64 holds each row's non-padded frame count."""
+    """(B, T) bool mask; ``lengths`` (B,) int64 holds each row's non-padded frame count.
+
+    ``seed`` is the Philox key, an int or a 0-d int64 tensor on ``lengths``' device, handed to
+    ``sr.philox4x32`` as is (never read on the host: traceable, no sync)."""
     device = lengths.device
     L = mask_length
     if B == 0 or T == 0:

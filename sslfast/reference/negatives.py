@@ -36,8 +36,9 @@ Randomness
 ----------
 Philox4x32-10 (``sslfast.random``). Frame ``t`` of row ``b`` owns ``ceil(K / 4)`` counter
 blocks: negative ``j`` is word ``j % 4`` of ``philox(c0 = t * ceil(K/4) + j // 4, c1 = b,
-c2 = Stream.NEGATIVES, c3 = 0)``; cross-sample negatives likewise with
-``Stream.CROSS_NEGATIVES`` and ``ceil(Kc / 4)``. Integers in ``[0, n)`` are the high word of
+c2 = Stream.NEGATIVES, c3 = 0)`` keyed by the seed (an int, or the 64 bits of a 0-d int64
+seed tensor); cross-sample negatives likewise with ``Stream.CROSS_NEGATIVES`` and
+``ceil(Kc / 4)``. Integers in ``[0, n)`` are the high word of
 ``word * n`` (bias below ``n / 2^32``).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def candidates(mask: torch.Tensor, padding_mask: torch.Tensor | None, from_maske
     return mask | ~padding_mask
 
 
-def _draw(ts: torch.Tensor, bs: torch.Tensor, count: int, stream: int, seed: int) -> torch.Tensor:
+def _draw(ts: torch.Tensor, bs: torch.Tensor, count: int, stream: int, seed: int | torch.Tensor) -> torch.Tensor:
     """(P, count) words: frame ts[i] of row bs[i] owns blocks t * ceil(count/4) + q, four words each."""
     kb = (count + 3) // 4
     c0 = ts.unsqueeze(-1) * kb + torch.arange(kb, device=ts.device)
@@ -81,9 +82,12 @@ def sample_negatives(
     padding_mask: torch.Tensor | None,
     from_masked_only: bool,
     layout: str,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> torch.Tensor:
-    """Negative indices for every masked frame; see the module docstring for the semantics."""
+    """Negative indices for every masked frame; see the module docstring for the semantics.
+
+    ``seed``: the Philox key, an int or a 0-d int64 tensor whose 64 bits are the key (read on
+    its device by ``sslfast.random.philox4x32``, never on the host)."""
     B, T = mask.shape
     K, Kc = num_negatives, cross_sample_negatives
     device = mask.device
