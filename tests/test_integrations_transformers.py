@@ -416,6 +416,13 @@ def test_patched_model_draws_mask_and_negatives_when_the_batch_has_none():
     assert out.loss is not None and torch.isfinite(out.loss)
     assert torch.equal(out.loss, model(x, sslfast_seed=5).loss)
     assert not torch.equal(out.loss, model(x, sslfast_seed=6).loss)
+    # The step's seed as a device tensor (a step counter kept on the device) draws the same.
+    assert torch.equal(out.loss, model(x, sslfast_seed=torch.tensor(5)).loss)
+    # Without a seed: a key drawn on the model's device from torch's generator.
+    torch.manual_seed(3)
+    a = model(x).loss
+    torch.manual_seed(3)
+    assert torch.equal(a, model(x).loss)
     out.loss.backward()
     assert model.wav2vec2.masked_spec_embed.grad.abs().sum() > 0  # frames were masked
     assert stock(x).loss is None  # stock computes no loss without negatives
