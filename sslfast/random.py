@@ -203,29 +203,38 @@ def derive_seed(seed: int | torch.Tensor, *, rank: int | torch.Tensor = 0,
     (seed, offset). Under CUDA graphs keep ``step`` a device tensor and advance it inside the
     captured region (``step.add_(1)``): each replay then draws a fresh stream.
 
+    Distinct pairs with rank in [0, 2^32) and step in [0, 2^64) give distinct counters; a
+    tensor's values are taken modulo those ranges (no host read to check them).
+
     Raises:
-        ValueError: ``rank`` or ``step`` given as a negative int; ``seed`` as for
-            ``resolve_seed``.
+        TypeError: ``rank`` or ``step`` neither an int nor a tensor (bools and floats too), a
+            tensor argument not int64; ``seed`` as for ``resolve_seed``.
+        ValueError: an int ``rank`` outside [0, 2^32) or ``step`` outside [0, 2^64); a tensor
+            argument with more than one element or on another device than the others.
     """
+    for name, v, bits in (("rank", rank, 32), ("step", step, 64)):
+        if isinstance(v, torch.Tensor):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int or an int64 tensor, got {type(v).__name__}")
+        if not 0 <= v < 2**bits:
+            raise ValueError(f"{name} must be in [0, 2**{bits}), got {v}")
     tensors = [v for v in (seed, rank, step) if isinstance(v, torch.Tensor)]
     if not tensors:
         seed = resolve_seed(seed)
-        if rank < 0 or step < 0:
-            raise ValueError(f"rank and step must be >= 0, got rank={rank}, step={step}")
         w0, w1, _, _ = philox4x32(rank & _MASK32, step & _MASK32, int(Stream.DERIVE), (step >> 32) & _MASK32, seed)
         return ((int(w1) << 32) | int(w0)) & MAX_SEED
     device = tensors[0].device
     for v in tensors:
-        if v.dtype != torch.int64 or v.numel() != 1 or v.device != device:
+        if v.dtype != torch.int64:
+            raise TypeError(f"derive_seed's tensor arguments must be int64, got {v.dtype}")
+        if v.numel() != 1 or v.device != device:
             raise ValueError("derive_seed's tensor arguments must be one-element int64 tensors on one "
                              f"device, got {v.dtype} {tuple(v.shape)} on {v.device}")
     if isinstance(seed, torch.Tensor):
         seed = seed.reshape(())
     else:
         seed = resolve_seed(seed)
-    for name, v in (("rank", rank), ("step", step)):
-        if not isinstance(v, torch.Tensor) and v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
     rank = _as_int64(rank, device).reshape(())
     step = _as_int64(step, device).reshape(())
     w0, w1, _, _ = philox4x32(rank & _MASK32, step & _MASK32, int(Stream.DERIVE), (step >> 32) & _MASK32, seed)

@@ -546,6 +546,12 @@ def test_bad_seed_tensors_raise():
         am(x, m, 0.1, seed=torch.tensor(1, device="meta"))
     with pytest.raises(TypeError, match="seed"):
         am(x, m, 0.1, seed=True)
+    # An embedding fill draws nothing, but a bad seed is still an error (as for gumbel eval).
+    emb = torch.ones(4)
+    for bad, err in (("bad", TypeError), (-1, ValueError), (torch.tensor(5, dtype=torch.int32), TypeError)):
+        with pytest.raises(err, match="seed"):
+            am(x, m, emb, seed=bad)
+    assert torch.equal(am(x, m, emb, seed=torch.tensor(5)), am(x, m, emb))
 
 
 @pytest.mark.cpu

@@ -199,6 +199,18 @@ def test_derive_seed_with_tensors_equals_the_int_derivation():
         sr.derive_seed(1, step=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="rank"):
         sr.derive_seed(torch.tensor(1), rank=-1)
+    # Out-of-range counters would alias other (rank, step) pairs; wrong types are TypeErrors.
+    for kw in ({"rank": 2**32}, {"step": 2**64}, {"rank": -1}, {"step": -1}):
+        with pytest.raises(ValueError, match="must be in"):
+            sr.derive_seed(5, **kw)
+    assert sr.derive_seed(5, rank=2**32 - 1, step=2**64 - 1) != sr.derive_seed(5)
+    for kw in ({"rank": True}, {"step": 3.0}, {"rank": "1"}):
+        with pytest.raises(TypeError, match="int"):
+            sr.derive_seed(5, **kw)
+    with pytest.raises(TypeError, match="int64"):
+        sr.derive_seed(torch.tensor(5, dtype=torch.int32))
+    with pytest.raises(TypeError, match="int64"):
+        sr.derive_seed(5, step=torch.tensor(1.0))
 
 
 @pytest.mark.cpu

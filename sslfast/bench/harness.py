@@ -542,6 +542,22 @@ def collect_cases(device: torch.device, *, quick: bool, ops: list[str] | None = 
     return cases
 
 
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Time sslfast against what you run today. Default: one production shape per op (wav2vec 2.0 base), "
@@ -556,18 +572,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="every case at every production shape with every provider (sslfast's backends, the "
                            "reference, peers, torch.compile): the sweep, tens of minutes on a small CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
-    parser.add_argument("--ops", nargs="*", default=None, metavar="OP",
+    parser.add_argument("--ops", nargs="+", default=None, metavar="OP",
                         help="op names or family names to run (default: all)")
-    parser.add_argument("--providers", nargs="*", default=None, metavar="NAME",
+    parser.add_argument("--providers", nargs="+", default=None, metavar="NAME",
                         help="providers to run, e.g. sslfast hf cpu reference (default: sslfast and the peer; "
                              "all with --full or --quick)")
-    parser.add_argument("--warmup", type=int, default=None, metavar="N",
+    parser.add_argument("--warmup", type=_count(0), default=None, metavar="N",
                         help="untimed calls before timing each provider (default: 1 with --quick, else 3; a "
                              "provider whose first call takes over half the budget gets one)")
-    parser.add_argument("--reps", type=int, default=None, metavar="N",
+    parser.add_argument("--reps", type=_count(1), default=None, metavar="N",
                         help="timed calls per provider (default: 3 with --quick, 20 on GPU, else 7), fewer (at "
                              f"least {MIN_REPS}) once the provider has used --budget seconds")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--budget", type=_seconds, default=None, metavar="SECONDS",
                         help="seconds of warm-up and timed calls per provider after which timing stops at "
                              f"{MIN_REPS} reps (default: 3; none with --full)")
     parser.add_argument("--no-memory", action="store_true",
@@ -733,4 +749,7 @@ def main(args: argparse.Namespace) -> int:
         plot(args.plot, summary, title)
         print(f"plot written to {os.path.abspath(args.plot)}")
     print(f"{n} rows appended to {csv_path}; {time.perf_counter() - t_start:.0f} s")
+    if n == 0:
+        print("sslfast bench: nothing was measured (see 'Not run here' above)", file=sys.stderr)
+        return 1
     return 0

@@ -260,7 +260,12 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, fill, *, inplace: bool = Fal
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     fill_t = fill if isinstance(fill, torch.Tensor) else None
     # the key: drawn (on x's device) only for a noise fill; a tensor fill ignores it
-    seed = 0 if fill_t is not None else sr.resolve_seed(seed, device=x.device)
+    if fill_t is not None:
+        if seed is not None:
+            sr.resolve_seed(seed, device=x.device)  # checked like every seed, though unused
+        seed = 0
+    else:
+        seed = sr.resolve_seed(seed, device=x.device)
     if B * T * ((D + 3) // 4) >= 2**32 or B >= 2**32:
         raise ValueError(f"x is too large for the noise's 32-bit Philox counters: T * ceil(D / 4) and B must be "
                          f"< 2**32, got shape {(B, T, D)}")

@@ -286,8 +286,10 @@ def gumbel_vector_quantize(
         seed: Philox key of the noise: an int in [0, 2^63 - 1]; a 0-d (or one-element) int64
             tensor on the logits' device, whose 64 bits are the key, read by the kernels when
             they run (no host sync, no graph break under ``torch.compile``; a captured CUDA
-            graph replays with the tensor's value at replay; the backward, which redraws the
-            noise, keeps the tensor); or None: a key drawn with ``torch.randint`` from torch's
+            graph replays with the tensor's value at replay; the kernels' backward, which
+            redraws the noise, keeps the tensor, so changing it in place before the backward
+            raises autograd's in-place error: in a loop, pass ``derive_seed(base, step=step)``,
+            a new tensor each call, and advance ``step``); or None: a key drawn with ``torch.randint`` from torch's
             default generator of the logits' device, as a device tensor (no sync;
             ``torch.manual_seed`` makes runs repeatable; fresh at every CUDA-graph replay).
             ``seed=s`` and ``seed=torch.tensor(s)`` draw the same noise, and one seed gives
