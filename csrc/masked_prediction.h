@@ -166,6 +166,23 @@ struct Saved {
   float* mass;
 };
 
+// Args and Saved from the host entry points' addresses: the CUDA launch
+// (masked_prediction_cuda.cu) and its host emulation (csrc/testing_cpu.cpp) build them with this
+// one function. Soft targets (q given) leave targets null and save the target mass.
+inline void host_args(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias,
+                      int b_dtype, std::uintptr_t targets, std::uintptr_t q, int q_dtype, int64_t N, int64_t H,
+                      int64_t Hx, int64_t V, int64_t D, double scale, double eps, std::uintptr_t row_max,
+                      std::uintptr_t log_l, std::uintptr_t mass, Args* a, Saved* sv) {
+  const bool soft = q != 0;
+  *a = Args{reinterpret_cast<const void*>(x), x_dtype, reinterpret_cast<const void*>(w), w_dtype,
+            reinterpret_cast<const void*>(bias), b_dtype,
+            soft ? nullptr : reinterpret_cast<const int64_t*>(targets), reinterpret_cast<const void*>(q), q_dtype,
+            N, H, Hx, V, D, static_cast<float>(scale), static_cast<float>(eps),
+            static_cast<float>(eps / static_cast<double>(V))};
+  *sv = Saved{reinterpret_cast<float*>(row_max), reinterpret_cast<float*>(log_l),
+              soft ? reinterpret_cast<float*>(mass) : nullptr};
+}
+
 struct Smem {
   float xs[BM][BK + 1];
   float ws[BV][BK + 1];

@@ -143,10 +143,10 @@ void forward_backward_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t w, int 
                            std::uintptr_t dq, std::uintptr_t stream) {
   if (N == 0) return;
   const bool soft = q != 0;
-  const Args a{as_ptr<const void>(x), x_dtype, as_ptr<const void>(w), w_dtype, as_ptr<const void>(bias), b_dtype,
-               soft ? nullptr : as_ptr<const int64_t>(targets), as_ptr<const void>(q), q_dtype, N, H, Hx, V, D,
-               static_cast<float>(scale), static_cast<float>(eps), static_cast<float>(eps / static_cast<double>(V))};
-  const Saved sv{as_ptr<float>(row_max), as_ptr<float>(log_l), soft ? as_ptr<float>(mass) : nullptr};
+  Args a;
+  Saved sv;
+  host_args(x, x_dtype, w, w_dtype, bias, b_dtype, targets, q, q_dtype, N, H, Hx, V, D, scale, eps, row_max, log_l,
+            mass, &a, &sv);
   const Launches plan = masked_prediction_launch::plan(N, H, Hx, V, D, grad != 0);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   (soft ? launch_all<true> : launch_all<false>)(a, plan, as_ptr<const float>(grad), as_ptr<float>(loss), sv,

@@ -23,7 +23,6 @@ __all__ = [
     "uint_below",
     "resolve_seed",
     "derive_seed",
-    "Seed",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -33,9 +32,6 @@ _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
 UNIFORM_SCALE = 4.6566127342e-10
 MAX_SEED = 2**63 - 1
-
-Seed = "int | torch.Tensor | None"
-"""What every random op's ``seed=`` takes (see ``resolve_seed``)."""
 
 
 class Stream(enum.IntEnum):
