@@ -22,6 +22,7 @@
 #include "sslfast/common.h"
 #include "sslfast/dtype.h"
 #include "sslfast/launch.h"
+#include "gumbel_quantize.h"
 
 namespace sslfast {
 namespace mpl {
@@ -134,6 +135,34 @@ SSLFAST_HD float dlogit(float z, float m, float log_l, float g, float q, float m
 // g * dloss/dq_v for a soft target: g (1 - eps) (lse - z), lse - z summed as (m - z) + log l.
 SSLFAST_HD float dtarget(float z, float m, float log_l, float g, float eps) {
   return g * (1.0f - eps) * ((m - z) + log_l);
+}
+
+// ---- BiRQ: soft targets made on the fly (masked_prediction_loss with GumbelRPQTargets)
+// Target logits of row n, head h, class v (y, c already L2-normalised by the op):
+//     t_v = tgt_scale * <y_(n, h), c_(h, v)> + noise_scale * G(n, h * V + v)
+// G the Gumbel noise of gumbel_vector_quantize's stream for an (N, H * V) logits row (gq::gumbel_at);
+// noise_scale = 0 means no noise is drawn (eval). q = softmax(t) over v: a first pass computes
+// each row's target statistics (m_t, log l_t) with the online log-sum-exp above (RowState with no
+// target: lse_update only); every later pass recomputes t tile by tile and takes
+// q_v = target_prob(t_v, m_t, log l_t). The loss, its statistics and dloss/dz are then those of a
+// soft target q. Nothing N x V is stored.
+SSLFAST_HD float target_logit(float dot, float tgt_scale, float noise_scale, uint64_t seed, int64_t n, int64_t pos) {
+  return noise_scale == 0.0f ? tgt_scale * dot : fmaf(noise_scale, gq::gumbel_at(seed, n, pos), tgt_scale * dot);
+}
+
+SSLFAST_HD float target_prob(float t, float m_t, float log_l_t) { return expf((t - m_t) - log_l_t); }
+
+// sum_v q_v dloss/dq_v / g = (1 - eps) (qsum lse - sum_v q_v z_v), saved per row by the loss pass
+// for the target-logit gradient (the first term of row_loss).
+SSLFAST_HD float row_qbar(const RowState& st, float eps) {
+  const float lg = log_denominator(st.l, st.c);
+  return (1.0f - eps) * ((st.qsum * st.m - st.zy) + st.qsum * lg);
+}
+
+// g * dloss/dt_v through q = softmax(t): q_v (dloss/dq_v - sum_u q_u dloss/dq_u), with
+// dloss/dq_v = (1 - eps) (lse - z_v) (dtarget); the gradient of <y, c_v> is tgt_scale times it.
+SSLFAST_HD float dtarget_logit(float z, float m, float log_l, float g, float q, float qbar, float eps) {
+  return g * q * ((1.0f - eps) * ((m - z) + log_l) - qbar);
 }
 
 // ---- masked_prediction_cuda.cu's tiles, each function what one thread of a block does

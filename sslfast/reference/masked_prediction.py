@@ -69,7 +69,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["masked_prediction_loss", "MaskedPredictionStats", "safe_normalize", "frame_weights"]
+from .gumbel_quantize import gumbel_noise
+
+__all__ = ["masked_prediction_loss", "MaskedPredictionStats", "safe_normalize", "frame_weights", "gumbel_target_logits",
+           "gumbel_rpq_soft_targets"]
 
 
 class MaskedPredictionStats(NamedTuple):
@@ -93,6 +96,38 @@ def safe_normalize(x: torch.Tensor) -> torch.Tensor:
     norm = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
     # where(), not a division by a clamped norm: the zero row's gradient is then exactly 0
     return torch.where(nonzero, xs / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(xs))
+
+
+def gumbel_target_logits(y: torch.Tensor, codebooks: torch.Tensor, tgt_scale: float, noise_scale: float,
+                         seed) -> torch.Tensor:
+    """(N, H, V) target logits ``tgt_scale * <y[n, h], c[h, v]> + noise_scale * G[n, h * V + v]``
+    of already normalised ``y`` (N, H or 1, d) and ``codebooks`` (H, V, d), in their dtype; G the
+    Gumbel noise of ``gumbel_vector_quantize`` for an (N, H * V) logits row (Stream.GUMBEL, counter
+    (pos // 4, n)), not drawn when ``noise_scale`` is 0. The kernels' contract
+    (csrc/masked_prediction.h, "BiRQ")."""
+    n, (h, v, _) = y.shape[0], codebooks.shape
+    if y.shape[1] == 1:  # one vector shared by every head
+        t = tgt_scale * torch.einsum("nd,hvd->nhv", y[:, 0], codebooks)
+    else:
+        t = tgt_scale * torch.einsum("nhd,hvd->nhv", y, codebooks)
+    if noise_scale != 0.0:
+        g = gumbel_noise(n, h * v, seed, device=y.device).reshape(n, h, v).to(t.dtype)
+        t = t + noise_scale * g
+    return t
+
+
+def gumbel_rpq_soft_targets(features: torch.Tensor, codebooks: torch.Tensor, *, tau: float, seed,
+                            training: bool = True) -> torch.Tensor:
+    """BiRQ's soft targets (N, H, V): ``softmax((-|f^ - c^_v|^2 + G) / tau)`` over v, f^ and c^ the
+    L2-normalised features and codewords (``safe_normalize``), i.e. the Gumbel-softmax over the
+    random-projection quantizer's (cosine metric) scores; ``-|f^ - c^|^2 = 2 <f^, c^> - 2`` and the
+    constant drops out of the softmax. No noise when ``training`` is False. fp32 math (fp64 for
+    fp64 inputs), differentiable w.r.t. both inputs."""
+    dt = _work_dtype(features) if codebooks.dtype != torch.float64 else torch.float64
+    y = safe_normalize(features.to(dt))
+    y = y[:, None] if y.dim() == 2 else y
+    c = safe_normalize(codebooks.to(dt))
+    return torch.softmax(gumbel_target_logits(y, c, 2.0 / tau, 1.0 / tau if training else 0.0, seed), dim=-1)
 
 
 def frame_weights(n: int, *, mask=None, frame_weight=None, pred_masked_weight=1.0, pred_nomask_weight=0.0,
