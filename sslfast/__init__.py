@@ -14,7 +14,7 @@ from .ops.apply_mask import apply_mask  # noqa: F401
 from .ops.contrastive import ContrastiveStats, contrastive_loss, wav2vec2_contrastive_loss  # noqa: F401
 from .ops.gumbel_quantize import GumbelQuantizeOutput, gumbel_vector_quantize  # noqa: F401
 from .ops.info_nce import info_nce, nt_xent  # noqa: F401
-from .ops.masked_prediction import MaskedPredictionStats, masked_prediction_loss  # noqa: F401
+from .ops.masked_prediction import GumbelRPQTargets, MaskedPredictionStats, masked_prediction_loss  # noqa: F401
 from .ops.masking import compute_mask_indices  # noqa: F401
 from .ops.negatives import sample_negatives  # noqa: F401
 from .ops.rp_quantize import nearest_codeword, random_projection_quantize  # noqa: F401

@@ -22,22 +22,28 @@ Two custom ops use that core:
 The cosine head L2-normalises x and the label embeddings here, in PyTorch (with gradient), and
 runs the core with scale = 1 / logit_temp. Soft targets (N, H, V) (BiRQ) go through the same
 ops on every kernel backend (op ``masked_prediction_loss_soft``) and receive the gradient
-``(1 - eps) * (lse - z)``; producing them on the fly from RPQ scores with Gumbel noise (never
-storing them) is not implemented.
+``(1 - eps) * (lse - z)``.
+
+BiRQ's targets made on the fly (``targets=GumbelRPQTargets(...)``): the op normalises the
+features and codebooks here (PyTorch, with gradient) and the backends' ``core_gumbel`` computes
+the target logits ``t = tgt_scale <y, c_v> + noise_scale G`` and ``q = softmax(t)`` tile by tile
+from each row's target statistics (csrc/masked_prediction.h, "BiRQ"), returning also the
+gradients w.r.t. y and c: nothing (N, H, V) is stored, on any kernel backend.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .. import _dispatch, _ext
 from .. import _validation as V
+from .. import random as sr
 from ..reference import masked_prediction as ref
 from ..reference.masked_prediction import MaskedPredictionStats
 
-__all__ = ["masked_prediction_loss", "MaskedPredictionStats"]
+__all__ = ["masked_prediction_loss", "MaskedPredictionStats", "GumbelRPQTargets"]
 
 OP, OP_BWD = "masked_prediction_loss", "masked_prediction_backward"
 
@@ -50,10 +56,16 @@ OP, OP_BWD = "masked_prediction_loss", "masked_prediction_backward"
 # Gradients only when grad is given (then dx, dw and, with a bias, db; dq for soft targets).
 
 OP_SOFT = "masked_prediction_loss_soft"
+# core_gumbel(x, w, bias, y (N, Hy, Dt) fp32, c (H, V, Dt) fp32, seed_t (1,) int64, tgt_scale, noise_scale, grad,
+#             scale, eps, want_rows=True) -> the seven outputs above (dq None) and dy (N, Hy, Dt), dc (H, V, Dt)
+# fp32 | None: BiRQ's targets q = softmax(tgt_scale <y, c_v> + noise_scale G) made tile by tile
+# (csrc/masked_prediction.h "BiRQ", reference.masked_prediction.gumbel_target_logits).
+OP_GUMBEL, OP_GUMBEL_BWD = "masked_prediction_loss_gumbel", "masked_prediction_gumbel_backward"
 
 
 @_dispatch.register(OP, "reference")
 @_dispatch.register(OP_SOFT, "reference")
+@_dispatch.register(OP_GUMBEL, "reference")
 def _reference(*args, **kwargs):
     return ref.masked_prediction_loss(*args, **kwargs)
 
@@ -134,6 +146,9 @@ def _triton_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
 
 
 # ----------------------------------------------------------------------------- custom ops
+# Every custom op takes the hard / soft targets (``targets``) or BiRQ's target inputs (``y``, ``c``,
+# ``seed``/``seed_t``, ``tgt_scale``, ``noise_scale``; ``targets`` None), and returns the gradients
+# of all of them that exist (empty tensors for the absent ones).
 
 def _empty_f32(x):
     return x.new_empty(0, dtype=torch.float32)
@@ -143,89 +158,123 @@ def _or_empty(t, x):
     return _empty_f32(x) if t is None else t
 
 
-def _contig(x, w, bias, targets):
-    return x.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous()
+def _core(x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale, grad, scale, eps, backend, backward):
+    """The backend's core on contiguous operands: (loss, stats, top, dx, dw, db, dq, dy, dc)."""
+    x, w = x.contiguous(), w.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    grad = None if grad is None else grad.float().contiguous()
+    kw = dict(want_rows=False) if backward else {}
+    if y is None:
+        op = OP_BWD if backward else OP
+        return (*_dispatch.get(op, backend)(x, w, bias, targets.contiguous(), grad, scale, eps, **kw), None, None)
+    key = sr.seed_tensor(sr.join_seed(seed, seed_t), x.device).reshape(1)
+    loss, stats, top, dx, dw, db, dy, dc = _dispatch.get(OP_GUMBEL_BWD if backward else OP_GUMBEL, backend)(
+        x, w, bias, y.contiguous(), c.contiguous(), key, tgt_scale, noise_scale, grad, scale, eps, **kw)
+    return loss, stats, top, dx, dw, db, None, dy, dc
 
 
-@torch.library.custom_op("sslfast::masked_prediction", mutates_args=())
-def _rows_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, scale: float,
-             eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row losses (N, H), their statistics (2, N, H) (max logit, log l: lse is their sum)
-    and the top flags; no gradients computed."""
-    loss, stats, top, *_ = _dispatch.get(OP, backend)(*_contig(x, w, bias, targets), None, scale, eps)
-    return loss, stats, top
-
-
-@_rows_op.register_fake
-def _(x, w, bias, targets, scale, eps, backend):
-    n, h = targets.shape[:2]
+def _fake_rows(x, w):
+    n, h = x.shape[0], w.shape[0]
     return (x.new_empty(n, h, dtype=torch.float32), x.new_empty(2, n, h, dtype=torch.float32),
             x.new_empty(n, h, dtype=torch.bool))
 
 
+@torch.library.custom_op("sslfast::masked_prediction", mutates_args=())
+def _rows_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: Optional[torch.Tensor],
+             y: Optional[torch.Tensor], c: Optional[torch.Tensor], seed: int, seed_t: Optional[torch.Tensor],
+             tgt_scale: float, noise_scale: float, scale: float, eps: float,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses (N, H), their statistics (2, N, H) (max logit, log l: lse is their sum)
+    and the top flags; no gradients computed."""
+    loss, stats, top, *_ = _core(x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale, None, scale, eps,
+                                 backend, False)
+    return loss, stats, top
+
+
+@_rows_op.register_fake
+def _(x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale, scale, eps, backend):
+    return _fake_rows(x, w)
+
+
+def _cast_grads(x, w, bias, targets, y, c, dx, dw, db, dq, dy, dc, g=None):
+    """The gradients in their inputs' dtypes (scaled by g when given), empty where absent."""
+    out = []
+    for t, d in ((x, dx), (w, dw), (bias, db), (targets, dq), (y, dy), (c, dc)):
+        if t is None or d is None or not t.is_floating_point():
+            out.append(_empty_f32(x))
+        else:
+            out.append((d if g is None else d * g).to(t.dtype))
+    return out
+
+
+def _fake_grads(x, w, bias, targets, y, c):
+    return [(_empty_f32(x) if t is None or not t.is_floating_point() else torch.empty_like(t))
+            for t in (x, w, bias, targets, y, c)]
+
+
 @torch.library.custom_op("sslfast::masked_prediction_backward", mutates_args=())
-def _backward_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                 grad: torch.Tensor, scale: float, eps: float,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum grad * loss`` w.r.t. x, w, bias and soft targets (empty without a
-    bias / for hard targets): the logits recomputed tile by tile."""
-    *_, dx, dw, db, dq = _dispatch.get(OP_BWD, backend)(*_contig(x, w, bias, targets), grad.float().contiguous(),
-                                                        scale, eps, want_rows=False)
-    return (dx.to(x.dtype), dw.to(w.dtype), _or_empty(None if db is None else db.to(bias.dtype), x),
-            _or_empty(None if dq is None else dq.to(targets.dtype), x))
+def _backward_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: Optional[torch.Tensor],
+                 y: Optional[torch.Tensor], c: Optional[torch.Tensor], seed: int, seed_t: Optional[torch.Tensor],
+                 tgt_scale: float, noise_scale: float, grad: torch.Tensor, scale: float, eps: float,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    """Gradients of ``sum grad * loss`` w.r.t. x, w, bias, soft targets, y and c (empty where
+    absent): the logits recomputed tile by tile."""
+    *_, dx, dw, db, dq, dy, dc = _core(x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale, grad, scale,
+                                       eps, backend, True)
+    return tuple(_cast_grads(x, w, bias, targets, y, c, dx, dw, db, dq, dy, dc))
 
 
 @_backward_op.register_fake
-def _(x, w, bias, targets, grad, scale, eps, backend):
-    return (torch.empty_like(x), torch.empty_like(w), (_empty_f32(x) if bias is None else torch.empty_like(bias)),
-            torch.empty_like(targets) if targets.is_floating_point() else _empty_f32(x))
+def _(x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale, grad, scale, eps, backend):
+    return tuple(_fake_grads(x, w, bias, targets, y, c))
 
 
 def _rows_setup(ctx, inputs, output):
-    x, w, bias, targets, scale, eps, backend = inputs
-    ctx.save_for_backward(x, w, bias, targets)
-    ctx.args = (scale, eps, backend)
-    ctx.has_bias, ctx.soft = bias is not None, targets.is_floating_point()
+    x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale, scale, eps, backend = inputs
+    ctx.save_for_backward(x, w, bias, targets, y, c, seed_t)
+    ctx.args = (seed, tgt_scale, noise_scale, scale, eps, backend)
 
 
 def _rows_backward(ctx, grad_loss, grad_stats, grad_top):
-    x, w, bias, targets = ctx.saved_tensors
-    dx, dw, db, dq = torch.ops.sslfast.masked_prediction_backward(x, w, bias, targets, grad_loss, *ctx.args)
-    return dx, dw, db if ctx.has_bias else None, dq if ctx.soft else None, None, None, None
+    x, w, bias, targets, y, c, seed_t = ctx.saved_tensors
+    seed, tgt_scale, noise_scale, scale, eps, backend = ctx.args
+    grads = torch.ops.sslfast.masked_prediction_backward(x, w, bias, targets, y, c, seed, seed_t, tgt_scale,
+                                                         noise_scale, grad_loss, scale, eps, backend)
+    out = [g if t is not None and t.is_floating_point() else None
+           for t, g in zip((x, w, bias, targets, y, c), grads)]
+    return (*out, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("sslfast::masked_prediction", _rows_backward, setup_context=_rows_setup)
 
 
 @torch.library.custom_op("sslfast::masked_prediction_fused", mutates_args=())
-def _fused_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-              grad: torch.Tensor, scale: float, eps: float, backend: str
+def _fused_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], targets: Optional[torch.Tensor],
+              y: Optional[torch.Tensor], c: Optional[torch.Tensor], seed: int, seed_t: Optional[torch.Tensor],
+              tgt_scale: float, noise_scale: float, grad: torch.Tensor, scale: float, eps: float, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                         torch.Tensor]:
+                         torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sum grad * loss`` (0-d fp32), the per-row losses and top flags, and the gradients of
-    the sum w.r.t. x, w, bias and soft targets (fp32; empty when absent), all from one pass."""
-    loss, _stats, top, dx, dw, db, dq = _dispatch.get(OP, backend)(*_contig(x, w, bias, targets),
-                                                                 grad.float().contiguous(), scale, eps)
+    the sum w.r.t. x, w, bias, soft targets, y and c (fp32; empty when absent), all from one pass."""
+    loss, _stats, top, dx, dw, db, dq, dy, dc = _core(x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale,
+                                                      grad, scale, eps, backend, False)
     total = (loss.double() * grad.double()).sum().float()
-    return total, loss, top, dx, dw, _or_empty(db, x), _or_empty(dq, x)
+    return (total, loss, top, *(_or_empty(t, x) for t in (dx, dw, db, dq, dy, dc)))
 
 
 @_fused_op.register_fake
-def _(x, w, bias, targets, grad, scale, eps, backend):
-    n, h = targets.shape[:2]
-    f32 = dict(dtype=torch.float32)
-    return (x.new_empty((), **f32), x.new_empty(n, h, **f32), x.new_empty(n, h, dtype=torch.bool),
-            x.new_empty(x.shape, **f32), w.new_empty(w.shape, **f32),
-            _empty_f32(x) if bias is None else bias.new_empty(bias.shape, **f32),
-            targets.new_empty(targets.shape, **f32) if targets.is_floating_point() else _empty_f32(x))
+def _(x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale, grad, scale, eps, backend):
+    loss, _stats, top = _fake_rows(x, w)
+    grads = [g.float() for g in _fake_grads(x, w, bias, targets, y, c)]
+    return (x.new_empty((), dtype=torch.float32), loss, top, *grads)
 
 
 def _fused_setup(ctx, inputs, output):
-    x, w, bias, targets, *_ = inputs
-    *_, dx, dw, db, dq = output
-    ctx.save_for_backward(dx, dw, db, dq)
-    ctx.dtypes = (x.dtype, w.dtype, None if bias is None else bias.dtype,
-                  targets.dtype if targets.is_floating_point() else None)
+    x, w, bias, targets, y, c = inputs[:6]
+    ctx.save_for_backward(*output[3:])
+    ctx.dtypes = tuple(None if t is None or not t.is_floating_point() else t.dtype
+                       for t in (x, w, bias, targets, y, c))
 
 
 def _fused_backward(ctx, g_total, *_unused):
@@ -244,13 +293,46 @@ def _fused_backward(ctx, g_total, *_unused):
         out = [None if dt is None else t for t, dt in zip(grads, dtypes)]
     else:
         out = [None if dt is None else (t * g).to(dt) for t, dt in zip(grads, dtypes)]
-    return (*out, None, None, None, None)
+    return (*out, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("sslfast::masked_prediction_fused", _fused_backward, setup_context=_fused_setup)
 
 
 # ----------------------------------------------------------------------------- public API
+
+class GumbelRPQTargets(NamedTuple):
+    """BiRQ's enhanced labels, made inside ``masked_prediction_loss`` (pass it as ``targets``).
+
+    Per frame n and head h the soft target is the Gumbel-softmax over the random-projection
+    quantizer's scores of an intermediate representation (BiRQ, Jiang et al. 2025; the RPQ of
+    BEST-RQ with the cosine metric, ``sslfast.random_projection_quantize``):
+    ``q[n, h] = softmax_v((-|f^[n, h] - c^[h, v]|^2 + G[n, h, v]) / tau)``, f^ and c^ the
+    L2-normalised features and codewords (a zero vector stays zero),
+    ``-|f^ - c^|^2 = 2 <f^, c^> - 2`` (the constant drops out), G Gumbel(0, 1) noise from the
+    Philox stream of ``gumbel_vector_quantize`` (the noise of an (N, H * V) logits row, counter
+    ``(h * V + v) // 4``, row n), the same bits on every backend. The loss is the soft-target
+    cross-entropy against q, and q is differentiable: gradients reach ``features`` and
+    ``codebooks`` (BiRQ's gradient path into the encoder). The kernels never store q.
+
+    Fields:
+        features: (N, d) shared by every head, or (N, H, d): the projected intermediate
+            representation (e.g. ``layer_output @ projection`` viewed per head); fp32, fp16,
+            bf16 (fp64 on the reference); any device of ``x``.
+        codebooks: (H, V, d) float: the quantizer's codewords (V = the loss head's V).
+        tau: Gumbel-softmax temperature, a finite float > 0 (default 1.0).
+        seed: int, 0-d int64 tensor on the device, or None (drawn): the noise key, as every
+            sslfast random op (README "Seeds").
+        training: False draws no noise (``q = softmax(-|f^ - c^|^2 / tau)``), as
+            ``gumbel_vector_quantize`` in eval.
+    """
+
+    features: torch.Tensor
+    codebooks: torch.Tensor
+    tau: float = 1.0
+    seed: Union[int, torch.Tensor, None] = None
+    training: bool = True
+
 
 def _check_float(name, value, *, positive=False, lo=None, hi=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -286,7 +368,8 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
         targets: (N, H) int32/int64 labels in [0, V), or ``ignore_index``; or (N, H, V) float
             target probabilities (soft targets, BiRQ): torch's cross-entropy with probability
             targets (not renormalised, ``ignore_index`` unused), differentiable w.r.t. them;
-            every backend (cpu, cuda, triton, reference).
+            every backend (cpu, cuda, triton, reference); or ``GumbelRPQTargets`` (BiRQ): soft
+            targets made from RPQ scores inside the op, never stored (its docstring).
         head: ``"linear"`` (default) or ``"cosine"``: ``z = cos(x, weight_v) / logit_temp``.
         bias: (H, V) float or None; linear head only.
         logit_temp: the cosine head's temperature, a finite float > 0 (default 0.1, fairseq).
@@ -328,10 +411,25 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
         raise ValueError(f"x of shape (N, H, D) must have H = {h} (weight's heads), got {tuple(x.shape)}")
     if h < 1 or v < 1 or d < 1:
         raise ValueError(f"weight must have H, V, D >= 1, got shape {tuple(weight.shape)}")
-    soft = isinstance(targets, torch.Tensor) and targets.is_floating_point()
-    if soft:
+    gumbel = isinstance(targets, GumbelRPQTargets)
+    if gumbel:
+        feats, codebooks, tau, seed, training = targets
+        V.check_tensor("targets.features", feats, ndim=(2, 3), dtypes=V.FLOAT_DTYPES + (torch.float64,))
+        V.check_tensor("targets.codebooks", codebooks, ndim=3, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+        if codebooks.shape[:2] != (h, v):
+            raise ValueError(f"targets.codebooks must be (H, V, d) = ({h}, {v}, d) like weight, got "
+                             f"{tuple(codebooks.shape)}")
+        if feats.shape[0] != n or feats.shape[-1] != codebooks.shape[-1] or (feats.dim() == 3 and feats.shape[1] != h):
+            raise ValueError(f"targets.features must be (N, d) or (N, H, d) with N = {n}, H = {h}, d = "
+                             f"{codebooks.shape[-1]}, got {tuple(feats.shape)}")
+        if codebooks.shape[-1] < 1:
+            raise ValueError("targets.codebooks must have d >= 1")
+        tau = _check_float("targets.tau", tau, positive=True)
+        _check_flag("targets.training", training)
+    soft = gumbel or (isinstance(targets, torch.Tensor) and targets.is_floating_point())
+    if soft and not gumbel:
         V.check_tensor("targets", targets, ndim=3, dtypes=V.FLOAT_DTYPES + (torch.float64,), shape=(n, h, v))
-    else:
+    elif not gumbel:
         V.check_tensor("targets", targets, ndim=2, dtypes=V.INDEX_DTYPES, shape=(n, h))
     V.check_choice("head", head, ("linear", "cosine"))
     if bias is not None:
@@ -342,7 +440,11 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
         V.check_tensor("mask", mask, ndim=1, dtypes=(torch.bool,), shape=(n,))
     if frame_weight is not None:
         V.check_tensor("frame_weight", frame_weight, ndim=1, dtypes=V.FLOAT_DTYPES + (torch.float64,), shape=(n,))
-    device = V.check_same_device(x=x, weight=weight, targets=targets, bias=bias, mask=mask, frame_weight=frame_weight)
+    device = V.check_same_device(x=x, weight=weight, targets=None if gumbel else targets, bias=bias, mask=mask,
+                                 frame_weight=frame_weight, **(dict(features=feats, codebooks=codebooks) if gumbel else {}))
+    if gumbel:
+        # eval draws no noise: a seed is still checked when given, none is drawn when not
+        seed = sr.resolve_seed(seed, device=device) if training or seed is not None else 0
     logit_temp = _check_float("logit_temp", logit_temp, positive=True)
     pred_masked_weight = _check_float("pred_masked_weight", pred_masked_weight)
     pred_nomask_weight = _check_float("pred_nomask_weight", pred_nomask_weight)
@@ -361,9 +463,12 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
 
     # the one dtype policy (sslfast/_validation.py): fp64 anywhere -> backend=None runs the
     # reference; an explicit kernel backend raises a TypeError naming the argument
-    name = V.resolve_backend(OP_SOFT if soft else OP, backend, device, x=x, weight=weight, bias=bias,
-                             frame_weight=frame_weight, targets=targets if soft else None)
+    name = V.resolve_backend(OP_GUMBEL if gumbel else OP_SOFT if soft else OP, backend, device, x=x, weight=weight,
+                             bias=bias, frame_weight=frame_weight, targets=targets if soft and not gumbel else None,
+                             **(dict(features=feats, codebooks=codebooks) if gumbel else {}))
     if name == "reference":
+        if gumbel:
+            targets = ref.gumbel_rpq_soft_targets(feats, codebooks, tau=tau, seed=seed, training=training)
         return ref.masked_prediction_loss(
             x, weight, targets, head=head, bias=bias, logit_temp=logit_temp, mask=mask, frame_weight=frame_weight,
             pred_masked_weight=pred_masked_weight, pred_nomask_weight=pred_nomask_weight,
@@ -374,7 +479,16 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
     scale = 1.0
     if head == "cosine":
         x3, weight, scale = ref.safe_normalize(x3.float()), ref.safe_normalize(weight.float()), 1.0 / logit_temp
-    tgt = targets if soft else torch.where(valid, targets.long(), torch.full_like(targets, -1, dtype=torch.long))
+    if gumbel:
+        # the RPQ's cosine metric: normalised here (with gradient), the kernels take unit vectors
+        y = ref.safe_normalize(feats.float())
+        y = y[:, None] if y.dim() == 2 else y
+        gargs = (y, ref.safe_normalize(codebooks.float()), *sr.split_seed(seed), 2.0 / tau,
+                 1.0 / tau if training else 0.0)
+        tgt = None
+    else:
+        gargs = (None, None, 0, None, 0.0, 0.0)
+        tgt = targets if soft else torch.where(valid, targets.long(), torch.full_like(targets, -1, dtype=torch.long))
     w_frame = ref.frame_weights(n, mask=mask, frame_weight=frame_weight, pred_masked_weight=pred_masked_weight,
                                 pred_nomask_weight=pred_nomask_weight, device=device)
     counted = valid & (w_frame != 0)[:, None]
@@ -382,14 +496,15 @@ def masked_prediction_loss(x, weight, targets, *, head="linear", bias=None, logi
     pair_w = torch.where(valid, w_frame[:, None], torch.zeros((), device=device))
 
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x3, weight, bias, tgt))
+        t is not None and t.requires_grad for t in (x3, weight, bias, tgt, *gargs[:2]))
     if reduction != "none" and needs_grad:
         if reduction == "mean":
             pair_w = pair_w / count.sum().clamp_min(1).float()
         loss, _rows, top, *_ = torch.ops.sslfast.masked_prediction_fused(
-            x3, weight, bias, tgt, pair_w, scale, label_smoothing, name)
+            x3, weight, bias, tgt, *gargs, pair_w, scale, label_smoothing, name)
     else:
-        rows, _stats, top = torch.ops.sslfast.masked_prediction(x3, weight, bias, tgt, scale, label_smoothing, name)
+        rows, _stats, top = torch.ops.sslfast.masked_prediction(x3, weight, bias, tgt, *gargs, scale, label_smoothing,
+                                                                name)
         rows = rows * pair_w
         if reduction == "none":
             loss = rows
