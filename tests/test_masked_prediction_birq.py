@@ -256,3 +256,30 @@ def test_validation_errors_name_the_argument():
     for t, exc, word in cases:
         with pytest.raises(exc, match=word):
             sslfast.masked_prediction_loss(x, w, t, bias=b)
+
+
+@pytest.mark.cpu
+def test_quantizer_module_gumbel_targets_follow_its_labels_and_reach_the_encoder():
+    # nn.RandomProjectionQuantizer.gumbel_targets: in eval at a small temperature the target
+    # peaks at the module's own BEST-RQ label; in training the gradient reaches the input
+    q = sslfast.nn.RandomProjectionQuantizer(12, codebook_dim=4, codebook_size=20, num_codebooks=2, stack=2,
+                                             input_norm="layernorm", seed=0)
+    g = torch.Generator().manual_seed(21)
+    feats = torch.randn(3, 10, 12, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 5, generator=g) < 0.6
+    labels = q(feats, mask)[mask]  # (M, 2)
+    q.eval()
+    t = q.gumbel_targets(feats, mask, tau=1e-3)
+    assert not t.training and t.features.shape == (int(mask.sum()), 2, 4)
+    soft = ref.gumbel_rpq_soft_targets(t.features, t.codebooks, tau=t.tau, seed=0, training=False)
+    assert torch.equal(soft.argmax(-1), labels)
+    q.train()
+    x = feats.requires_grad_()
+    m = int(mask.sum())
+    enc = torch.randn(m, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 20, 8, generator=g, dtype=torch.float64)
+    loss = sslfast.masked_prediction_loss(enc, w, q.gumbel_targets(x, mask, seed=3))
+    loss.backward()
+    assert x.grad.abs().sum() > 0 and q.projection.grad is None
+    with pytest.raises(ValueError, match="cosine"):
+        sslfast.nn.RandomProjectionQuantizer(12, metric="l2").gumbel_targets(feats)

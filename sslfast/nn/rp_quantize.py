@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.masked_prediction import GumbelRPQTargets
 from ..ops.rp_quantize import INPUT_NORMS, METRICS, random_projection_quantize
+from ..reference.rp_quantize import projected_features
 
 __all__ = ["RandomProjectionQuantizer"]
 
@@ -219,6 +221,33 @@ class RandomProjectionQuantizer(nn.Module):
         if self.squeeze_single and self.num_codebooks == 1:
             labels = labels.squeeze(-1)
         return labels
+
+    def gumbel_targets(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, tau: float = 1.0,
+                       seed: int | torch.Tensor | None = None, training: bool | None = None) -> GumbelRPQTargets:
+        """BiRQ's enhanced labels from an intermediate representation, for
+        ``masked_prediction_loss`` (``GumbelRPQTargets``: the Gumbel-softmax over this quantizer's
+        cosine scores, made inside the loss and never stored).
+
+        x: (B, T, F) (or (B, F, T) with ``channels_first``) or (N, F), any float dtype; gradients
+        flow back to it through the projection (the buffers get none). mask: (B, T // stack) or
+        (N,) bool, the frames to keep (e.g. the masked ones), or None for all. tau, seed: as in
+        ``GumbelRPQTargets``; training: None follows ``self.training`` (eval: no noise).
+        Returns ``GumbelRPQTargets`` with features (M, H, d), M the kept frames in row-major
+        order (boolean indexing: a host sync on CUDA when a mask is given). Raises ValueError
+        for the "l2" metric (BiRQ's scores are the cosine RPQ's).
+        """
+        if self.metric != "cosine":
+            raise ValueError("gumbel_targets needs metric='cosine' (BiRQ's scores are the cosine RPQ's)")
+        if self.channels_first:
+            if x.dim() != 3:
+                raise ValueError(f"x must be (B, F, T) (channels_first), got shape {tuple(x.shape)}")
+            x = x.transpose(1, 2)
+        if x.dim() not in (2, 3) or x.shape[-1] != self.input_dim:
+            raise ValueError(f"x must be (B, T, {self.input_dim}) or (N, {self.input_dim}), got {tuple(x.shape)}")
+        y = projected_features(x, self.projection, self.num_codebooks, stack=self.stack, input_norm=self.input_norm)
+        y = y.reshape(-1, self.num_codebooks, self.codebook_dim) if mask is None else y[mask]
+        return GumbelRPQTargets(y, self.codebooks, tau=tau, seed=seed,
+                                training=self.training if training is None else training)
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, codebook_dim={self.codebook_dim}, codebook_size={self.codebook_size}, "

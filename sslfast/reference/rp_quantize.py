@@ -66,6 +66,19 @@ def _label_scores(y: torch.Tensor, codebooks: torch.Tensor, metric: str) -> torc
     return 2.0 * torch.einsum("...hd,hvd->...hv", y, codebooks) - (codebooks * codebooks).sum(-1)
 
 
+def projected_features(x: torch.Tensor, projection: torch.Tensor, heads: int, *, stack: int = 1,
+                       input_norm: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The quantizer's projected vectors before the codeword search: stacking, optional
+    LayerNorm, ``@ projection``, viewed (..., H, d); differentiable w.r.t. x (BiRQ's path)."""
+    dtype = dtype or _compute_dtype(x, projection)
+    xs = x.to(dtype)
+    if xs.dim() == 3:
+        xs = stack_frames(xs, stack)
+    if input_norm == "layernorm":
+        xs = F.layer_norm(xs, (xs.shape[-1],), eps=LAYERNORM_EPS)
+    return (xs @ projection.to(dtype)).unflatten(-1, (heads, projection.shape[1] // heads))
+
+
 def random_projection_quantize(
     x: torch.Tensor,
     projection: torch.Tensor,
@@ -78,13 +91,8 @@ def random_projection_quantize(
 ) -> torch.Tensor:
     """BEST-RQ labels, (B, T // stack, H) or (N, H) int64; see the module docstring."""
     dtype = _compute_dtype(x, projection, codebooks)
-    xs = x.to(dtype)
-    if xs.dim() == 3:
-        xs = stack_frames(xs, stack)
-    if input_norm == "layernorm":
-        xs = F.layer_norm(xs, (xs.shape[-1],), eps=LAYERNORM_EPS)
     H, V, d = codebooks.shape
-    y = (xs @ projection.to(dtype)).unflatten(-1, (H, d))
+    y = projected_features(x, projection, H, stack=stack, input_norm=input_norm, dtype=dtype)
     labels = _label_scores(y, codebooks.to(dtype), metric).argmax(-1)
     if mask is not None:
         labels = torch.where(mask.unsqueeze(-1), labels, torch.full_like(labels, -1))
