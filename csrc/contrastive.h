@@ -3,7 +3,7 @@
 //
 // Per prediction row i the candidates are t_0 = y[pos_i] and t_k = y[neg_{i,k-1}]. The kernels
 // never build the (N, K+1, D) candidates: the forward streams them, keeps an online
-// log-sum-exp and saves only lse_i; the backward recomputes each logit from (dot, norms) and
+// log-sum-exp and saves only lse_i's two parts (RowStats); the backward recomputes each logit from (dot, norms) and
 // turns it into two coefficients per (row, candidate):
 //
 //   grad t_k += alpha_k * x + beta_k * t_k,   grad x = sum_k alpha_k t_k - [|x| >= eps] (sum_k g_k c_k / nx^2) x
@@ -156,7 +156,22 @@ SSLFAST_HD RowState row_merge(RowState a, const RowState& b, bool b_has_positive
   return a;
 }
 
-SSLFAST_HD float row_lse(const RowState& st) { return st.m + log_denominator(st.s, st.c); }
+// What the forward saves per row for the backward: lse's two parts, the max m (stats[i]) and
+// log s (stats[N + i]), kept apart and used as exp((logit - m) - log s). Their fp32 sum would
+// round lse to ulp(lse) / 2, an error every recomputed probability carries (at logits near 30,
+// 5x the reference's gradient error; the same fix as csrc/info_nce.h and
+// csrc/masked_prediction.h).
+struct RowStats {
+  float m;
+  float log_s;
+};
+
+SSLFAST_HD void save_row_stats(const RowState& st, float* stats, int64_t i, int64_t N) {
+  stats[i] = st.m;
+  stats[N + i] = log_denominator(st.s, st.c);
+}
+
+SSLFAST_HD RowStats load_row_stats(const float* stats, int64_t i, int64_t N) { return RowStats{stats[i], stats[N + i]}; }
 
 // Cross-entropy with class 0, summed as (m - logit0) + log(s): exact 0 + log(s) when the positive
 // is the maximum, so a loss far below ulp(m) is not rounded to a multiple of it (lse - logit0
@@ -173,9 +188,9 @@ struct CandidateGrad {
   float gc;     // g * cos, summed over k for the x-norm term
 };
 
-SSLFAST_HD CandidateGrad candidate_grad(float logit, float lse, bool positive, float grad_row, float temperature,
+SSLFAST_HD CandidateGrad candidate_grad(float logit, RowStats rs, bool positive, float grad_row, float temperature,
                                         float cos, float nx, float nt_sq) {
-  const float p = logit == neg_inf() ? 0.0f : expf(logit - lse);
+  const float p = logit == neg_inf() ? 0.0f : expf((logit - rs.m) - rs.log_s);
   // d logit / d cos is 1 / temperature in both precision orders (the casts pass gradients through).
   const float g = grad_row * (p - (positive ? 1.0f : 0.0f)) / temperature;
   const float nt = clamped_norm(nt_sq);
@@ -242,14 +257,14 @@ SSLFAST_HD void push_candidate(const Args<S>& a, RowState& st, int64_t k, bool m
 
 // Backward: candidate k's (alpha, beta), 0 when masked; its g * cos added to sum_gc.
 template <class S>
-SSLFAST_HD void candidate_coeffs(const Args<S>& a, int64_t k, bool masked, float dot, float sq, float nx, float lse,
+SSLFAST_HD void candidate_coeffs(const Args<S>& a, int64_t k, bool masked, float dot, float sq, float nx, RowStats rs,
                                  float grad_row, float& al, float& be, float& sum_gc) {
   al = 0.0f;
   be = 0.0f;
   if (!masked) {
     const float cos = cosine(dot, nx, clamped_norm(sq));
     const float logit = logit_from_cosine<S>(cos, a.temperature, a.precision);
-    const CandidateGrad cg = candidate_grad(logit, lse, k == 0, grad_row, a.temperature, cos, nx, sq);
+    const CandidateGrad cg = candidate_grad(logit, rs, k == 0, grad_row, a.temperature, cos, nx, sq);
     al = cg.alpha;
     be = cg.beta;
     sum_gc += cg.gc;

@@ -4,8 +4,8 @@
 // (the build does not pass -march, so the baseline alone would be SSE2).
 //
 // Forward: per row, stream the K+1 candidates (gathered rows of y), keep an online
-// log-sum-exp; write the row loss, lse and fairseq's "correct" flag. Squared norms of all y
-// rows are computed once per call (M*D work instead of N*(K+1)*D).
+// log-sum-exp; write the row loss, lse's two parts (RowStats) and fairseq's "correct" flag.
+// Squared norms of all y rows are computed once per call (M*D work instead of N*(K+1)*D).
 // Backward, race-free and deterministic: per row, recompute each logit, write grad x and the
 // two coefficients (alpha, beta) of every candidate; then per target row j, a segmented sum
 // over the candidates that point at j (CSR built by the caller):
@@ -101,7 +101,7 @@ SSLFAST_INLINE bool candidate_masked(const Args<S>& a, const float* ysq, int64_t
 }
 
 template <class S>
-SSLFAST_INLINE void forward_row(const Args<S>& a, const float* ysq, int64_t i, float* xf, float* loss, float* lse,
+SSLFAST_INLINE void forward_row(const Args<S>& a, const float* ysq, int64_t i, float* xf, float* loss, float* stats,
                                 bool* correct) {
   const int64_t D = a.D;
   const float nx = clamped_norm(load_row<S>(xf, a.x + i * D, D));
@@ -119,13 +119,13 @@ SSLFAST_INLINE void forward_row(const Args<S>& a, const float* ysq, int64_t i, f
     row_push(st, k, logit);
   }
   loss[i] = row_loss(st);
-  lse[i] = row_lse(st);
+  save_row_stats(st, stats, i, a.N);
   correct[i] = row_correct(st);
 }
 
 template <class S>
 SSLFAST_INLINE void backward_row(const Args<S>& a, const float* ysq, int64_t i, const float* grad_rows,
-                                 const float* lse, float* xf, float* gx, typename S::T* grad_x, float* alpha,
+                                 const float* stats, float* xf, float* gx, typename S::T* grad_x, float* alpha,
                                  float* beta) {
   const int64_t D = a.D, K1 = a.K + 1;
   const float nx_sq = load_row<S>(xf, a.x + i * D, D);
@@ -143,7 +143,8 @@ SSLFAST_INLINE void backward_row(const Args<S>& a, const float* ysq, int64_t i, 
     if (k == 0 || !candidate_masked(a, ysq, j, jp, dot, dot0)) {
       const float cos = cosine(dot, nx, clamped_norm(ysq[j]));
       const float logit = logit_from_cosine<S>(cos, a.temperature, a.precision);
-      const CandidateGrad cg = candidate_grad(logit, lse[i], k == 0, grad_rows[i], a.temperature, cos, nx, ysq[j]);
+      const CandidateGrad cg =
+          candidate_grad(logit, load_row_stats(stats, i, a.N), k == 0, grad_rows[i], a.temperature, cos, nx, ysq[j]);
       al = cg.alpha;
       be = cg.beta;
       sum_gc += cg.gc;
@@ -184,25 +185,25 @@ SSLFAST_INLINE void segment_row(const typename S::T* x, const typename S::T* y, 
 // One instantiation per ISA; the OpenMP loops stay in the dispatcher so the outlined
 // parallel regions need no target attribute.
 template <class S>
-SSLFAST_AVX2 void forward_row_avx2(const Args<S>& a, const float* ysq, int64_t i, float* xf, float* loss, float* lse,
+SSLFAST_AVX2 void forward_row_avx2(const Args<S>& a, const float* ysq, int64_t i, float* xf, float* loss, float* stats,
                                    bool* correct) {
-  forward_row<S>(a, ysq, i, xf, loss, lse, correct);
+  forward_row<S>(a, ysq, i, xf, loss, stats, correct);
 }
 template <class S>
-void forward_row_base(const Args<S>& a, const float* ysq, int64_t i, float* xf, float* loss, float* lse,
+void forward_row_base(const Args<S>& a, const float* ysq, int64_t i, float* xf, float* loss, float* stats,
                       bool* correct) {
-  forward_row<S>(a, ysq, i, xf, loss, lse, correct);
+  forward_row<S>(a, ysq, i, xf, loss, stats, correct);
 }
 template <class S>
 SSLFAST_AVX2 void backward_row_avx2(const Args<S>& a, const float* ysq, int64_t i, const float* grad_rows,
-                                    const float* lse, float* xf, float* gx, typename S::T* grad_x, float* alpha,
+                                    const float* stats, float* xf, float* gx, typename S::T* grad_x, float* alpha,
                                     float* beta) {
-  backward_row<S>(a, ysq, i, grad_rows, lse, xf, gx, grad_x, alpha, beta);
+  backward_row<S>(a, ysq, i, grad_rows, stats, xf, gx, grad_x, alpha, beta);
 }
 template <class S>
-void backward_row_base(const Args<S>& a, const float* ysq, int64_t i, const float* grad_rows, const float* lse,
+void backward_row_base(const Args<S>& a, const float* ysq, int64_t i, const float* grad_rows, const float* stats,
                        float* xf, float* gx, typename S::T* grad_x, float* alpha, float* beta) {
-  backward_row<S>(a, ysq, i, grad_rows, lse, xf, gx, grad_x, alpha, beta);
+  backward_row<S>(a, ysq, i, grad_rows, stats, xf, gx, grad_x, alpha, beta);
 }
 template <class S>
 SSLFAST_AVX2 void segment_row_avx2(const typename S::T* x, const typename S::T* y, const float* alpha,
@@ -239,7 +240,7 @@ void y_sq_norms(const Args<S>& a, float* ysq) {
 }
 
 template <class S>
-void forward_impl(const Args<S>& a, float* ysq, float* loss, float* lse, bool* correct) {
+void forward_impl(const Args<S>& a, float* ysq, float* loss, float* stats, bool* correct) {
   y_sq_norms<S>(a, ysq);
   const bool v = use_avx2();
 #pragma omp parallel if (parallel::use_threads(a.N * (a.K + 1) * a.D, parallel::kMinContrastiveMacs))
@@ -250,15 +251,15 @@ void forward_impl(const Args<S>& a, float* ysq, float* loss, float* lse, bool* c
 #pragma omp for schedule(dynamic, 16)
     for (int64_t i = 0; i < a.N; ++i) {
       if (v)
-        forward_row_avx2<S>(a, ysq, i, xf.data(), loss, lse, correct);
+        forward_row_avx2<S>(a, ysq, i, xf.data(), loss, stats, correct);
       else
-        forward_row_base<S>(a, ysq, i, xf.data(), loss, lse, correct);
+        forward_row_base<S>(a, ysq, i, xf.data(), loss, stats, correct);
     }
   }
 }
 
 template <class S>
-void backward_rows_impl(const Args<S>& a, float* ysq, const float* grad_rows, const float* lse,
+void backward_rows_impl(const Args<S>& a, float* ysq, const float* grad_rows, const float* stats,
                         typename S::T* grad_x, float* alpha, float* beta) {
   y_sq_norms<S>(a, ysq);
   const bool v = use_avx2();
@@ -268,9 +269,9 @@ void backward_rows_impl(const Args<S>& a, float* ysq, const float* grad_rows, co
 #pragma omp for schedule(dynamic, 16)
     for (int64_t i = 0; i < a.N; ++i) {
       if (v)
-        backward_row_avx2<S>(a, ysq, i, grad_rows, lse, xf.data(), gx.data(), grad_x, alpha, beta);
+        backward_row_avx2<S>(a, ysq, i, grad_rows, stats, xf.data(), gx.data(), grad_x, alpha, beta);
       else
-        backward_row_base<S>(a, ysq, i, grad_rows, lse, xf.data(), gx.data(), grad_x, alpha, beta);
+        backward_row_base<S>(a, ysq, i, grad_rows, stats, xf.data(), gx.data(), grad_x, alpha, beta);
     }
   }
 }
@@ -295,26 +296,26 @@ void segments_impl(const typename S::T* x, const typename S::T* y, const float* 
 }
 
 void forward_cpu(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int neg_itype, std::uintptr_t pos,
-                 int pos_itype, std::uintptr_t ysq, std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t correct,
+                 int pos_itype, std::uintptr_t ysq, std::uintptr_t loss, std::uintptr_t stats, std::uintptr_t correct,
                  int64_t N, int64_t M, int64_t D, int64_t K, int dtype, double temperature, int neg_mode,
                  int precision) {
   py::gil_scoped_release nogil;
   by_dtype(dtype, [&](auto s) {
     using S = decltype(s);
     const Args<S> a = make_args<S>(x, y, neg, neg_itype, pos, pos_itype, N, M, D, K, temperature, neg_mode, precision);
-    forward_impl<S>(a, as_ptr<float>(ysq), as_ptr<float>(loss), as_ptr<float>(lse), as_ptr<bool>(correct));
+    forward_impl<S>(a, as_ptr<float>(ysq), as_ptr<float>(loss), as_ptr<float>(stats), as_ptr<bool>(correct));
   });
 }
 
 void backward_rows_cpu(std::uintptr_t grad_rows, std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg,
-                       int neg_itype, std::uintptr_t pos, int pos_itype, std::uintptr_t lse, std::uintptr_t ysq,
+                       int neg_itype, std::uintptr_t pos, int pos_itype, std::uintptr_t stats, std::uintptr_t ysq,
                        std::uintptr_t grad_x, std::uintptr_t alpha, std::uintptr_t beta, int64_t N, int64_t M,
                        int64_t D, int64_t K, int dtype, double temperature, int neg_mode, int precision) {
   py::gil_scoped_release nogil;
   by_dtype(dtype, [&](auto s) {
     using S = decltype(s);
     const Args<S> a = make_args<S>(x, y, neg, neg_itype, pos, pos_itype, N, M, D, K, temperature, neg_mode, precision);
-    backward_rows_impl<S>(a, as_ptr<float>(ysq), as_ptr<const float>(grad_rows), as_ptr<const float>(lse),
+    backward_rows_impl<S>(a, as_ptr<float>(ysq), as_ptr<const float>(grad_rows), as_ptr<const float>(stats),
                           as_ptr<typename S::T>(grad_x), as_ptr<float>(alpha), as_ptr<float>(beta));
   });
 }
@@ -367,11 +368,11 @@ void round_to_dtype_cpu(std::uintptr_t in, std::uintptr_t out, int64_t n, int dt
 void bind_contrastive(py::module_& m) {
   using namespace contrastive;
   m.def("contrastive_forward", &forward_cpu, py::arg("x"), py::arg("y"), py::arg("neg"), py::arg("neg_itype"),
-        py::arg("pos"), py::arg("pos_itype"), py::arg("ysq"), py::arg("loss"), py::arg("lse"), py::arg("correct"),
+        py::arg("pos"), py::arg("pos_itype"), py::arg("ysq"), py::arg("loss"), py::arg("stats"), py::arg("correct"),
         py::arg("N"), py::arg("M"), py::arg("D"), py::arg("K"), py::arg("dtype"), py::arg("temperature"),
         py::arg("neg_mode"), py::arg("precision"));
   m.def("contrastive_backward_rows", &backward_rows_cpu, py::arg("grad_rows"), py::arg("x"), py::arg("y"),
-        py::arg("neg"), py::arg("neg_itype"), py::arg("pos"), py::arg("pos_itype"), py::arg("lse"), py::arg("ysq"),
+        py::arg("neg"), py::arg("neg_itype"), py::arg("pos"), py::arg("pos_itype"), py::arg("stats"), py::arg("ysq"),
         py::arg("grad_x"), py::arg("alpha"), py::arg("beta"), py::arg("N"), py::arg("M"), py::arg("D"), py::arg("K"),
         py::arg("dtype"), py::arg("temperature"), py::arg("neg_mode"), py::arg("precision"));
   m.def("contrastive_backward_segments", &backward_segments_cpu, py::arg("x"), py::arg("y"), py::arg("alpha"),

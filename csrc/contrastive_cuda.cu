@@ -3,7 +3,8 @@
 // gathered row of y is read with coalesced loads; warp sums by xor-butterfly leave every lane
 // with the same bits, so all lanes agree on every logit without a broadcast.
 //
-// Forward: online log-sum-exp over the K+1 candidates; writes loss, lse, correct per row.
+// Forward: online log-sum-exp over the K+1 candidates; writes loss, lse's two parts
+// (RowStats), correct per row.
 // Backward rows: recompute each logit, write its alpha (and beta when deterministic) and, by
 // default, atomically add alpha*x + beta*t into an fp32 grad y (fast; the order of the adds, and
 // so the last bits, vary between runs); then grad x per lane-owned column from the alphas.
@@ -65,7 +66,7 @@ __device__ __forceinline__ float x_sq_norm(const typename S::T* xr, int64_t D, i
 }
 
 template <class S>
-__global__ void forward_kernel(Args<S> a, float* __restrict__ loss, float* __restrict__ lse,
+__global__ void forward_kernel(Args<S> a, float* __restrict__ loss, float* __restrict__ stats,
                                bool* __restrict__ correct) {
   const int lane = threadIdx.x % kWarp;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
@@ -88,13 +89,13 @@ __global__ void forward_kernel(Args<S> a, float* __restrict__ loss, float* __res
   }
   if (lane == 0) {
     loss[i] = row_loss(st);
-    lse[i] = row_lse(st);
+    save_row_stats(st, stats, i, a.N);
     correct[i] = row_correct(st);
   }
 }
 
 template <class S>
-__global__ void backward_rows_kernel(Args<S> a, const float* __restrict__ grad_rows, const float* __restrict__ lse,
+__global__ void backward_rows_kernel(Args<S> a, const float* __restrict__ grad_rows, const float* __restrict__ stats,
                                      typename S::T* __restrict__ grad_x, float* __restrict__ alpha,
                                      float* __restrict__ beta, float* __restrict__ gy_acc) {
   const int lane = threadIdx.x % kWarp;
@@ -105,7 +106,8 @@ __global__ void backward_rows_kernel(Args<S> a, const float* __restrict__ grad_r
   const float nx_sq = x_sq_norm<S>(xr, D, lane);
   const float nx = clamped_norm(nx_sq);
   const int64_t jp = candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, 0, a.K, a.M);
-  const float go = grad_rows[i], row_lse = lse[i];
+  const float go = grad_rows[i];
+  const RowStats rs = load_row_stats(stats, i, a.N);
   float sum_gc = 0.0f, dot0 = 0.0f, sq0 = 0.0f;
   for (int64_t k = 0; k < K1; ++k) {
     const int64_t j = k == 0 ? jp : candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, k, a.K, a.M);
@@ -117,7 +119,7 @@ __global__ void backward_rows_kernel(Args<S> a, const float* __restrict__ grad_r
       sq0 = sq;
     }
     float al, be;
-    candidate_coeffs(a, k, k != 0 && candidate_masked(a, j, jp, dot, sq, dot0, sq0, lane), dot, sq, nx, row_lse, go,
+    candidate_coeffs(a, k, k != 0 && candidate_masked(a, j, jp, dot, sq, dot0, sq0, lane), dot, sq, nx, rs, go,
                      al, be, sum_gc);
     if (lane == 0) {
       alpha[i * K1 + k] = al;
@@ -146,7 +148,7 @@ __global__ void segments_kernel(const typename S::T* __restrict__ x, const typen
 }
 
 void forward_cuda(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int neg_itype, std::uintptr_t pos,
-                  int pos_itype, std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t correct, int64_t N, int64_t M,
+                  int pos_itype, std::uintptr_t loss, std::uintptr_t stats, std::uintptr_t correct, int64_t N, int64_t M,
                   int64_t D, int64_t K, int dtype, double temperature, int neg_mode, int precision,
                   std::uintptr_t stream) {
   if (N == 0) return;
@@ -155,13 +157,13 @@ void forward_cuda(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int ne
     const Args<S> a = make_args<S>(x, y, neg, neg_itype, pos, pos_itype, N, M, D, K, temperature, neg_mode, precision);
     const Launch l = contrastive_launch::forward(N);
     forward_kernel<S><<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream)>>>(
-        a, as_ptr<float>(loss), as_ptr<float>(lse), as_ptr<bool>(correct));
+        a, as_ptr<float>(loss), as_ptr<float>(stats), as_ptr<bool>(correct));
   });
   SSLFAST_CUDA_CHECK(cudaGetLastError());
 }
 
 void backward_rows_cuda(std::uintptr_t grad_rows, std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg,
-                        int neg_itype, std::uintptr_t pos, int pos_itype, std::uintptr_t lse, std::uintptr_t grad_x,
+                        int neg_itype, std::uintptr_t pos, int pos_itype, std::uintptr_t stats, std::uintptr_t grad_x,
                         std::uintptr_t alpha, std::uintptr_t beta, std::uintptr_t gy_acc, int64_t N, int64_t M,
                         int64_t D, int64_t K, int dtype, double temperature, int neg_mode, int precision,
                         std::uintptr_t stream) {
@@ -171,7 +173,7 @@ void backward_rows_cuda(std::uintptr_t grad_rows, std::uintptr_t x, std::uintptr
     const Args<S> a = make_args<S>(x, y, neg, neg_itype, pos, pos_itype, N, M, D, K, temperature, neg_mode, precision);
     const Launch l = contrastive_launch::backward_rows(N);
     backward_rows_kernel<S><<<grid_of(l), l.threads, l.dyn_smem, reinterpret_cast<cudaStream_t>(stream)>>>(
-        a, as_ptr<const float>(grad_rows), as_ptr<const float>(lse), as_ptr<typename S::T>(grad_x),
+        a, as_ptr<const float>(grad_rows), as_ptr<const float>(stats), as_ptr<typename S::T>(grad_x),
         as_ptr<float>(alpha), beta ? as_ptr<float>(beta) : nullptr, gy_acc ? as_ptr<float>(gy_acc) : nullptr);
   });
   SSLFAST_CUDA_CHECK(cudaGetLastError());
@@ -198,11 +200,11 @@ void backward_segments_cuda(std::uintptr_t x, std::uintptr_t y, std::uintptr_t a
 void bind_contrastive(py::module_& m) {
   using namespace contrastive;
   m.def("contrastive_forward", &forward_cuda, py::arg("x"), py::arg("y"), py::arg("neg"), py::arg("neg_itype"),
-        py::arg("pos"), py::arg("pos_itype"), py::arg("loss"), py::arg("lse"), py::arg("correct"), py::arg("N"),
+        py::arg("pos"), py::arg("pos_itype"), py::arg("loss"), py::arg("stats"), py::arg("correct"), py::arg("N"),
         py::arg("M"), py::arg("D"), py::arg("K"), py::arg("dtype"), py::arg("temperature"), py::arg("neg_mode"),
         py::arg("precision"), py::arg("cuda_stream"));
   m.def("contrastive_backward_rows", &backward_rows_cuda, py::arg("grad_rows"), py::arg("x"), py::arg("y"),
-        py::arg("neg"), py::arg("neg_itype"), py::arg("pos"), py::arg("pos_itype"), py::arg("lse"),
+        py::arg("neg"), py::arg("neg_itype"), py::arg("pos"), py::arg("pos_itype"), py::arg("stats"),
         py::arg("grad_x"), py::arg("alpha"), py::arg("beta"), py::arg("gy_acc"), py::arg("N"), py::arg("M"),
         py::arg("D"), py::arg("K"), py::arg("dtype"), py::arg("temperature"), py::arg("neg_mode"),
         py::arg("precision"), py::arg("cuda_stream"));

@@ -483,7 +483,7 @@ bool contrastive_masked(const ct::Args<S>& a, int64_t j, int64_t jp, float dot, 
 
 // forward_kernel: contrastive_forward's arguments less the stream.
 void contrastive_forward(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg, int neg_itype, std::uintptr_t pos,
-                         int pos_itype, std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t correct, int64_t N,
+                         int pos_itype, std::uintptr_t loss, std::uintptr_t stats, std::uintptr_t correct, int64_t N,
                          int64_t M, int64_t D, int64_t K, int dtype, double temperature, int neg_mode, int precision) {
   ct::by_dtype(dtype, [&](auto s) {
     using S = decltype(s);
@@ -506,7 +506,7 @@ void contrastive_forward(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg,
         ct::push_candidate(a, st, k, k != 0 && contrastive_masked(a, j, jp, dot, sq, dot0, sq0), dot, sq, nx);
       }
       as_ptr<float>(loss)[i] = ct::row_loss(st);
-      as_ptr<float>(lse)[i] = ct::row_lse(st);
+      ct::save_row_stats(st, as_ptr<float>(stats), i, N);
       as_ptr<bool>(correct)[i] = ct::row_correct(st);
     }
   });
@@ -515,7 +515,7 @@ void contrastive_forward(std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg,
 // backward_rows_kernel: contrastive_backward_rows's arguments less the stream (the atomics
 // of the non-deterministic grad y as plain adds, row after row).
 void contrastive_backward_rows(std::uintptr_t grad_rows, std::uintptr_t x, std::uintptr_t y, std::uintptr_t neg,
-                               int neg_itype, std::uintptr_t pos, int pos_itype, std::uintptr_t lse_p,
+                               int neg_itype, std::uintptr_t pos, int pos_itype, std::uintptr_t stats_p,
                                std::uintptr_t grad_x, std::uintptr_t alpha_p, std::uintptr_t beta_p,
                                std::uintptr_t gy_acc_p, int64_t N, int64_t M, int64_t D, int64_t K, int dtype,
                                double temperature, int neg_mode, int precision) {
@@ -532,7 +532,8 @@ void contrastive_backward_rows(std::uintptr_t grad_rows, std::uintptr_t x, std::
       const float nx_sq = contrastive_x_sq<S>(xr, D);
       const float nx = ct::clamped_norm(nx_sq);
       const int64_t jp = ct::candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, 0, a.K, a.M);
-      const float go = as_ptr<const float>(grad_rows)[i], row_lse = as_ptr<const float>(lse_p)[i];
+      const float go = as_ptr<const float>(grad_rows)[i];
+      const ct::RowStats rs = ct::load_row_stats(as_ptr<const float>(stats_p), i, N);
       float sum_gc = 0.0f, dot0 = 0.0f, sq0 = 0.0f;
       for (int64_t k = 0; k < K1; ++k) {
         const int64_t j = k == 0 ? jp : ct::candidate_index(a.neg, a.neg_itype, a.pos, a.pos_itype, i, k, a.K, a.M);
@@ -544,7 +545,7 @@ void contrastive_backward_rows(std::uintptr_t grad_rows, std::uintptr_t x, std::
           sq0 = sq;
         }
         float al, be;
-        ct::candidate_coeffs(a, k, k != 0 && contrastive_masked(a, j, jp, dot, sq, dot0, sq0), dot, sq, nx, row_lse,
+        ct::candidate_coeffs(a, k, k != 0 && contrastive_masked(a, j, jp, dot, sq, dot0, sq0), dot, sq, nx, rs,
                              go, al, be, sum_gc);
         alpha[i * K1 + k] = al;
         if (beta) beta[i * K1 + k] = be;
@@ -762,11 +763,11 @@ void bind_testing(py::module_& m) {
         py::arg("k"), py::arg("proj"), py::arg("codebooks"), py::arg("cb_dtype"), py::arg("H"), py::arg("V"),
         py::arg("d"), py::arg("layernorm"), py::arg("metric"), py::arg("mask"), py::arg("out"));
   t.def("contrastive_forward", &contrastive_forward, py::arg("x"), py::arg("y"), py::arg("neg"),
-        py::arg("neg_itype"), py::arg("pos"), py::arg("pos_itype"), py::arg("loss"), py::arg("lse"),
+        py::arg("neg_itype"), py::arg("pos"), py::arg("pos_itype"), py::arg("loss"), py::arg("stats"),
         py::arg("correct"), py::arg("N"), py::arg("M"), py::arg("D"), py::arg("K"), py::arg("dtype"),
         py::arg("temperature"), py::arg("neg_mode"), py::arg("precision"));
   t.def("contrastive_backward_rows", &contrastive_backward_rows, py::arg("grad_rows"), py::arg("x"), py::arg("y"),
-        py::arg("neg"), py::arg("neg_itype"), py::arg("pos"), py::arg("pos_itype"), py::arg("lse"),
+        py::arg("neg"), py::arg("neg_itype"), py::arg("pos"), py::arg("pos_itype"), py::arg("stats"),
         py::arg("grad_x"), py::arg("alpha"), py::arg("beta"), py::arg("gy_acc"), py::arg("N"), py::arg("M"),
         py::arg("D"), py::arg("K"), py::arg("dtype"), py::arg("temperature"), py::arg("neg_mode"),
         py::arg("precision"));

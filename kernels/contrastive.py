@@ -4,7 +4,8 @@ Three kernels, one program per row each; none builds the (N, K+1, D) candidates:
 
 * ``_forward_kernel``: program ``row`` loads x[row] and its positive once, then streams the
   K negatives in tiles of BLOCK_K gathered rows of y (BLOCK_K x BLOCK_D), with an online
-  log-sum-exp. Writes the row loss, its lse (saved for backward) and fairseq's correct flag.
+  log-sum-exp. Writes the row loss, its lse's two parts (max, log s: saved for backward, kept
+  apart as csrc/contrastive.h RowStats explains) and fairseq's correct flag.
 * ``_backward_rows_kernel``: program ``row`` recomputes the logits tile by tile, turns each
   into the coefficients (alpha, beta) of csrc/contrastive.h (grad t_k += alpha x + beta t_k),
   accumulates grad x[row] in registers, and either atomically adds into an fp32 grad y
@@ -100,7 +101,7 @@ def _row_setup(x_ptr, y_ptr, pos_ptr, row, M, D, HAS_POS: tl.constexpr, BLOCK_D:
 
 
 @triton.jit(do_not_specialize=_COUNTS)
-def _forward_kernel(x_ptr, y_ptr, neg_ptr, pos_ptr, loss_ptr, lse_ptr, correct_ptr,
+def _forward_kernel(x_ptr, y_ptr, neg_ptr, pos_ptr, loss_ptr, stats_ptr, correct_ptr,
                     M, D, K, temperature, eps,
                     HAS_POS: tl.constexpr, NEG_MODE: tl.constexpr, PRECISION: tl.constexpr,
                     ROUND: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -126,13 +127,15 @@ def _forward_kernel(x_ptr, y_ptr, neg_ptr, pos_ptr, loss_ptr, lse_ptr, correct_p
         m = m_new
     log_s = log_denominator(s, c)
     tl.store(loss_ptr + row, (m - logit0) + log_s)  # not lse - logit0: see csrc/contrastive.h row_loss
-    tl.store(lse_ptr + row, m + log_s)
+    # lse's two parts (csrc/contrastive.h RowStats): m at [row], log s at [N + row]; grid = (N,)
+    tl.store(stats_ptr + row, m)
+    tl.store(stats_ptr + tl.num_programs(0) + row, log_s)
     # fairseq's accuracy: argmax is 0 (first maximum) and argmin is not 0 (first minimum)
     tl.store(correct_ptr + row, ((logit0 >= max_neg) & (min_neg < logit0)).to(tl.int8))
 
 
 @triton.jit(do_not_specialize=_COUNTS)
-def _backward_rows_kernel(grad_rows_ptr, x_ptr, y_ptr, neg_ptr, pos_ptr, lse_ptr, gx_ptr, alpha_ptr, beta_ptr,
+def _backward_rows_kernel(grad_rows_ptr, x_ptr, y_ptr, neg_ptr, pos_ptr, stats_ptr, gx_ptr, alpha_ptr, beta_ptr,
                           gy_acc_ptr, M, D, K, temperature, eps,
                           HAS_POS: tl.constexpr, NEG_MODE: tl.constexpr, PRECISION: tl.constexpr,
                           ROUND: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -142,7 +145,8 @@ def _backward_rows_kernel(grad_rows_ptr, x_ptr, y_ptr, neg_ptr, pos_ptr, lse_ptr
     d_valid = offs_d < D
     x, p, jp = _row_setup(x_ptr, y_ptr, pos_ptr, row, M, D, HAS_POS, BLOCK_D)
     go = tl.load(grad_rows_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(stats_ptr + row)
+    log_s = tl.load(stats_ptr + tl.num_programs(0) + row)
     nx_sq = tl.sum(x * x, axis=0)
     nx = _clamped_norm(nx_sq, eps)
     # the positive (slot 0): d loss / d logit0 = p0 - 1
@@ -150,7 +154,7 @@ def _backward_rows_kernel(grad_rows_ptr, x_ptr, y_ptr, neg_ptr, pos_ptr, lse_ptr
     np_ = _clamped_norm(psq, eps)
     cos0 = tl.math.div_rn(tl.sum(x * p, axis=0), nx * np_)
     logit0 = _logit(cos0, temperature, PRECISION, ROUND)
-    g0 = go * (tl.exp(logit0 - lse) - 1.0) / temperature
+    g0 = go * (tl.exp((logit0 - row_max) - log_s) - 1.0) / temperature
     alpha0 = g0 / (nx * np_)
     beta0 = tl.where(tl.sqrt_rn(psq) >= eps, -g0 * cos0 / (np_ * np_), 0.0)
     gx = alpha0 * p
@@ -165,7 +169,7 @@ def _backward_rows_kernel(grad_rows_ptr, x_ptr, y_ptr, neg_ptr, pos_ptr, lse_ptr
         j, t, cos, tsq, logit, k_valid = _negative_tile(y_ptr, neg_ptr, row, k0, x, p, jp, nx, M, D, K,
                                                         temperature, eps, NEG_MODE, PRECISION, ROUND,
                                                         BLOCK_K, BLOCK_D)
-        g = go * tl.exp(logit - lse) / temperature  # 0 where masked (-inf)
+        g = go * tl.exp((logit - row_max) - log_s) / temperature  # 0 where masked (-inf)
         nt = _clamped_norm(tsq, eps)
         alpha = g / (nx * nt)
         beta = tl.where(tl.sqrt_rn(tsq) >= eps, -g * cos / (nt * nt), 0.0)
@@ -237,24 +241,25 @@ def _blocks(d: int, k: int) -> tuple[int, int]:
 
 
 def forward(x, y, negatives, positives, temperature, neg_mode, precision):
-    """(loss (N,), lse (N,), correct (N,) bool), fp32; inputs contiguous on one device."""
+    """(loss (N,), stats (2, N): max and log s, correct (N,) bool), fp32; inputs contiguous on
+    one device."""
     n, d = x.shape
     m, k = y.shape[0], negatives.shape[1]
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
-    lse = torch.empty(n, dtype=torch.float32, device=x.device)
+    stats = torch.empty(2, n, dtype=torch.float32, device=x.device)
     correct = torch.empty(n, dtype=torch.bool, device=x.device)
     if n == 0:
-        return loss, lse, correct
+        return loss, stats, correct
     block_k, block_d = _blocks(d, k)
     _forward_kernel[(n,)](
-        x, y, negatives, positives if positives is not None else negatives, loss, lse, correct.view(torch.int8),
+        x, y, negatives, positives if positives is not None else negatives, loss, stats, correct.view(torch.int8),
         m, d, k, float(temperature), NORM_EPS,
         HAS_POS=positives is not None, NEG_MODE=neg_mode, PRECISION=precision, ROUND=_ROUND[x.dtype],
         BLOCK_K=block_k, BLOCK_D=block_d)
-    return loss, lse, correct
+    return loss, stats, correct
 
 
-def backward(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, precision, csr=None):
+def backward(grad_rows, x, y, negatives, positives, stats, temperature, neg_mode, precision, csr=None):
     """(grad x, grad y). ``csr=(order, offsets)`` selects the deterministic segmented grad y;
     None uses fp32 atomics."""
     n, d = x.shape
@@ -273,7 +278,7 @@ def backward(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, 
         alpha = torch.empty(n, k + 1, dtype=torch.float32, device=dev)
         beta = torch.empty(n, k + 1, dtype=torch.float32, device=dev)
     _backward_rows_kernel[(n,)](
-        grad_rows, x, y, negatives, positives if positives is not None else negatives, lse, grad_x, alpha, beta,
+        grad_rows, x, y, negatives, positives if positives is not None else negatives, stats, grad_x, alpha, beta,
         gy_acc, m, d, k, float(temperature), NORM_EPS,
         HAS_POS=positives is not None, NEG_MODE=neg_mode, PRECISION=precision, ROUND=_ROUND[x.dtype],
         ATOMIC=atomic, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_backward_warps(block_k, block_d, x.dtype))

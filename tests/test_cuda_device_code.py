@@ -393,6 +393,13 @@ def test_contrastive_kernels_on_the_host_edge_cases(emulated_contrastive_cuda, c
     getattr(tc, case)("cuda")
 
 
+@pytest.mark.parametrize("temperature", [0.03, 0.01])
+def test_contrastive_kernels_on_the_host_at_large_logits(emulated_contrastive_cuda, temperature):
+    import test_contrastive as tc
+
+    tc.check_large_logits("cuda", temperature)
+
+
 @pytest.mark.parametrize("dtype,scale", [(torch.float16, 6.0e4), (torch.float32, 1e15), (torch.float32, 1e-20)])
 def test_contrastive_kernels_on_the_host_extreme_norms(emulated_contrastive_cuda, dtype, scale):
     import test_contrastive as tc

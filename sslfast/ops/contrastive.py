@@ -6,7 +6,8 @@ negatives on the device with ``sslfast.sample_negatives`` and calls the fused lo
 Layers: the spec is ``sslfast.reference.contrastive``; the C++ (``csrc/contrastive_cpu.cpp``)
 and CUDA (``csrc/contrastive_cuda.cu``) kernels share ``csrc/contrastive.h``; the Triton
 kernels are ``sslfast.kernels.contrastive``. Kernel backends run behind two custom ops,
-``sslfast::contrastive_loss`` (per-row loss, lse, correct flag) and
+``sslfast::contrastive_loss`` (per-row loss, the row statistics (2, N): lse's two parts, the
+max and log s, kept apart as csrc/contrastive.h RowStats explains, correct flag) and
 ``sslfast::contrastive_loss_backward`` (grad x, grad y), so ``torch.compile(fullgraph=True)``
 traces the public function. The reduction runs in torch on the per-row losses.
 
@@ -68,20 +69,20 @@ def _forward_cpu(x, y, negatives, positives, temperature, neg_mode, precision):
     n, d = x.shape
     m, k = y.shape[0], negatives.shape[1]
     loss = torch.empty(n, dtype=torch.float32)
-    lse = torch.empty(n, dtype=torch.float32)
+    stats = torch.empty(2, n, dtype=torch.float32)
     correct = torch.empty(n, dtype=torch.bool)
     if n == 0:
-        return loss, lse, correct
+        return loss, stats, correct
     ysq = torch.empty(m, dtype=torch.float32)
     _ext.cpu_module().contrastive_forward(
         _ext.ptr(x), _ext.ptr(y), _ext.ptr(negatives), _itype(negatives), _ext.ptr(positives), _itype(positives),
-        _ext.ptr(ysq), _ext.ptr(loss), _ext.ptr(lse), _ext.ptr(correct), n, m, d, k, _ext.DTYPE_CODE[x.dtype],
+        _ext.ptr(ysq), _ext.ptr(loss), _ext.ptr(stats), _ext.ptr(correct), n, m, d, k, _ext.DTYPE_CODE[x.dtype],
         temperature, neg_mode, precision)
-    return loss, lse, correct
+    return loss, stats, correct
 
 
 @_dispatch.register(OP_BACKWARD, "cpu")
-def _backward_cpu(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, precision, deterministic):
+def _backward_cpu(grad_rows, x, y, negatives, positives, stats, temperature, neg_mode, precision, deterministic):
     n, d = x.shape
     m, k = y.shape[0], negatives.shape[1]
     grad_x = torch.empty_like(x)
@@ -95,7 +96,7 @@ def _backward_cpu(grad_rows, x, y, negatives, positives, lse, temperature, neg_m
     dt = _ext.DTYPE_CODE[x.dtype]
     C.contrastive_backward_rows(
         _ext.ptr(grad_rows), _ext.ptr(x), _ext.ptr(y), _ext.ptr(negatives), _itype(negatives), _ext.ptr(positives),
-        _itype(positives), _ext.ptr(lse), _ext.ptr(ysq), _ext.ptr(grad_x), _ext.ptr(alpha), _ext.ptr(beta), n, m, d,
+        _itype(positives), _ext.ptr(stats), _ext.ptr(ysq), _ext.ptr(grad_x), _ext.ptr(alpha), _ext.ptr(beta), n, m, d,
         k, dt, temperature, neg_mode, precision)
     order = torch.empty(n * (k + 1), dtype=torch.int64)
     offsets = torch.empty(m + 1, dtype=torch.int64)
@@ -114,19 +115,19 @@ def _forward_cuda(x, y, negatives, positives, temperature, neg_mode, precision):
     n, d = x.shape
     m, k = y.shape[0], negatives.shape[1]
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
-    lse = torch.empty(n, dtype=torch.float32, device=x.device)
+    stats = torch.empty(2, n, dtype=torch.float32, device=x.device)
     correct = torch.empty(n, dtype=torch.bool, device=x.device)
     if n == 0:
-        return loss, lse, correct
+        return loss, stats, correct
     _ext.cuda_module().contrastive_forward(
         _ext.ptr(x), _ext.ptr(y), _ext.ptr(negatives), _itype(negatives), _ext.ptr(positives), _itype(positives),
-        _ext.ptr(loss), _ext.ptr(lse), _ext.ptr(correct), n, m, d, k, _ext.DTYPE_CODE[x.dtype], temperature,
+        _ext.ptr(loss), _ext.ptr(stats), _ext.ptr(correct), n, m, d, k, _ext.DTYPE_CODE[x.dtype], temperature,
         neg_mode, precision, _ext.stream(x.device))
-    return loss, lse, correct
+    return loss, stats, correct
 
 
 @_dispatch.register(OP_BACKWARD, "cuda")
-def _backward_cuda(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, precision, deterministic):
+def _backward_cuda(grad_rows, x, y, negatives, positives, stats, temperature, neg_mode, precision, deterministic):
     n, d = x.shape
     m, k = y.shape[0], negatives.shape[1]
     dev = x.device
@@ -146,7 +147,7 @@ def _backward_cuda(grad_rows, x, y, negatives, positives, lse, temperature, neg_
         gy_acc = torch.zeros(m, d, dtype=torch.float32, device=dev)
     C.contrastive_backward_rows(
         _ext.ptr(grad_rows), _ext.ptr(x), _ext.ptr(y), _ext.ptr(negatives), _itype(negatives), _ext.ptr(positives),
-        _itype(positives), _ext.ptr(lse), _ext.ptr(grad_x), _ext.ptr(alpha), _ext.ptr(beta), _ext.ptr(gy_acc), n, m,
+        _itype(positives), _ext.ptr(stats), _ext.ptr(grad_x), _ext.ptr(alpha), _ext.ptr(beta), _ext.ptr(gy_acc), n, m,
         d, k, dt, temperature, neg_mode, precision, stream)
     if not deterministic:
         return grad_x, gy_acc.to(y.dtype)
@@ -168,11 +169,11 @@ def _forward_triton(x, y, negatives, positives, temperature, neg_mode, precision
 
 
 @_dispatch.register(OP_BACKWARD, "triton")
-def _backward_triton(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, precision, deterministic):
+def _backward_triton(grad_rows, x, y, negatives, positives, stats, temperature, neg_mode, precision, deterministic):
     from ..kernels import contrastive as kc
 
     csr = candidate_csr(negatives, positives, x.shape[0], y.shape[0]) if deterministic else None
-    return kc.backward(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, precision, csr)
+    return kc.backward(grad_rows, x, y, negatives, positives, stats, temperature, neg_mode, precision, csr)
 
 
 _dispatch.register(OP, "reference")(ref.contrastive_loss)
@@ -192,19 +193,19 @@ def _loss_op(x: torch.Tensor, y: torch.Tensor, negatives: torch.Tensor, positive
 def _(x, y, negatives, positives, temperature, neg_mode, precision, deterministic, backend):
     n = x.shape[0]
     f = x.new_empty(n, dtype=torch.float32)
-    return f, x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.bool)
+    return f, x.new_empty(2, n, dtype=torch.float32), x.new_empty(n, dtype=torch.bool)
 
 
 @torch.library.custom_op("sslfast::contrastive_loss_backward", mutates_args=())
 def _loss_backward_op(grad_rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, negatives: torch.Tensor,
-                      positives: Optional[torch.Tensor], lse: torch.Tensor, temperature: float, neg_mode: int,
+                      positives: Optional[torch.Tensor], stats: torch.Tensor, temperature: float, neg_mode: int,
                       precision: int, deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _dispatch.get(OP_BACKWARD, backend)(grad_rows.contiguous(), x, y, negatives, positives, lse, temperature,
+    return _dispatch.get(OP_BACKWARD, backend)(grad_rows.contiguous(), x, y, negatives, positives, stats, temperature,
                                                neg_mode, precision, deterministic)
 
 
 @_loss_backward_op.register_fake
-def _(grad_rows, x, y, negatives, positives, lse, temperature, neg_mode, precision, deterministic, backend):
+def _(grad_rows, x, y, negatives, positives, stats, temperature, neg_mode, precision, deterministic, backend):
     return torch.empty_like(x), torch.empty_like(y)
 
 
@@ -215,10 +216,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_rows, grad_lse, grad_correct):
-    x, y, negatives, positives, lse = ctx.saved_tensors
+    x, y, negatives, positives, stats = ctx.saved_tensors
     if grad_rows is None:
-        grad_rows = torch.zeros_like(lse)
-    grad_x, grad_y = torch.ops.sslfast.contrastive_loss_backward(grad_rows.float(), x, y, negatives, positives, lse,
+        grad_rows = torch.zeros_like(stats[0])
+    grad_x, grad_y = torch.ops.sslfast.contrastive_loss_backward(grad_rows.float(), x, y, negatives, positives, stats,
                                                                 *ctx.args)
     return grad_x, grad_y, None, None, None, None, None, None, None
 
