@@ -159,7 +159,7 @@ def test_kernel_matches_reference(backend, n, h, v, d, dt, shared_y):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("opt", [dict(), dict(label_smoothing=0.1, reduction="sum"), dict(training=False, tau=0.1),
-                                 dict(use_mask=True, tau=2.0)], ids=str)
+                                 dict(use_mask=True, tau=2.0), dict(tau=1e-3)], ids=str)
 @pytest.mark.parametrize("heads", ["shared", "perhead-nobias"])
 def test_kernel_options_match_reference(backend, opt, heads):
     n, h, v, d, dt = 41, 2, 37, 12, 8
