@@ -17,18 +17,7 @@ from _tolerance import assert_error_rule
 from sslfast.reference import masked_prediction as ref
 from sslfast.reference.gumbel_quantize import gumbel_noise
 from sslfast.reference.rp_quantize import random_projection_quantize as rpq_reference
-
-KERNEL_BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.cpu),
-    pytest.param("triton", marks=pytest.mark.interpreter),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
-
-
-def _device(backend):
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+from test_masked_prediction import KERNEL_BACKENDS, _device
 
 
 def make_case(n, h, v, d, dt, *, seed=0, shared_y=False, bias=True, shared_x=True):
