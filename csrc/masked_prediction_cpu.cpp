@@ -343,7 +343,12 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, const Packed& 
       continue;
     }
     const float mass = row_mass(st, p.eps);
-    const float qbar = birq ? row_qbar(st, p.eps) : 0.0f;
+    float qbar = 0.0f;  // BiRQ: sum_v q_v dloss/dq_v / g (masked_prediction.h, qbar_term)
+    if (birq) {
+      double acc = 0.0;
+      for (int64_t v = 0; v < p.V; ++v) acc += qbar_term(z[v], st.m, log_l, sl.qrow[v], p.eps);
+      qbar = static_cast<float>(acc);
+    }
     for (int64_t v = 0; v < p.V; ++v) {
       const float qv = soft ? sl.qrow[v] : (v == t ? 1.0f : 0.0f);
       if (p.dq) p.dq[i * p.V + v] = dtarget(z[v], st.m, log_l, g, p.eps);
