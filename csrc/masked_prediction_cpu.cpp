@@ -43,6 +43,7 @@
 #include "masked_prediction.h"
 #include "sslfast/bind.h"
 #include "sslfast/cpu_isa.h"
+#include "sslfast/philox_cpu.h"
 #include "sslfast/dtype.h"
 
 namespace py = pybind11;
@@ -275,13 +276,95 @@ void phase2_operands(const float* dS, int64_t Vs, float* dST, const float* rows,
   for (int64_t r = 0; r < R; ++r)
     for (int64_t v = 0; v < Vs; ++v) dST[v * R + r] = dS[r * Vs + v];
   for (int64_t jp = 0; jp < Dp / NR; ++jp)
-    for (int64_t r = 0; r < R; ++r) std::memcpy(panels + (jp * R + r) * NR, rows + r * Dp + jp * NR, NR * sizeof(float));
+    for (int64_t r = 0; r < R; ++r)
+      std::memcpy(panels + (jp * R + r) * NR, rows + r * Dp + jp * NR, NR * sizeof(float));
+}
+
+// ---- BiRQ's Gumbel noise, exact and fast: gq::gumbel_at's bits (-log(-log(u)) in fp64, rounded
+// once to fp32), one Philox call per four positions and the fp64 logs four lanes at a time.
+// gq::gumbel_at per position took about 30% of the core's time (a Philox call and two libm logs each).
+
+#if SSLFAST_X86_SIMD
+// log of four positive normal doubles: x = 2^e m, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s)
+// with s = (m - 1) / (m + 1), |s| <= 0.1716, by its series to s^23 (truncation below 1e-17
+// relative), e ln 2 added in two parts (fdlibm's ln2_hi, exact times e, and ln2_lo). Relative
+// error a few 1e-16: not libm's bits, which is why gumbel_from_words checks the rounding.
+SSLFAST_TARGET_AVX2 __m256d log4(__m256d x) {
+  const __m256i bits = _mm256_castpd_si256(x);
+  const __m256i mant = _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi64x(0x000FFFFFFFFFFFFFLL)),
+                                       _mm256_set1_epi64x(0x3FF0000000000000LL));
+  __m256d m = _mm256_castsi256_pd(mant);  // [1, 2)
+  // the biased exponent as a double: its bits under 2^52's, minus 2^52
+  const __m256i ebits = _mm256_or_si256(_mm256_srli_epi64(bits, 52), _mm256_set1_epi64x(0x4330000000000000LL));
+  __m256d e = _mm256_sub_pd(_mm256_castsi256_pd(ebits), _mm256_set1_pd(4503599627370496.0 + 1023.0));
+  const __m256d big = _mm256_cmp_pd(m, _mm256_set1_pd(1.4142135623730951), _CMP_GT_OQ);
+  m = _mm256_blendv_pd(m, _mm256_mul_pd(m, _mm256_set1_pd(0.5)), big);
+  e = _mm256_add_pd(e, _mm256_and_pd(big, _mm256_set1_pd(1.0)));
+  const __m256d one = _mm256_set1_pd(1.0);
+  const __m256d sv = _mm256_div_pd(_mm256_sub_pd(m, one), _mm256_add_pd(m, one));
+  const __m256d s2 = _mm256_mul_pd(sv, sv);
+  __m256d poly = _mm256_set1_pd(2.0 / 23.0);
+  for (int k = 21; k >= 1; k -= 2) poly = _mm256_fmadd_pd(poly, s2, _mm256_set1_pd(2.0 / k));
+  const __m256d logm = _mm256_mul_pd(sv, poly);
+  const __m256d lo = _mm256_fmadd_pd(e, _mm256_set1_pd(1.90821492927058770002e-10), logm);
+  return _mm256_fmadd_pd(e, _mm256_set1_pd(6.93147180369123816490e-01), lo);
+}
+
+// Four words' noise; returns the lanes (bits) log4's error leaves in doubt: where r -+ B round to
+// different floats, B = 4e-15 (1 + |r|) bounding log4's error and any libm's (both logs: the inner
+// one's relative error becomes the outer one's absolute error).
+SSLFAST_TARGET_AVX2 int gumbel4(const uint32_t* words, float* out) {
+  const __m128 u = _mm_setr_ps(uint_to_open_uniform(words[0], gq::kULo), uint_to_open_uniform(words[1], gq::kULo),
+                               uint_to_open_uniform(words[2], gq::kULo), uint_to_open_uniform(words[3], gq::kULo));
+  const __m256d zero = _mm256_setzero_pd();
+  const __m256d v = _mm256_sub_pd(zero, log4(_mm256_cvtps_pd(u)));
+  const __m256d r = _mm256_sub_pd(zero, log4(v));
+  const __m256d absr = _mm256_andnot_pd(_mm256_set1_pd(-0.0), r);
+  const __m256d b = _mm256_mul_pd(_mm256_set1_pd(4e-15), _mm256_add_pd(_mm256_set1_pd(1.0), absr));
+  const __m128 f = _mm256_cvtpd_ps(r);
+  const __m128 same = _mm_and_ps(_mm_cmpeq_ps(_mm256_cvtpd_ps(_mm256_sub_pd(r, b)), f),
+                                 _mm_cmpeq_ps(_mm256_cvtpd_ps(_mm256_add_pd(r, b)), f));
+  _mm_storeu_ps(out, f);
+  return ~_mm_movemask_ps(same) & 0xF;
+}
+#endif
+
+// out[i] = gq::gumbel_from_word(words[i]), i < count; returns how many took the scalar path for
+// lack of precision (tests).
+int64_t gumbel_from_words(const uint32_t* words, int64_t count, float* out) {
+  int64_t i = 0, slow = 0;
+#if SSLFAST_X86_SIMD
+  if (cpu_isa() != Isa::scalar)
+    for (; i + 4 <= count; i += 4) {
+      const int doubt = gumbel4(words + i, out + i);
+      for (int j = 0; j < 4; ++j)
+        if (doubt >> j & 1) out[i + j] = gq::gumbel_from_word(words[i + j]), ++slow;
+    }
+#endif
+  for (; i < count; ++i) out[i] = gq::gumbel_from_word(words[i]);
+  return slow;
+}
+
+// Noise G(n, pos0 + i) of logits row n, i < count (gq::gumbel_at's bits): word pos % 4 of Philox
+// block (pos / 4, n, Stream::GUMBEL, 0), the blocks drawn in bulk (sslfast/philox_cpu.h).
+void gumbel_row(uint64_t seed, int64_t n, int64_t pos0, int64_t count, float* out) {
+  constexpr int64_t kQuads = 64;
+  uint32_t words[4 * (kQuads + 1)];
+  for (int64_t i0 = 0; i0 < count; i0 += 4 * kQuads) {
+    const int64_t nb = std::min(4 * kQuads, count - i0);
+    const int64_t first = (pos0 + i0) >> 2, last = (pos0 + i0 + nb - 1) >> 2;
+    philox_range(static_cast<uint32_t>(first), last - first + 1, static_cast<uint32_t>(n), gq::kStreamGumbel, seed,
+                 words);
+    gumbel_from_words(words + ((pos0 + i0) & 3), nb, out + i0);
+  }
 }
 
 // BiRQ: row n's target scores <y, c_v> in t (V floats) become the target logits t_v
 // (target_logit) and q its softmax (target_prob from the row's online log-sum-exp).
 void target_row(const Problem& p, int64_t h, int64_t n, float* t, float* q) {
-  for (int64_t v = 0; v < p.V; ++v) t[v] = target_logit(t[v], p.tgt_scale, p.noise_scale, p.seed, n, h * p.V + v);
+  const bool noise = p.noise_scale != 0.0f;
+  if (noise) gumbel_row(p.seed, n, h * p.V, p.V, q);  // q holds the noise until the probabilities
+  for (int64_t v = 0; v < p.V; ++v) t[v] = target_logit_noise(t[v], p.tgt_scale, p.noise_scale, noise ? q[v] : 0.0f);
   RowState ts = row_init(true);
   lse_update(ts, t, static_cast<int>(p.V));
   const float log_l_t = row_log_l(ts);
@@ -490,6 +573,12 @@ void gumbel_forward_backward_cpu(std::uintptr_t x, int x_dtype, std::uintptr_t w
   run(p, as_ptr<float>(ws), slots);
 }
 
+// Tests: gumbel_from_words on `count` words at address `words` into `out` (fp32); returns the
+// number of lanes the vector path left to the scalar one.
+int64_t gumbel_words_cpu(std::uintptr_t words, int64_t count, std::uintptr_t out) {
+  return gumbel_from_words(as_ptr<const uint32_t>(words), count, as_ptr<float>(out));
+}
+
 }  // namespace
 }  // namespace mpl
 
@@ -511,6 +600,10 @@ void bind_masked_prediction(py::module_& m) {
         py::arg("eps"), py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("top"), py::arg("dx"),
         py::arg("dw"), py::arg("db"), py::arg("dy"), py::arg("dc"), py::arg("ws"), py::arg("slots"),
         "BiRQ's masked-prediction core: soft targets softmax(tgt_scale <y, c> + noise_scale Gumbel) made per row");
+  m.def("_masked_prediction_gumbel_words", &mpl::gumbel_words_cpu, py::arg("words"), py::arg("count"),
+        py::arg("out"),
+        "(tests) Gumbel noise of `count` Philox words (uint32) into fp32 `out` with BiRQ's CPU path; returns how "
+        "many lanes fell back to scalar libm logs");
 }
 
 }  // namespace sslfast

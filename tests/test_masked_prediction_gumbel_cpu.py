@@ -156,3 +156,39 @@ def test_bit_identical_for_any_thread_count():
     assert len(set(slots)) > 1, slots  # the thread count did reach the kernel
     for o in outs[1:]:
         _same_bits(outs[0], o)
+
+
+# ----------------------------------------------------------------------------- the noise path
+def _words_noise(words):
+    """The CPU path's noise of uint32 words (held in int64), and how many lanes fell back."""
+    w32 = torch.from_numpy(words.numpy().astype("uint32").view("int32").copy())
+    out = torch.empty(words.numel(), dtype=torch.float32)
+    slow = _ext.cpu_module()._masked_prediction_gumbel_words(w32.data_ptr(), words.numel(), out.data_ptr())
+    return out, slow
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_noise_of_words_has_the_reference_bits(force_cpu_isa, isa):
+    # The rows' noise takes its fp64 logs four lanes at a time (not libm's bits) and redoes with
+    # libm the lanes whose rounding to fp32 that leaves in doubt: u near 1/e (G near 0) and any
+    # close call. Words: around u = 1/e (both halves of the word range map there), random, extremes.
+    from sslfast import random as sr
+    from sslfast.reference.gumbel_quantize import GUMBEL_U_LO
+
+    force_cpu_isa(isa)
+    mid = round(math.exp(-1) / 4.6566127342e-10)
+    near = torch.arange(mid - 3000, mid + 3001, dtype=torch.int64)
+    rand = torch.randint(0, 2**32, (200_003,), generator=torch.Generator().manual_seed(0))
+    words = torch.cat([near, 2**32 - 1 - near, rand, torch.tensor([0, 1, 2, 3, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1])])
+    got, slow = _words_noise(words)
+    want = (-torch.log(-torch.log(sr.uint_to_open_uniform(words, GUMBEL_U_LO).double()))).float()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert (slow > 0) if isa == "avx2" else (slow == 0), slow  # the fallback did run on the vector path
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_core_simd_paths_give_the_scalar_bits(force_cpu_isa, isa):
+    force_cpu_isa("scalar")
+    want = _run(torch.tensor([3]))
+    force_cpu_isa(isa)
+    _same_bits(want, _run(torch.tensor([3])))
