@@ -146,8 +146,10 @@ SSLFAST_HD float dtarget(float z, float m, float log_l, float g, float eps) {
 // target: lse_update only); every later pass recomputes t tile by tile and takes
 // q_v = target_prob(t_v, m_t, log l_t). The loss, its statistics and dloss/dz are then those of a
 // soft target q. Nothing N x V is stored.
+SSLFAST_HD float target_logit_noise(float dot, float tgt_scale, float noise_scale, float gumbel);
+
 SSLFAST_HD float target_logit(float dot, float tgt_scale, float noise_scale, uint64_t seed, int64_t n, int64_t pos) {
-  return noise_scale == 0.0f ? tgt_scale * dot : fmaf(noise_scale, gq::gumbel_at(seed, n, pos), tgt_scale * dot);
+  return target_logit_noise(dot, tgt_scale, noise_scale, noise_scale == 0.0f ? 0.0f : gq::gumbel_at(seed, n, pos));
 }
 
 SSLFAST_HD float target_prob(float t, float m_t, float log_l_t) { return expf((t - m_t) - log_l_t); }
@@ -163,6 +165,23 @@ SSLFAST_HD float row_qbar(const RowState& st, float eps) {
 // dloss/dq_v = (1 - eps) (lse - z_v) (dtarget); the gradient of <y, c_v> is tgt_scale times it.
 SSLFAST_HD float dtarget_logit(float z, float m, float log_l, float g, float q, float qbar, float eps) {
   return g * q * ((1.0f - eps) * ((m - z) + log_l) - qbar);
+}
+
+// qbar summed term by term once the row's statistics (m, log l) are final (the C++ CPU kernel,
+// which holds the whole row): qbar = sum_v qbar_term(z_v, m, log l, q_v, eps), accumulated in
+// double. Each term carries the same rounding of (1 - eps)((m - z) + log l) as dtarget_logit, so
+// the difference there cancels it. row_qbar's (qsum m - sum q z) + qsum log l, rounded piece by
+// piece, gave the C++ kernel's dy 1.5x the fp32 reference's error (rms over 4000 rows, V = 97)
+// and over 2x on the worst element of a 37-row case (tests/test_masked_prediction_gumbel_cpu.py).
+SSLFAST_HD double qbar_term(float z, float m, float log_l, float q, float eps) {
+  return static_cast<double>(q) * static_cast<double>(dtarget(z, m, log_l, 1.0f, eps));
+}
+
+// target_logit with the noise G(n, pos) already drawn (gumbel; unused when noise_scale is 0): the
+// C++ CPU kernel draws a row's noise four positions per Philox call and its fp64 logs four lanes
+// at a time (masked_prediction_cpu.cpp, gumbel_row), the same bits as gq::gumbel_at.
+SSLFAST_HD float target_logit_noise(float dot, float tgt_scale, float noise_scale, float gumbel) {
+  return noise_scale == 0.0f ? tgt_scale * dot : fmaf(noise_scale, gumbel, tgt_scale * dot);
 }
 
 // ---- masked_prediction_cuda.cu's tiles, each function what one thread of a block does
