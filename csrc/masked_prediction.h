@@ -142,9 +142,9 @@ SSLFAST_HD float dtarget(float z, float m, float log_l, float g, float eps) {
 //     t_v = tgt_scale * <y_(n, h), c_(h, v)> + noise_scale * G(n, h * V + v)
 // G the Gumbel noise of gumbel_vector_quantize's stream for an (N, H * V) logits row (gq::gumbel_at);
 // noise_scale = 0 means no noise is drawn (eval). q = softmax(t) over v: a first pass computes
-// each row's target statistics (m_t, log l_t) with the online log-sum-exp above (RowState with no
+// each row's target statistics (m_t, l_t) with the online log-sum-exp above (RowState with no
 // target: lse_update only); every later pass recomputes t tile by tile and takes
-// q_v = target_prob(t_v, m_t, log l_t). The loss, its statistics and dloss/dz are then those of a
+// q_v = target_prob(t_v, m_t, l_t). The loss, its statistics and dloss/dz are then those of a
 // soft target q. Nothing N x V is stored.
 SSLFAST_HD float target_logit_noise(float dot, float tgt_scale, float noise_scale, float gumbel);
 
@@ -152,29 +152,37 @@ SSLFAST_HD float target_logit(float dot, float tgt_scale, float noise_scale, uin
   return target_logit_noise(dot, tgt_scale, noise_scale, noise_scale == 0.0f ? 0.0f : gq::gumbel_at(seed, n, pos));
 }
 
-SSLFAST_HD float target_prob(float t, float m_t, float log_l_t) { return expf((t - m_t) - log_l_t); }
+// q_v from the row's target statistics: the max m_t and the softmax denominator l_t = l - c (>= 1),
+// as exp(t - m_t) / l_t, softmax's own rounding. exp((t - m_t) - log l_t) would carry
+// ulp(|t - m_t|) / 2 of absolute error into the exponent: 4x torch's error on a q of 1e-4 at
+// t - m_t near -10, and the BiRQ gradients showed it (2-3x the fp32 reference's at tau 1e-3).
+SSLFAST_HD float target_prob(float t, float m_t, float l_t) { return expf(t - m_t) / l_t; }
 
-// sum_v q_v dloss/dq_v / g = (1 - eps) (qsum lse - sum_v q_v z_v), saved per row by the loss pass
-// for the target-logit gradient (the first term of row_loss).
-SSLFAST_HD float row_qbar(const RowState& st, float eps) {
+// l_t of a row state: its compensated sum.
+SSLFAST_HD float row_denominator(const RowState& st) { return st.l - st.c; }
+
+// zbar = sum_v q_v z_v / sum_v q_v, the target-weighted mean logit, saved per row by the loss pass.
+// The streaming kernels take it from the row state; the C++ CPU kernel, which holds the whole row,
+// sums it in double.
+SSLFAST_HD float row_zbar(const RowState& st) { return st.zy / st.qsum; }
+
+// g * dloss/dt_v through q = softmax(t): q_v (dloss/dq_v - sum_u q_u dloss/dq_u) with
+// dloss/dq_v = (1 - eps) (lse - z_v) (dtarget): lse cancels, leaving (1 - eps) q_v (zbar - z_v)
+// (q normalised: sum_u q_u = 1). Where q peaks, zbar - z_v is a difference of near-equal floats,
+// exact; the same gradient as (lse - z_v) - sum_u q_u (lse - z_u) in fp32 (torch's softmax
+// backward) cancels two numbers near lse - z_v and rounds at ulp(lse - z_v): 2.4x (features)
+// and 2x (codebooks) the fp32 reference's mean error at tau 1e-3 when computed that way. The
+// gradient of <y, c_v> is tgt_scale times it.
+SSLFAST_HD float dtarget_logit(float z, float zbar, float g, float q, float eps) {
+  return g * (1.0f - eps) * q * (zbar - z);
+}
+
+// A soft row's loss with its cross-entropy part xent = -sum_v q_v log p_v given (the C++ CPU kernel
+// sums q_v ((m - z_v) + log l) in double: row_loss's fp32 sum_v q_v z_v put BiRQ's loss at 3x the
+// fp32 reference's error, N = 130, V = 130): (1 - eps) xent + eps log l + eps (m - zsum / V).
+SSLFAST_HD float row_loss_xent(const RowState& st, float xent, float eps, float eps_over_v) {
   const float lg = log_denominator(st.l, st.c);
-  return (1.0f - eps) * ((st.qsum * st.m - st.zy) + st.qsum * lg);
-}
-
-// g * dloss/dt_v through q = softmax(t): q_v (dloss/dq_v - sum_u q_u dloss/dq_u), with
-// dloss/dq_v = (1 - eps) (lse - z_v) (dtarget); the gradient of <y, c_v> is tgt_scale times it.
-SSLFAST_HD float dtarget_logit(float z, float m, float log_l, float g, float q, float qbar, float eps) {
-  return g * q * ((1.0f - eps) * ((m - z) + log_l) - qbar);
-}
-
-// qbar summed term by term once the row's statistics (m, log l) are final (the C++ CPU kernel,
-// which holds the whole row): qbar = sum_v qbar_term(z_v, m, log l, q_v, eps), accumulated in
-// double. Each term carries the same rounding of (1 - eps)((m - z) + log l) as dtarget_logit, so
-// the difference there cancels it. row_qbar's (qsum m - sum q z) + qsum log l, rounded piece by
-// piece, gave the C++ kernel's dy 1.5x the fp32 reference's error (rms over 4000 rows, V = 97)
-// and over 2x on the worst element of a 37-row case (tests/test_masked_prediction_gumbel_cpu.py).
-SSLFAST_HD double qbar_term(float z, float m, float log_l, float q, float eps) {
-  return static_cast<double>(q) * static_cast<double>(dtarget(z, m, log_l, 1.0f, eps));
+  return (1.0f - eps) * xent + eps * lg + (eps * st.m - eps_over_v * st.zsum);
 }
 
 // target_logit with the noise G(n, pos) already drawn (gumbel; unused when noise_scale is 0): the

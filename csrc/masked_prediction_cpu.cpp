@@ -367,8 +367,8 @@ void target_row(const Problem& p, int64_t h, int64_t n, float* t, float* q) {
   for (int64_t v = 0; v < p.V; ++v) t[v] = target_logit_noise(t[v], p.tgt_scale, p.noise_scale, noise ? q[v] : 0.0f);
   RowState ts = row_init(true);
   lse_update(ts, t, static_cast<int>(p.V));
-  const float log_l_t = row_log_l(ts);
-  for (int64_t v = 0; v < p.V; ++v) q[v] = target_prob(t[v], ts.m, log_l_t);
+  const float l_t = row_denominator(ts);
+  for (int64_t v = 0; v < p.V; ++v) q[v] = target_prob(t[v], ts.m, l_t);
 }
 
 // Phase 1 for chunk c of head h in slot sl.
@@ -414,7 +414,21 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, const Packed& 
       row_update(st, z, static_cast<int>(p.V), 0, t);
     }
     const float log_l = row_log_l(st);
-    if (p.loss) p.loss[i] = row_loss(st, valid, p.eps, eps_over_v);
+    // BiRQ: zbar = sum_v q_v z_v / sum_v q_v (masked_prediction.h, row_zbar) and the loss's
+    // -sum_v q_v log p_v (row_loss_xent), both summed in double
+    float zbar = 0.0f, xent = 0.0f;
+    if (birq) {
+      double zq = 0.0, qs = 0.0, xe = 0.0;
+      for (int64_t v = 0; v < p.V; ++v) {
+        const double qv = sl.qrow[v];
+        zq += qv * z[v];
+        qs += qv;
+        xe += qv * static_cast<double>((st.m - z[v]) + log_l);
+      }
+      zbar = static_cast<float>(zq / qs);
+      xent = static_cast<float>(xe);
+    }
+    if (p.loss) p.loss[i] = birq ? row_loss_xent(st, xent, p.eps, eps_over_v) : row_loss(st, valid, p.eps, eps_over_v);
     if (p.row_max) p.row_max[i] = st.m;
     if (p.log_l) p.log_l[i] = log_l;
     if (p.top) p.top[i] = row_top(st, valid) ? 1 : 0;
@@ -426,17 +440,11 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, const Packed& 
       continue;
     }
     const float mass = row_mass(st, p.eps);
-    float qbar = 0.0f;  // BiRQ: sum_v q_v dloss/dq_v / g (masked_prediction.h, qbar_term)
-    if (birq) {
-      double acc = 0.0;
-      for (int64_t v = 0; v < p.V; ++v) acc += qbar_term(z[v], st.m, log_l, sl.qrow[v], p.eps);
-      qbar = static_cast<float>(acc);
-    }
     for (int64_t v = 0; v < p.V; ++v) {
       const float qv = soft ? sl.qrow[v] : (v == t ? 1.0f : 0.0f);
       if (p.dq) p.dq[i * p.V + v] = dtarget(z[v], st.m, log_l, g, p.eps);
       // BiRQ: the T row becomes the gradient of <y, c_v>, tgt_scale * g * dloss/dt_v
-      if (tr) tr[v] = p.tgt_scale * dtarget_logit(z[v], st.m, log_l, g, qv, qbar, p.eps);
+      if (tr) tr[v] = p.tgt_scale * dtarget_logit(z[v], zbar, g, qv, p.eps);
       z[v] = p.scale * dlogit(z[v], st.m, log_l, g, qv, mass, p.eps, eps_over_v);
     }
     std::fill(z + p.V, z + L.Vs, 0.0f);

@@ -1,4 +1,4 @@
-"""BiRQ's on-the-fly soft targets, C++ CPU core (``cpu_core_gumbel``) against the fp64 reference.
+"""BiRQ's on-the-fly soft targets, C++ CPU core (``_cpu_gumbel`` in sslfast/ops/masked_prediction.py) against the fp64 reference.
 
 Truth: q = softmax(gumbel_target_logits(y, c, tgt_scale, noise_scale, seed)) in fp64, then
 ``ref.masked_prediction_loss(x, w, q, bias, reduction="none", label_smoothing=eps)`` with
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from _tolerance import assert_error_rule
 from sslfast import _ext
-from sslfast._masked_prediction_gumbel_cpu import cpu_core_gumbel
+from sslfast.ops.masked_prediction import _cpu_gumbel as cpu_core_gumbel
 from sslfast.reference import masked_prediction as ref
 
 pytestmark = pytest.mark.cpu

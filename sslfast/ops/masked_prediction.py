@@ -114,6 +114,28 @@ def _cpu_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
     return outs
 
 
+@_dispatch.register(OP_GUMBEL, "cpu")
+@_dispatch.register(OP_GUMBEL_BWD, "cpu")
+def _cpu_gumbel(x, w, bias, y, c, seed_t, tgt_scale, noise_scale, grad, scale, eps, want_rows=True):
+    """The core_gumbel contract (top of this file) on the C++ CPU kernel; the Philox key is read
+    on the host (a CPU tensor: no sync), an int is taken as is."""
+    mod = _ext.cpu_module()
+    n, hy, dt = y.shape
+    need_grad = grad is not None
+    slots, ws_floats = mod.masked_prediction_layout(w.shape[1], w.shape[2], need_grad, dt)
+    ws = torch.empty(ws_floats, dtype=torch.float32, device=x.device)
+    # hard-label-shaped placeholder targets: no (N, H, V) dq buffer
+    loss, stats, top, dx, dw, db, _ = _outputs(x, w, bias, torch.empty(0, dtype=torch.int64), grad)
+    dy = torch.zeros(n, hy, dt, dtype=torch.float32, device=x.device) if need_grad else None
+    dc = (torch.empty if n > 0 else torch.zeros)(c.shape, dtype=torch.float32, device=x.device) if need_grad else None
+    rows = (loss, stats[0], stats[1], top) if want_rows else (None, None, None, None)
+    mod.masked_prediction_gumbel_forward_backward(
+        *_ext_args(x, w, bias, grad, scale, eps), _ext.ptr(y), _ext.ptr(c), hy, dt, sr.seed_value(seed_t),
+        float(tgt_scale), float(noise_scale), _ext.ptr(grad), *_sizes(x, w, scale, eps),
+        *map(_ext.ptr, rows + (dx, dw, db, dy, dc)), _ext.ptr(ws), slots)
+    return loss, stats, top, dx, dw, db, dy, dc
+
+
 def _target_args(targets):
     """(labels, soft targets, soft targets' dtype code) of the C++ and CUDA entry points."""
     if targets.is_floating_point():
