@@ -210,10 +210,10 @@ struct Saved {
   float* m;
   float* log_l;
   float* mass;
-  // kGumbel: the target logits' statistics (max m_t, log l_t) and qbar (row_qbar) per row
+  // kGumbel: the target logits' statistics (max m_t, log l_t) and qbar per row
   float* m_t;
   float* log_l_t;
-  float* qbar;
+  float* qbar;  // measured from lse: qbar - (1 - eps) log l (gumbel_row_out)
 };
 
 // Args and Saved from the host entry points' addresses: the CUDA launch
@@ -366,10 +366,8 @@ SSLFAST_HD void fold_target_stats(const Smem& s, RowState& st, int r, int64_t v0
 // forward_kernel (kGumbel), second sweep, thread r < BM after the target and logit tiles: row r's
 // target logits in s.q become q = target_prob(t, m_t, log l_t) and fold in as a soft target;
 // gap - gap_c (compensated, add_compensated) keeps sum_v q_v (m - z_v) at the running max m,
-// shifted when m grows. Every term is >= 0: qbar = (1 - eps) (gap + qsum log l) has no
-// cancellation, unlike row_qbar's qsum m - sum q z at large logits (which put the CPU kernel's dy
-// over twice the fp32 reference's error: qbar_term there). fp32, not double: with a double sum
-// ptxas spilled in forward_kernel<kGumbel> on sm_90.
+// shifted when m grows: every term >= 0, no cancellation (unlike row_qbar's qsum m - sum q z at
+// large logits). fp32, not double: with a double sum ptxas spilled in forward_kernel<kGumbel>.
 SSLFAST_HD void fold_tile_gumbel(Smem& s, RowState& st, float& gap, float& gap_c, int r, int64_t v0, int64_t V,
                                  float m_t, float log_l_t) {
   const int nv = static_cast<int>(V - v0 < BV ? V - v0 : BV);
@@ -380,20 +378,25 @@ SSLFAST_HD void fold_tile_gumbel(Smem& s, RowState& st, float& gap, float& gap_c
   for (int j = 0; j < nv; ++j) add_compensated(gap, gap_c, s.q[r][j] * (st.m - s.z[r][j]));
 }
 
-// forward_kernel (kGumbel), thread r < BM at the end: row n's loss (qbar + eps lse - eps mean z,
-// with qbar from the gap), saved statistics of the logits and of the target logits, qbar, top flag.
+// forward_kernel (kGumbel), thread r < BM at the end: row n's loss, saved statistics of the logits
+// and of the target logits, top flag, and qbar measured from lse: qbar_m = qbar - (1 - eps) log l
+// = (1 - eps) (gap - (1 - qsum) log l), qbar = row_qbar's quantity. The gradient kernels take
+// dtarget_logit(z, m, 0, g, q, qbar_m, eps), the same g q ((1 - eps) (lse - z) - qbar) without
+// adding log l to m - z and taking it off again: that rounding, not matched in a qbar summed
+// separately, put dy / dc over twice the fp32 reference's error (the C++ kernel's cases).
+// loss = qbar + eps lse - eps mean z = (qbar_m + log l) + (eps m - eps / V sum z).
 SSLFAST_HD void gumbel_row_out(const Args& a, const RowState& st, float gap, float gap_c, float m_t, float log_l_t,
                                int64_t n, int64_t h, float* loss, const Saved& sv, uint8_t* top) {
   const int64_t i = n * a.H + h;
   const float lg = row_log_l(st);
-  const float qbar = (1.0f - a.eps) * ((gap - gap_c) + st.qsum * lg);
-  loss[i] = (qbar + a.eps * lg) + (a.eps * st.m - a.eps_over_v * st.zsum);
+  const float qbar_m = (1.0f - a.eps) * ((gap - gap_c) - (1.0f - st.qsum) * lg);
+  loss[i] = (qbar_m + lg) + (a.eps * st.m - a.eps_over_v * st.zsum);
   sv.m[i] = st.m;
   sv.log_l[i] = lg;
   sv.mass[i] = row_mass(st, a.eps);
   sv.m_t[i] = m_t;
   sv.log_l_t[i] = log_l_t;
-  sv.qbar[i] = qbar;
+  sv.qbar[i] = qbar_m;
   top[i] = row_top(st, true) ? 1 : 0;
 }
 
@@ -411,7 +414,7 @@ SSLFAST_HD void dlogit_items_gumbel(const Args& a, const Targets& t, Smem& s, in
       const float z = s.z[r][c], m = sv.m[i], log_l = sv.log_l[i], g = grad[i];
       const float q = target_prob(s.q[r][c], sv.m_t[i], sv.log_l_t[i]);
       ds = dlogit(z, m, log_l, g, q, sv.mass[i], a.eps, a.eps_over_v);
-      dt = dtarget_logit(z, m, log_l, g, q, sv.qbar[i], a.eps);
+      dt = dtarget_logit(z, m, 0.0f, g, q, sv.qbar[i], a.eps);  // qbar from lse (gumbel_row_out)
     }
     s.z[r][c] = a.scale * ds;
     s.q[r][c] = t.tgt_scale * dt;
