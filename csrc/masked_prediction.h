@@ -214,12 +214,33 @@ struct Args {
   float scale, eps, eps_over_v;  // eps / V from the host: no division in the kernels
 };
 
+// BiRQ's targets made on the fly, the kGumbel kernels' extra argument (zeros otherwise): y (N, Hy,
+// Dt) and the codewords c (H, V, Dt), fp32, L2-normalised; the Philox key is load_seed(seed_ptr,
+// seed) on the device. Not in Args: grown by these fields, Args left dx_kernel<kHard> with 8 bytes
+// of stack and 4 of spill stores on sm_90 (ptxas), a separate argument leaves it as it was.
+struct Targets {
+  const float* y;
+  const float* c;
+  int64_t Hy, Dt;
+  float tgt_scale, noise_scale;
+  const int64_t* seed_ptr;
+  uint64_t seed;
+};
+
+// The kernels' target modes (masked_prediction_cuda.cu's template argument): hard labels, soft
+// targets q given, soft targets made from y, c and Gumbel noise (the BiRQ section above).
+constexpr int kHard = 0, kSoft = 1, kGumbel = 2;
+
 // What the forward saves per (row, head) for the gradient kernels: lse's two parts (the max m and
 // log l, kept apart: the file's header) and, for soft targets, the target mass (hard: null, 1).
 struct Saved {
   float* m;
   float* log_l;
   float* mass;
+  // kGumbel: the target logits' statistics (max m_t, log l_t) and qbar per row
+  float* m_t;
+  float* log_l_t;
+  float* qbar;  // measured from lse: qbar - (1 - eps) log l (gumbel_row_out)
 };
 
 // Args and Saved from the host entry points' addresses: the CUDA launch
@@ -239,11 +260,25 @@ inline void host_args(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dty
               soft ? reinterpret_cast<float*>(mass) : nullptr};
 }
 
+// The kGumbel kernels' Targets and the fields of Saved they add, after host_args (called with no
+// targets): they save the target mass too.
+inline void gumbel_args(std::uintptr_t y, std::uintptr_t c, int64_t Hy, int64_t Dt, double tgt_scale,
+                        double noise_scale, std::uintptr_t seed_ptr, std::uintptr_t mass, std::uintptr_t m_t,
+                        std::uintptr_t log_l_t, std::uintptr_t qbar, Targets* t, Saved* sv) {
+  *t = Targets{reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(c), Hy, Dt,
+               static_cast<float>(tgt_scale), static_cast<float>(noise_scale),
+               reinterpret_cast<const int64_t*>(seed_ptr), 0};
+  sv->mass = reinterpret_cast<float*>(mass);
+  sv->m_t = reinterpret_cast<float*>(m_t);
+  sv->log_l_t = reinterpret_cast<float*>(log_l_t);
+  sv->qbar = reinterpret_cast<float*>(qbar);
+}
+
 struct Smem {
   float xs[BM][BK + 1];
   float ws[BV][BK + 1];
   float z[BM][BV + 1];
-  float q[BM][BV + 1];  // soft targets of the tile (forward_kernel)
+  float q[BM][BV + 1];  // soft targets of the tile (forward_kernel); kGumbel: target logits, then dt
 };
 
 // logit_tile, staging: thread tid's elements of the feature slice k0 of rows n0.. (head hx of
@@ -262,6 +297,22 @@ SSLFAST_HD void stage_slice(const Args& a, Smem& s, int64_t h, int64_t hx, int64
     s.xs[r][k] = (n < a.N && d < a.D) ? load_float(a.x, (n * a.Hx + hx) * a.D + d, a.x_dtype) : 0.0f;
     const int64_t v = v0 + r;
     s.ws[r][k] = (v < a.V && d < a.D) ? load_float(a.w, (h * a.V + v) * a.D + d, a.w_dtype) : 0.0f;
+  }
+}
+
+// target_tile (kGumbel), staging: the same for the target logits, from the fp32 slice k0 of y rows
+// n0.. (head hy) and codewords v0.. (head h), 0 outside N, V or Dt.
+SSLFAST_HD void stage_target_slice(const Args& a, const Targets& t, Smem& s, int64_t h, int64_t hy, int64_t n0,
+                                   int64_t v0, int64_t k0, unsigned tid) {
+  // not unrolled: as stage_slice (unrolled, ptxas spilled in forward_kernel<kGumbel>)
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+  for (int e = tid; e < BM * BK; e += THREADS) {
+    const int r = e / BK, k = e % BK;
+    const int64_t n = n0 + r, v = v0 + r, d = k0 + k;
+    s.xs[r][k] = (n < a.N && d < t.Dt) ? t.y[(n * t.Hy + hy) * t.Dt + d] : 0.0f;
+    s.ws[r][k] = (v < a.V && d < t.Dt) ? t.c[(h * a.V + v) * t.Dt + d] : 0.0f;
   }
 }
 
@@ -293,6 +344,27 @@ SSLFAST_HD void write_tile(const Args& a, Smem& s, const float (&acc)[2][2], int
     }
 }
 
+// target_tile (kGumbel), last: thread tid's 2 x 2 target logits (target_logit: the dot products
+// scaled, plus the Gumbel noise of position h V + v of row n) into s.q (0 outside N or V).
+SSLFAST_HD void write_target_tile(const Args& a, const Targets& t, Smem& s, const float (&acc)[2][2], int64_t h,
+                                  int64_t n0, int64_t v0, uint64_t seed, unsigned tid) {
+  const int tx = tid % 16, ty = tid / 16;
+  // unrolled: with the Philox rounds inside, ptxas kept these loops and put acc in
+  // local memory (16 bytes of stack in forward_kernel<kGumbel>)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int i = 0; i < 2; ++i)
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int j = 0; j < 2; ++j) {
+      const int64_t n = n0 + ty * 2 + i, v = v0 + tx * 2 + j;
+      s.q[ty * 2 + i][tx * 2 + j] =
+          (n < a.N && v < a.V) ? target_logit(acc[i][j], t.tgt_scale, t.noise_scale, seed, n, h * a.V + v) : 0.0f;
+    }
+}
+
 // forward_kernel with soft targets, before the logit tile's barriers: thread tid's elements of the
 // target probabilities q[n0.., h, v0..] into s.q (0 outside N or V), one coalesced sweep.
 SSLFAST_HD void stage_targets(const Args& a, Smem& s, int64_t h, int64_t n0, int64_t v0, unsigned tid) {
@@ -310,6 +382,70 @@ SSLFAST_HD void fold_tile(const Smem& s, RowState& st, int r, int64_t v0, int64_
     row_update_soft(st, s.z[r], s.q[r], nv);
   else
     row_update(st, s.z[r], nv, v0, t);
+}
+
+// forward_kernel (kGumbel), first sweep, thread r < BM after a target tile: row r's target logits
+// into its target statistics (m_t, log l_t: the log-sum-exp part of RowState only).
+SSLFAST_HD void fold_target_stats(const Smem& s, RowState& st, int r, int64_t v0, int64_t V) {
+  lse_update(st, s.q[r], static_cast<int>(V - v0 < BV ? V - v0 : BV));
+}
+
+// forward_kernel (kGumbel), second sweep, thread r < BM after the target and logit tiles: row r's
+// target logits in s.q become q = target_prob(t, m_t, log l_t) and fold in as a soft target;
+// gap - gap_c (compensated, add_compensated) keeps sum_v q_v (m - z_v) at the running max m,
+// shifted when m grows: every term >= 0, no cancellation (unlike row_qbar's qsum m - sum q z at
+// large logits). fp32, not double: with a double sum ptxas spilled in forward_kernel<kGumbel>.
+SSLFAST_HD void fold_tile_gumbel(Smem& s, RowState& st, float& gap, float& gap_c, int r, int64_t v0, int64_t V,
+                                 float m_t, float log_l_t) {
+  const int nv = static_cast<int>(V - v0 < BV ? V - v0 : BV);
+  for (int j = 0; j < nv; ++j) s.q[r][j] = target_prob(s.q[r][j], m_t, log_l_t);
+  const float m_old = st.m, qsum_old = st.qsum;
+  row_update_soft(st, s.z[r], s.q[r], nv);
+  add_compensated(gap, gap_c, m_old == -INFINITY ? 0.0f : qsum_old * (st.m - m_old));
+  for (int j = 0; j < nv; ++j) add_compensated(gap, gap_c, s.q[r][j] * (st.m - s.z[r][j]));
+}
+
+// forward_kernel (kGumbel), thread r < BM at the end: row n's loss, saved statistics of the logits
+// and of the target logits, top flag, and qbar measured from lse: qbar_m = qbar - (1 - eps) log l
+// = (1 - eps) (gap - (1 - qsum) log l), qbar = row_qbar's quantity. The gradient kernels take
+// dtarget_logit(z, m, 0, g, q, qbar_m, eps), the same g q ((1 - eps) (lse - z) - qbar) without
+// adding log l to m - z and taking it off again: that rounding, not matched in a qbar summed
+// separately, put dy / dc over twice the fp32 reference's error (the C++ kernel's cases).
+// loss = qbar + eps lse - eps mean z = (qbar_m + log l) + (eps m - eps / V sum z).
+SSLFAST_HD void gumbel_row_out(const Args& a, const RowState& st, float gap, float gap_c, float m_t, float log_l_t,
+                               int64_t n, int64_t h, float* loss, const Saved& sv, uint8_t* top) {
+  const int64_t i = n * a.H + h;
+  const float lg = row_log_l(st);
+  const float qbar_m = (1.0f - a.eps) * ((gap - gap_c) - (1.0f - st.qsum) * lg);
+  loss[i] = (qbar_m + lg) + (a.eps * st.m - a.eps_over_v * st.zsum);
+  sv.m[i] = st.m;
+  sv.log_l[i] = lg;
+  sv.mass[i] = row_mass(st, a.eps);
+  sv.m_t[i] = m_t;
+  sv.log_l_t[i] = log_l_t;
+  sv.qbar[i] = qbar_m;
+  top[i] = row_top(st, true) ? 1 : 0;
+}
+
+// dlogit_tile (kGumbel), after the target and logit tiles: s.z -> scale * g * dloss/dz and s.q (the
+// target logits t) -> tgt_scale * g * dloss/dt (dtarget_logit: the gradient of <y, c_v>) in place
+// for thread tid's elements, q recomputed from the saved target statistics; 0 outside N or V.
+SSLFAST_HD void dlogit_items_gumbel(const Args& a, const Targets& t, Smem& s, int64_t h, int64_t n0, int64_t v0,
+                                    const Saved& sv, const float* grad, unsigned tid) {
+  for (int e = tid; e < BM * BV; e += THREADS) {
+    const int r = e / BV, c = e % BV;
+    const int64_t n = n0 + r, v = v0 + c;
+    float ds = 0.0f, dt = 0.0f;
+    if (n < a.N && v < a.V) {
+      const int64_t i = n * a.H + h;
+      const float z = s.z[r][c], m = sv.m[i], log_l = sv.log_l[i], g = grad[i];
+      const float q = target_prob(s.q[r][c], sv.m_t[i], sv.log_l_t[i]);
+      ds = dlogit(z, m, log_l, g, q, sv.mass[i], a.eps, a.eps_over_v);
+      dt = dtarget_logit(z, m, 0.0f, g, q, sv.qbar[i], a.eps);  // qbar from lse (gumbel_row_out)
+    }
+    s.z[r][c] = a.scale * ds;
+    s.q[r][c] = t.tgt_scale * dt;
+  }
 }
 
 // dlogit_tile: s.z -> scale * g * dloss/dz in place for thread tid's elements, from each row's
@@ -387,6 +523,36 @@ SSLFAST_HD void dw_tile(const Args& a, const Smem& s, float (&acc)[BD / 8], floa
   for (int r = 0; r < nr; ++r) {
     dbias += s.z[r][c];
     axpy_features(acc, s.z[r][c], a.x, a.x_dtype, ((n0 + r) * a.Hx + hx) * a.D, d0, k, a.D);
+  }
+}
+
+// dx_kernel (kGumbel), blocks of the first feature block, thread (row r, k) of row n < N after
+// dlogit_items_gumbel: dy_h[n, h, k + 8 j] += sum_c dt[r][c] c[h, v0 + c, k + 8 j] (dy per head,
+// (N, H, Dt): the host sums the heads when y has one). Each element has one thread: no atomics.
+SSLFAST_HD void dy_tile(const Args& a, const Targets& t, const Smem& s, float* dyh, int64_t h, int64_t v0, int64_t n,
+                        int r, int k) {
+  const int nv = static_cast<int>(a.V - v0 < BV ? a.V - v0 : BV);
+  const float* cw = t.c + (h * a.V + v0) * t.Dt;
+  float* out = dyh + (n * a.H + h) * t.Dt;
+  for (int64_t f = k; f < t.Dt; f += 8) {
+    float acc = 0.0f;
+    for (int c = 0; c < nv; ++c) acc = fmaf(s.q[r][c], cw[c * t.Dt + f], acc);
+    out[f] += acc;
+  }
+}
+
+// dw_kernel (kGumbel), blocks of the first feature block, thread (class c, k) of class v < V:
+// dc[h, v, k + 8 j] += sum_r dt[r][c] y[n0 + r, hy, k + 8 j].
+SSLFAST_HD void dc_tile(const Args& a, const Targets& t, const Smem& s, float* dc, int64_t h, int64_t hy, int64_t n0,
+                        int64_t v, int c, int k) {
+  const int nr = static_cast<int>(a.N - n0 < BM ? a.N - n0 : BM);
+  const float* yr = t.y + (n0 * t.Hy + hy) * t.Dt;
+  const int64_t stride = t.Hy * t.Dt;
+  float* out = dc + (h * a.V + v) * t.Dt;
+  for (int64_t f = k; f < t.Dt; f += 8) {
+    float acc = 0.0f;
+    for (int r = 0; r < nr; ++r) acc = fmaf(s.q[r][c], yr[r * stride + f], acc);
+    out[f] += acc;
   }
 }
 

@@ -631,54 +631,93 @@ void apply_mask_backward(std::uintptr_t g, int64_t sgb, int64_t sgt, int64_t sgd
 }
 
 // ---- masked_prediction_cuda.cu: each block's threads phase by phase (the barriers).
-// logit_tile of the .cu for every thread of a block.
-void mpl_logit_tile(const mpl::Args& a, mpl::Smem& s, int64_t h, int64_t n0, int64_t v0) {
-  const int64_t hx = a.Hx == 1 ? 0 : h;
+// dot_tile<target> of the .cu for every thread of a block: the logit tile into s.z, or (target,
+// kGumbel) the target-logit tile into s.q.
+void mpl_dot_tile(const mpl::Args& a, const mpl::Targets& t, mpl::Smem& s, int64_t h, int64_t n0, int64_t v0,
+                  bool target, uint64_t seed) {
+  const int64_t hr = target ? (t.Hy == 1 ? 0 : h) : (a.Hx == 1 ? 0 : h);
+  const int64_t K = target ? t.Dt : a.D;
   float tile[mpl::THREADS][2][2] = {};
-  for (int64_t k0 = 0; k0 < a.D; k0 += mpl::BK) {
-    for (unsigned tid = 0; tid < mpl::THREADS; ++tid) mpl::stage_slice(a, s, h, hx, n0, v0, k0, tid);
+  for (int64_t k0 = 0; k0 < K; k0 += mpl::BK) {
+    for (unsigned tid = 0; tid < mpl::THREADS; ++tid) {
+      if (target)
+        mpl::stage_target_slice(a, t, s, h, hr, n0, v0, k0, tid);
+      else
+        mpl::stage_slice(a, s, h, hr, n0, v0, k0, tid);
+    }
     for (unsigned tid = 0; tid < mpl::THREADS; ++tid) mpl::fma_slice(s, tile[tid], tid);
   }
-  for (unsigned tid = 0; tid < mpl::THREADS; ++tid) mpl::write_tile(a, s, tile[tid], h, v0, tid);
+  for (unsigned tid = 0; tid < mpl::THREADS; ++tid) {
+    if (target)
+      mpl::write_target_tile(a, t, s, tile[tid], h, n0, v0, seed, tid);
+    else
+      mpl::write_tile(a, s, tile[tid], h, v0, tid);
+  }
 }
 
-// forward_kernel, then with a gradient dx_kernel and dw_kernel: the arguments of
-// masked_prediction_forward_backward less the stream (soft: the kSoft instantiations).
-void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias, int b_dtype,
-                       std::uintptr_t targets, std::uintptr_t q, int q_dtype, std::uintptr_t grad_p, int64_t N,
-                       int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps, std::uintptr_t loss,
-                       std::uintptr_t row_max, std::uintptr_t log_l, std::uintptr_t mass, std::uintptr_t top,
-                       std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dq) {
+// dlogit_tile<mode> of the .cu for every thread of a block.
+void mpl_dlogit_tile(const mpl::Args& a, const mpl::Targets& t, mpl::Smem& s, int64_t h, int64_t n0, int64_t v0,
+                     const mpl::Saved& sv, const float* grad, float* dq, int mode) {
+  for (unsigned tid = 0; tid < mpl::THREADS; ++tid) {
+    if (mode == mpl::kGumbel)
+      mpl::dlogit_items_gumbel(a, t, s, h, n0, v0, sv, grad, tid);
+    else
+      mpl::dlogit_items(a, s, h, n0, v0, sv, grad, dq, tid, mode == mpl::kSoft);
+  }
+}
+
+// forward_kernel<mode>, then with a gradient dx_kernel<mode> and dw_kernel<mode>, every block.
+void mpl_kernels(int mode, const mpl::Args& a, const mpl::Targets& gt, const mpl::Saved& sv, const float* grad,
+                 float* loss, uint8_t* top, float* dx, float* dw, float* db, float* dq, float* dyh, float* dc) {
   using namespace mpl;
-  if (N == 0) return;
-  const bool soft = q != 0;
-  Args a;
-  Saved sv;
-  host_args(x, x_dtype, w, w_dtype, bias, b_dtype, targets, q, q_dtype, N, H, Hx, V, D, scale, eps, row_max, log_l,
-            mass, &a, &sv);
-  const Launches plan = masked_prediction_launch::plan(N, H, Hx, V, D, grad_p != 0);
+  const int64_t N = a.N, H = a.H, Hx = a.Hx, V = a.V, D = a.D;
+  const bool soft = mode == kSoft, gumbel = mode == kGumbel;
+  const uint64_t seed = gumbel ? load_seed(gt.seed_ptr, gt.seed) : 0;
+  const Launches plan = masked_prediction_launch::plan(N, H, Hx, V, D, grad != nullptr);
   auto s = std::make_unique<Smem>();
-  const float* grad = as_ptr<const float>(grad_p);
   for (int64_t bx = 0; bx < plan[0].grid_x; ++bx)
     for (int64_t h = 0; h < plan[0].grid_y; ++h) {  // forward_kernel, block (row block, head)
       const int64_t n0 = bx * BM;
-      RowState st[BM];
+      RowState st[BM], tst[BM];
+      float gap[BM] = {}, gap_c[BM] = {};
+      float m_t[BM] = {}, log_l_t[BM] = {};
       int64_t t[BM];
       for (int r = 0; r < BM; ++r) {
-        st[r] = row_init(soft);
-        t[r] = !soft && n0 + r < N ? a.targets[(n0 + r) * H + h] : -1;
+        st[r] = row_init(mode != kHard);
+        tst[r] = row_init(true);
+        t[r] = mode == kHard && n0 + r < N ? a.targets[(n0 + r) * H + h] : -1;
+      }
+      if (gumbel) {
+        for (int64_t v0 = 0; v0 < V; v0 += BV) {
+          mpl_dot_tile(a, gt, *s, h, n0, v0, true, seed);
+          for (int r = 0; r < BM; ++r) fold_target_stats(*s, tst[r], r, v0, V);
+        }
+        for (int r = 0; r < BM; ++r) {
+          m_t[r] = tst[r].m;
+          log_l_t[r] = row_log_l(tst[r]);
+        }
       }
       for (int64_t v0 = 0; v0 < V; v0 += BV) {
         if (soft)
           for (unsigned tid = 0; tid < THREADS; ++tid) stage_targets(a, *s, h, n0, v0, tid);
-        mpl_logit_tile(a, *s, h, n0, v0);
-        for (int r = 0; r < BM; ++r) fold_tile(*s, st[r], r, v0, V, t[r], soft);
+        if (gumbel) mpl_dot_tile(a, gt, *s, h, n0, v0, true, seed);
+        mpl_dot_tile(a, gt, *s, h, n0, v0, false, 0);
+        for (int r = 0; r < BM; ++r) {
+          if (gumbel)
+            fold_tile_gumbel(*s, st[r], gap[r], gap_c[r], r, v0, V, m_t[r], log_l_t[r]);
+          else
+            fold_tile(*s, st[r], r, v0, V, t[r], soft);
+        }
       }
-      for (int r = 0; r < BM; ++r)
-        if (n0 + r < N) forward_row_out(a, st[r], n0 + r, h, soft || t[r] >= 0, as_ptr<float>(loss), sv,
-                                        as_ptr<uint8_t>(top));
+      for (int r = 0; r < BM; ++r) {
+        if (n0 + r >= N) continue;
+        if (gumbel)
+          gumbel_row_out(a, st[r], gap[r], gap_c[r], m_t[r], log_l_t[r], n0 + r, h, loss, sv, top);
+        else
+          forward_row_out(a, st[r], n0 + r, h, soft || t[r] >= 0, loss, sv, top);
+      }
     }
-  if (grad_p == 0) return;
+  if (grad == nullptr) return;
   float acc[THREADS][BD / 8];
   for (int64_t bx = 0; bx < plan[1].grid_x; ++bx)  // dx_kernel, block (row block, feature block, head of x)
     for (int64_t by = 0; by < plan[1].grid_y; ++by)
@@ -689,39 +728,82 @@ void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dt
         for (int64_t i = 0; i < heads; ++i) {
           const int64_t h = hx + i;
           for (int64_t v0 = 0; v0 < V; v0 += BV) {
-            mpl_logit_tile(a, *s, h, n0, v0);
-            for (unsigned tid = 0; tid < THREADS; ++tid)
-              dlogit_items(a, *s, h, n0, v0, sv, grad, by == 0 ? as_ptr<float>(dq) : nullptr, tid, soft);
-            for (int tid = 0; tid < THREADS; ++tid)
+            if (gumbel) mpl_dot_tile(a, gt, *s, h, n0, v0, true, seed);
+            mpl_dot_tile(a, gt, *s, h, n0, v0, false, 0);
+            mpl_dlogit_tile(a, gt, *s, h, n0, v0, sv, grad, by == 0 ? dq : nullptr, mode);
+            for (int tid = 0; tid < THREADS; ++tid) {
               dx_tile(a, *s, acc[tid], h, v0, d0, tid / 8, tid % 8);
+              if (gumbel && by == 0 && n0 + tid / 8 < N) dy_tile(a, gt, *s, dyh, h, v0, n0 + tid / 8, tid / 8, tid % 8);
+            }
           }
         }
         for (int tid = 0; tid < THREADS; ++tid) {
           const int64_t n = n0 + tid / 8;
-          if (n < N)
-            store_features(acc[tid], as_ptr<float>(dx), (n * Hx + hx) * D, d0, tid % 8, D);
+          if (n < N) store_features(acc[tid], dx, (n * Hx + hx) * D, d0, tid % 8, D);
         }
       }
   float dbias[THREADS];
   for (int64_t bx = 0; bx < plan[2].grid_x; ++bx)  // dw_kernel, block (class block, feature block, head)
     for (int64_t by = 0; by < plan[2].grid_y; ++by)
       for (int64_t h = 0; h < plan[2].grid_z; ++h) {
-        const int64_t v0 = bx * BV, d0 = by * BD, hx = Hx == 1 ? 0 : h;
+        const int64_t v0 = bx * BV, d0 = by * BD, hx = Hx == 1 ? 0 : h, hy = gt.Hy == 1 ? 0 : h;
         std::fill(&acc[0][0], &acc[0][0] + THREADS * (BD / 8), 0.0f);
         std::fill(dbias, dbias + THREADS, 0.0f);
         for (int64_t n0 = 0; n0 < N; n0 += BM) {
-          mpl_logit_tile(a, *s, h, n0, v0);
-          for (unsigned tid = 0; tid < THREADS; ++tid) dlogit_items(a, *s, h, n0, v0, sv, grad, nullptr, tid, soft);
-          for (int tid = 0; tid < THREADS; ++tid)
+          if (gumbel) mpl_dot_tile(a, gt, *s, h, n0, v0, true, seed);
+          mpl_dot_tile(a, gt, *s, h, n0, v0, false, 0);
+          mpl_dlogit_tile(a, gt, *s, h, n0, v0, sv, grad, nullptr, mode);
+          for (int tid = 0; tid < THREADS; ++tid) {
             dw_tile(a, *s, acc[tid], dbias[tid], hx, n0, d0, tid / 8, tid % 8);
+            if (gumbel && by == 0 && v0 + tid / 8 < V)
+              dc_tile(a, gt, *s, dc, h, hy, n0, v0 + tid / 8, tid / 8, tid % 8);
+          }
         }
         for (int tid = 0; tid < THREADS; ++tid) {
           const int64_t v = v0 + tid / 8;
           if (v >= V) continue;
-          store_features(acc[tid], as_ptr<float>(dw), (h * V + v) * D, d0, tid % 8, D);
-          if (db != 0 && by == 0 && tid % 8 == 0) as_ptr<float>(db)[h * V + v] = dbias[tid] / a.scale;
+          store_features(acc[tid], dw, (h * V + v) * D, d0, tid % 8, D);
+          if (db != nullptr && by == 0 && tid % 8 == 0) db[h * V + v] = dbias[tid] / a.scale;
         }
       }
+}
+
+// masked_prediction_forward_backward less the stream (soft: the kSoft instantiations).
+void masked_prediction(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias, int b_dtype,
+                       std::uintptr_t targets, std::uintptr_t q, int q_dtype, std::uintptr_t grad, int64_t N,
+                       int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps, std::uintptr_t loss,
+                       std::uintptr_t row_max, std::uintptr_t log_l, std::uintptr_t mass, std::uintptr_t top,
+                       std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dq) {
+  if (N == 0) return;
+  mpl::Args a;
+  mpl::Saved sv;
+  mpl::host_args(x, x_dtype, w, w_dtype, bias, b_dtype, targets, q, q_dtype, N, H, Hx, V, D, scale, eps, row_max,
+                 log_l, mass, &a, &sv);
+  mpl_kernels(q != 0 ? mpl::kSoft : mpl::kHard, a, mpl::Targets{}, sv, as_ptr<const float>(grad), as_ptr<float>(loss),
+              as_ptr<uint8_t>(top), as_ptr<float>(dx), as_ptr<float>(dw), as_ptr<float>(db), as_ptr<float>(dq),
+              nullptr, nullptr);
+}
+
+// masked_prediction_gumbel_forward_backward less the stream (the kGumbel instantiations; seed_ptr
+// a CPU int64 here).
+void masked_prediction_gumbel(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias,
+                              int b_dtype, std::uintptr_t y, std::uintptr_t c, int64_t Hy, int64_t Dt,
+                              std::uintptr_t seed_ptr, double tgt_scale, double noise_scale, std::uintptr_t grad,
+                              int64_t N, int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps,
+                              std::uintptr_t loss, std::uintptr_t row_max, std::uintptr_t log_l, std::uintptr_t mass,
+                              std::uintptr_t m_t, std::uintptr_t log_l_t, std::uintptr_t qbar, std::uintptr_t top,
+                              std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dyh,
+                              std::uintptr_t dc) {
+  if (N == 0) return;
+  mpl::Args a;
+  mpl::Targets gt;
+  mpl::Saved sv;
+  mpl::host_args(x, x_dtype, w, w_dtype, bias, b_dtype, 0, 0, 0, N, H, Hx, V, D, scale, eps, row_max, log_l, 0, &a,
+                 &sv);
+  mpl::gumbel_args(y, c, Hy, Dt, tgt_scale, noise_scale, seed_ptr, mass, m_t, log_l_t, qbar, &gt, &sv);
+  mpl_kernels(mpl::kGumbel, a, gt, sv, as_ptr<const float>(grad), as_ptr<float>(loss), as_ptr<uint8_t>(top),
+              as_ptr<float>(dx), as_ptr<float>(dw), as_ptr<float>(db), nullptr, as_ptr<float>(dyh),
+              as_ptr<float>(dc));
 }
 
 // tempered_weight over arrays, as soft_forward_kernel and soft_codebook_kernel call it.
@@ -787,6 +869,12 @@ void bind_testing(py::module_& m) {
         py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"),
         py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("mass"), py::arg("top"), py::arg("dx"),
         py::arg("dw"), py::arg("db"), py::arg("dq"));
+  t.def("masked_prediction_gumbel", &masked_prediction_gumbel, py::arg("x"), py::arg("x_dtype"), py::arg("w"),
+        py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"), py::arg("y"), py::arg("c"), py::arg("Hy"),
+        py::arg("Dt"), py::arg("seed_ptr"), py::arg("tgt_scale"), py::arg("noise_scale"), py::arg("grad"),
+        py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"),
+        py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("mass"), py::arg("m_t"), py::arg("log_l_t"),
+        py::arg("qbar"), py::arg("top"), py::arg("dx"), py::arg("dw"), py::arg("db"), py::arg("dy"), py::arg("dc"));
   t.def("gumbel_tempered_weight", &gumbel_tempered_weight, py::arg("y"), py::arg("ym"), py::arg("n"), py::arg("tau"),
         py::arg("out"));
 }

@@ -157,6 +157,16 @@ def test_every_kernel_has_a_launch_configuration(target, launch):
     assert reported == named, f"kernels without a checked launch: {sorted(reported - named)}"
 
 
+def test_masked_prediction_kernels_come_in_three_target_modes(target):
+    # hard labels, soft targets given and BiRQ's targets made on the fly (mpl::kHard, kSoft,
+    # kGumbel): each kernel in the report three times, so the no-spill, no-stack and launch
+    # checks above cover the kGumbel instantiations too
+    _, _, rows = target
+    for kernel in ("forward_kernel", "dx_kernel", "dw_kernel"):
+        names = {r["kernel"] for r in _rows_of(rows, "masked_prediction_cuda.cu", kernel)}
+        assert names == {f"{kernel}<{mode}>" for mode in range(3)}, names
+
+
 def _static_hf(rows):
     (r,) = _rows_of(rows, "negatives_cuda.cu", "negatives_one_pass_kernel<true>")
     return r["smem"]
