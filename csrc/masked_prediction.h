@@ -161,25 +161,56 @@ SSLFAST_HD float target_prob(float t, float m_t, float l_t) { return expf(t - m_
 // l_t of a row state: its compensated sum.
 SSLFAST_HD float row_denominator(const RowState& st) { return st.l - st.c; }
 
-// zbar = sum_v q_v z_v / sum_v q_v, the target-weighted mean logit, saved per row by the loss pass.
-// The streaming kernels take it from the row state; the C++ CPU kernel, which holds the whole row,
-// sums it in double.
-SSLFAST_HD float row_zbar(const RowState& st) { return st.zy / st.qsum; }
-
-// g * dloss/dt_v through q = softmax(t): q_v (dloss/dq_v - sum_u q_u dloss/dq_u) with
-// dloss/dq_v = (1 - eps) (lse - z_v) (dtarget): lse cancels, leaving (1 - eps) q_v (zbar - z_v)
-// (q normalised: sum_u q_u = 1). Where q peaks, zbar - z_v is a difference of near-equal floats,
-// exact; the same gradient as (lse - z_v) - sum_u q_u (lse - z_u) in fp32 (torch's softmax
-// backward) cancels two numbers near lse - z_v and rounds at ulp(lse - z_v): 2.4x (features)
-// and 2x (codebooks) the fp32 reference's mean error at tau 1e-3 when computed that way. The
-// gradient of <y, c_v> is tgt_scale times it.
-SSLFAST_HD float dtarget_logit(float z, float zbar, float g, float q, float eps) {
-  return g * (1.0f - eps) * q * (zbar - z);
+// BiRQ's target-logit gradient: g * dloss/dt_v through q = softmax(t) is
+// q_v (dloss/dq_v - sum_u q_u dloss/dq_u) with dloss/dq_v = (1 - eps) (lse - z_v) (dtarget): lse
+// cancels, leaving (1 - eps) q_v (zbar - z_v), zbar = sum_u q_u z_u / sum_u q_u (q normalised).
+// zbar is kept as zbest + dbar: zbest the logit at the first argmax of q (RowState::zbest) and
+// dbar = sum_u q_u (z_u - zbest) / sum_u q_u, so where q peaks zbar - z_v = (zbest - z_v) + dbar
+// is dbar alone, and exactly 0 for a one-hot q (as the reference's). The fp32
+// (lse - z_v) - sum_u q_u (lse - z_u) of torch's softmax backward cancels two numbers near
+// lse - z_v instead; computed that way the kernels' feature and codebook gradients were 2-26x the
+// fp32 reference's error at tau 1e-3. The gradient of <y, c_v> is tgt_scale times it.
+SSLFAST_HD float dtarget_logit(float z, float zbest, float dbar, float g, float q, float eps) {
+  return g * (1.0f - eps) * q * ((zbest - z) + dbar);
 }
 
-// A soft row's loss with its cross-entropy part xent = -sum_v q_v log p_v given (the C++ CPU kernel
-// sums q_v ((m - z_v) + log l) in double: row_loss's fp32 sum_v q_v z_v put BiRQ's loss at 3x the
-// fp32 reference's error, N = 130, V = 130): (1 - eps) xent + eps log l + eps (m - zsum / V).
+// Folds q[0..n), z[0..n) into d - dc = sum_u q_u (z_u - zbest) (add_compensated), moving the anchor
+// with st.zbest / st.qbest (row_update_soft's first-argmax rule; call this before row_update_soft
+// on the same tile, which then finds them already updated and keeps them): D += qsum (old - new).
+SSLFAST_HD void target_mean_update(RowState& st, float& d, float& dc, const float* z, const float* q, int n) {
+  float qs = st.qsum;
+  for (int j = 0; j < n; ++j) {
+    const bool better = q[j] > st.qbest;  // selects, not a branch (row_update)
+    add_compensated(d, dc, better ? qs * (st.zbest - z[j]) : 0.0f);
+    st.zbest = better ? z[j] : st.zbest;
+    st.qbest = better ? q[j] : st.qbest;
+    add_compensated(d, dc, q[j] * (z[j] - st.zbest));
+    qs += q[j];
+  }
+}
+
+// dbar of a row once every tile is folded (row_update_soft's qsum).
+SSLFAST_HD float target_mean_dbar(const RowState& st, float d, float dc) { return (d - dc) / st.qsum; }
+
+// gap - gap_c (compensated) = sum_v q_v (m - z_v) at the running max m, for the loss: after
+// row_update_soft folded q[0..n), z[0..n) (its max before was m_old, its target mass qsum_old), the
+// sum moves to the new max and takes the tile's terms, every one >= 0 (no cancellation, unlike
+// qsum m - sum q z; the shifted-anchor sum of target_mean_update put BiRQ's loss at 1.9x the fp32
+// reference's error where this one is at 0.9x).
+SSLFAST_HD void gap_update(float& gap, float& gap_c, float m_old, float qsum_old, const RowState& st, const float* z,
+                           const float* q, int n) {
+  add_compensated(gap, gap_c, m_old == -INFINITY ? 0.0f : qsum_old * (st.m - m_old));
+  for (int j = 0; j < n; ++j) add_compensated(gap, gap_c, q[j] * (st.m - z[j]));
+}
+
+// The loss's -sum_v q_v log p_v = sum_v q_v (m - z_v) + qsum log l.
+SSLFAST_HD float row_xent(const RowState& st, float gap, float gap_c) {
+  return (gap - gap_c) + st.qsum * log_denominator(st.l, st.c);
+}
+
+// A soft row's loss with its cross-entropy part xent = -sum_v q_v log p_v given (BiRQ: row_xent;
+// row_loss's fp32 qsum m - sum_v q_v z_v put the loss at 3x the fp32 reference's error, N = 130,
+// V = 130): (1 - eps) xent + eps log l + eps (m - zsum / V).
 SSLFAST_HD float row_loss_xent(const RowState& st, float xent, float eps, float eps_over_v) {
   const float lg = log_denominator(st.l, st.c);
   return (1.0f - eps) * xent + eps * lg + (eps * st.m - eps_over_v * st.zsum);
@@ -237,10 +268,12 @@ struct Saved {
   float* m;
   float* log_l;
   float* mass;
-  // kGumbel: the target logits' statistics (max m_t, log l_t) and qbar per row
+  // kGumbel: the target logits' statistics (max m_t, denominator l_t) and zbar = zbest + dbar
+  // per row (dtarget_logit)
   float* m_t;
-  float* log_l_t;
-  float* qbar;  // measured from lse: qbar - (1 - eps) log l (gumbel_row_out)
+  float* l_t;
+  float* zbest;
+  float* dbar;
 };
 
 // Args and Saved from the host entry points' addresses: the CUDA launch
@@ -264,14 +297,15 @@ inline void host_args(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dty
 // targets): they save the target mass too.
 inline void gumbel_args(std::uintptr_t y, std::uintptr_t c, int64_t Hy, int64_t Dt, double tgt_scale,
                         double noise_scale, std::uintptr_t seed_ptr, std::uintptr_t mass, std::uintptr_t m_t,
-                        std::uintptr_t log_l_t, std::uintptr_t qbar, Targets* t, Saved* sv) {
+                        std::uintptr_t l_t, std::uintptr_t zbest, std::uintptr_t dbar, Targets* t, Saved* sv) {
   *t = Targets{reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(c), Hy, Dt,
                static_cast<float>(tgt_scale), static_cast<float>(noise_scale),
                reinterpret_cast<const int64_t*>(seed_ptr), 0};
   sv->mass = reinterpret_cast<float*>(mass);
   sv->m_t = reinterpret_cast<float*>(m_t);
-  sv->log_l_t = reinterpret_cast<float*>(log_l_t);
-  sv->qbar = reinterpret_cast<float*>(qbar);
+  sv->l_t = reinterpret_cast<float*>(l_t);
+  sv->zbest = reinterpret_cast<float*>(zbest);
+  sv->dbar = reinterpret_cast<float*>(dbar);
 }
 
 struct Smem {
@@ -385,45 +419,39 @@ SSLFAST_HD void fold_tile(const Smem& s, RowState& st, int r, int64_t v0, int64_
 }
 
 // forward_kernel (kGumbel), first sweep, thread r < BM after a target tile: row r's target logits
-// into its target statistics (m_t, log l_t: the log-sum-exp part of RowState only).
+// into its target statistics (m_t, l_t: the log-sum-exp part of RowState only).
 SSLFAST_HD void fold_target_stats(const Smem& s, RowState& st, int r, int64_t v0, int64_t V) {
   lse_update(st, s.q[r], static_cast<int>(V - v0 < BV ? V - v0 : BV));
 }
 
 // forward_kernel (kGumbel), second sweep, thread r < BM after the target and logit tiles: row r's
-// target logits in s.q become q = target_prob(t, m_t, log l_t) and fold in as a soft target;
-// gap - gap_c (compensated, add_compensated) keeps sum_v q_v (m - z_v) at the running max m,
-// shifted when m grows: every term >= 0, no cancellation (unlike row_qbar's qsum m - sum q z at
-// large logits). fp32, not double: with a double sum ptxas spilled in forward_kernel<kGumbel>.
-SSLFAST_HD void fold_tile_gumbel(Smem& s, RowState& st, float& gap, float& gap_c, int r, int64_t v0, int64_t V,
-                                 float m_t, float log_l_t) {
+// target logits in s.q become q = target_prob(t, m_t, l_t) and fold in as a soft target, with
+// acc = {d, dc, gap, gap_c}: sum_v q_v (z_v - zbest) (target_mean_update) and sum_v q_v (m - z_v)
+// (gap_update) beside it.
+SSLFAST_HD void fold_tile_gumbel(Smem& s, RowState& st, float (&acc)[4], int r, int64_t v0, int64_t V, float m_t,
+                                 float l_t) {
   const int nv = static_cast<int>(V - v0 < BV ? V - v0 : BV);
-  for (int j = 0; j < nv; ++j) s.q[r][j] = target_prob(s.q[r][j], m_t, log_l_t);
+  for (int j = 0; j < nv; ++j) s.q[r][j] = target_prob(s.q[r][j], m_t, l_t);
+  target_mean_update(st, acc[0], acc[1], s.z[r], s.q[r], nv);
   const float m_old = st.m, qsum_old = st.qsum;
   row_update_soft(st, s.z[r], s.q[r], nv);
-  add_compensated(gap, gap_c, m_old == -INFINITY ? 0.0f : qsum_old * (st.m - m_old));
-  for (int j = 0; j < nv; ++j) add_compensated(gap, gap_c, s.q[r][j] * (st.m - s.z[r][j]));
+  gap_update(acc[2], acc[3], m_old, qsum_old, st, s.z[r], s.q[r], nv);
 }
 
-// forward_kernel (kGumbel), thread r < BM at the end: row n's loss, saved statistics of the logits
-// and of the target logits, top flag, and qbar measured from lse: qbar_m = qbar - (1 - eps) log l
-// = (1 - eps) (gap - (1 - qsum) log l), qbar = row_qbar's quantity. The gradient kernels take
-// dtarget_logit(z, m, 0, g, q, qbar_m, eps), the same g q ((1 - eps) (lse - z) - qbar) without
-// adding log l to m - z and taking it off again: that rounding, not matched in a qbar summed
-// separately, put dy / dc over twice the fp32 reference's error (the C++ kernel's cases).
-// loss = qbar + eps lse - eps mean z = (qbar_m + log l) + (eps m - eps / V sum z).
-SSLFAST_HD void gumbel_row_out(const Args& a, const RowState& st, float gap, float gap_c, float m_t, float log_l_t,
+// forward_kernel (kGumbel), thread r < BM at the end: row n's loss (row_xent), saved statistics of
+// the logits and of the target logits, zbest and dbar, top flag.
+SSLFAST_HD void gumbel_row_out(const Args& a, const RowState& st, const float (&acc)[4], float m_t, float l_t,
                                int64_t n, int64_t h, float* loss, const Saved& sv, uint8_t* top) {
   const int64_t i = n * a.H + h;
-  const float lg = row_log_l(st);
-  const float qbar_m = (1.0f - a.eps) * ((gap - gap_c) - (1.0f - st.qsum) * lg);
-  loss[i] = (qbar_m + lg) + (a.eps * st.m - a.eps_over_v * st.zsum);
+  const float dbar = target_mean_dbar(st, acc[0], acc[1]);
+  loss[i] = row_loss_xent(st, row_xent(st, acc[2], acc[3]), a.eps, a.eps_over_v);
   sv.m[i] = st.m;
-  sv.log_l[i] = lg;
+  sv.log_l[i] = row_log_l(st);
   sv.mass[i] = row_mass(st, a.eps);
   sv.m_t[i] = m_t;
-  sv.log_l_t[i] = log_l_t;
-  sv.qbar[i] = qbar_m;
+  sv.l_t[i] = l_t;
+  sv.zbest[i] = st.zbest;
+  sv.dbar[i] = dbar;
   top[i] = row_top(st, true) ? 1 : 0;
 }
 
@@ -439,9 +467,9 @@ SSLFAST_HD void dlogit_items_gumbel(const Args& a, const Targets& t, Smem& s, in
     if (n < a.N && v < a.V) {
       const int64_t i = n * a.H + h;
       const float z = s.z[r][c], m = sv.m[i], log_l = sv.log_l[i], g = grad[i];
-      const float q = target_prob(s.q[r][c], sv.m_t[i], sv.log_l_t[i]);
+      const float q = target_prob(s.q[r][c], sv.m_t[i], sv.l_t[i]);
       ds = dlogit(z, m, log_l, g, q, sv.mass[i], a.eps, a.eps_over_v);
-      dt = dtarget_logit(z, m, 0.0f, g, q, sv.qbar[i], a.eps);  // qbar from lse (gumbel_row_out)
+      dt = dtarget_logit(z, sv.zbest[i], sv.dbar[i], g, q, a.eps);
     }
     s.z[r][c] = a.scale * ds;
     s.q[r][c] = t.tgt_scale * dt;

@@ -404,31 +404,28 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, const Packed& 
     for (int64_t v = 0; v < p.V; ++v)
       z[v] = logit(z[v], p.scale, p.bias ? load_float(p.bias, h * p.V + v, p.b_dtype) : 0.0f);
     RowState st = row_init(soft);
+    // BiRQ: zbar = st.zbest + dbar (masked_prediction.h, dtarget_logit) and the loss's xent
+    float dbar = 0.0f, xent = 0.0f;
     if (soft) {
-      if (birq)
+      if (birq) {
         target_row(p, h, n0 + r, tr, sl.qrow);
-      else
+        float d = 0.0f, dc = 0.0f, gap = 0.0f, gap_c = 0.0f;
+        target_mean_update(st, d, dc, z, sl.qrow, static_cast<int>(p.V));
+        row_update_soft(st, z, sl.qrow, static_cast<int>(p.V));
+        gap_update(gap, gap_c, -INFINITY, 0.0f, st, z, sl.qrow, static_cast<int>(p.V));
+        dbar = target_mean_dbar(st, d, dc);
+        xent = row_xent(st, gap, gap_c);
+      } else {
         for (int64_t v = 0; v < p.V; ++v) sl.qrow[v] = load_float(p.q, i * p.V + v, p.q_dtype);
-      row_update_soft(st, z, sl.qrow, static_cast<int>(p.V));
+        row_update_soft(st, z, sl.qrow, static_cast<int>(p.V));
+      }
     } else {
       row_update(st, z, static_cast<int>(p.V), 0, t);
     }
     const float log_l = row_log_l(st);
-    // BiRQ: zbar = sum_v q_v z_v / sum_v q_v (masked_prediction.h, row_zbar) and the loss's
-    // -sum_v q_v log p_v (row_loss_xent), both summed in double
-    float zbar = 0.0f, xent = 0.0f;
-    if (birq) {
-      double zq = 0.0, qs = 0.0, xe = 0.0;
-      for (int64_t v = 0; v < p.V; ++v) {
-        const double qv = sl.qrow[v];
-        zq += qv * z[v];
-        qs += qv;
-        xe += qv * static_cast<double>((st.m - z[v]) + log_l);
-      }
-      zbar = static_cast<float>(zq / qs);
-      xent = static_cast<float>(xe);
-    }
-    if (p.loss) p.loss[i] = birq ? row_loss_xent(st, xent, p.eps, eps_over_v) : row_loss(st, valid, p.eps, eps_over_v);
+    if (p.loss)
+      p.loss[i] =
+          birq ? row_loss_xent(st, xent, p.eps, eps_over_v) : row_loss(st, valid, p.eps, eps_over_v);
     if (p.row_max) p.row_max[i] = st.m;
     if (p.log_l) p.log_l[i] = log_l;
     if (p.top) p.top[i] = row_top(st, valid) ? 1 : 0;
@@ -444,7 +441,7 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, const Packed& 
       const float qv = soft ? sl.qrow[v] : (v == t ? 1.0f : 0.0f);
       if (p.dq) p.dq[i * p.V + v] = dtarget(z[v], st.m, log_l, g, p.eps);
       // BiRQ: the T row becomes the gradient of <y, c_v>, tgt_scale * g * dloss/dt_v
-      if (tr) tr[v] = p.tgt_scale * dtarget_logit(z[v], zbar, g, qv, p.eps);
+      if (tr) tr[v] = p.tgt_scale * dtarget_logit(z[v], st.zbest, dbar, g, qv, p.eps);
       z[v] = p.scale * dlogit(z[v], st.m, log_l, g, qv, mass, p.eps, eps_over_v);
     }
     std::fill(z + p.V, z + L.Vs, 0.0f);

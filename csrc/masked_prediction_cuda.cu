@@ -15,7 +15,7 @@
 //   each recomputing its logit tiles.
 // Each kernel is instantiated for hard labels, soft targets given (kSoft) and BiRQ's soft
 // targets made on the fly (kGumbel): the forward first sweeps V for the target logits'
-// statistics (m_t, log l_t; t tiles from 32-wide slices of y and the codewords staged like x and
+// statistics (m_t, l_t; t tiles from 32-wide slices of y and the codewords staged like x and
 // W, plus the Gumbel noise), then recomputes each t tile beside its logit tile and folds
 // q = softmax(t) in as a soft target; the gradient kernels recompute both tiles, and the blocks
 // of the first feature block accumulate dy (dX's) and dc (dW's) from dt = g dloss/dt.
@@ -99,8 +99,8 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(Args a, float* loss, S
     // inlined once and fewer registers are live across the loop. Two loops, two states or a key
     // kept live left ptxas with 16 bytes of stack and 12 to 68 of spill stores on sm_80 or sm_90.
     const int64_t tiles = (a.V + BV - 1) / BV;
-    float m_t = 0.0f, log_l_t = 0.0f;
-    float gap = 0.0f, gap_c = 0.0f;
+    float m_t = 0.0f, l_t = 0.0f;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // fold_tile_gumbel's sums
     for (int64_t i = 0; i < 2 * tiles; ++i) {
       const bool loss_pass = i >= tiles;
       const int64_t v0 = (loss_pass ? i - tiles : i) * BV;
@@ -109,17 +109,17 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(Args a, float* loss, S
       if (r < BM) {
         if (i == tiles) {
           m_t = st.m;
-          log_l_t = mpl::row_log_l(st);
+          l_t = mpl::row_denominator(st);
           st = mpl::row_init(true);
         }
         if (loss_pass)
-          mpl::fold_tile_gumbel(s, st, gap, gap_c, r, v0, a.V, m_t, log_l_t);
+          mpl::fold_tile_gumbel(s, st, acc, r, v0, a.V, m_t, l_t);
         else
           mpl::fold_target_stats(s, st, r, v0, a.V);
       }
       __syncthreads();
     }
-    if (r < BM && n < a.N) mpl::gumbel_row_out(a, st, gap, gap_c, m_t, log_l_t, n, h, loss, sv, top);
+    if (r < BM && n < a.N) mpl::gumbel_row_out(a, st, acc, m_t, l_t, n, h, loss, sv, top);
   } else {
     for (int64_t v0 = 0; v0 < a.V; v0 += BV) {
       if (kSoft) mpl::stage_targets(a, s, h, n0, v0, threadIdx.x);  // read after logit_tile's barriers
@@ -223,7 +223,7 @@ void forward_backward_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t w, int 
 
 // BiRQ (kGumbel): the soft targets q = softmax(t) made from y (N, Hy, Dt), the codewords c (H, V,
 // Dt) (fp32, normalised) and the Philox key at seed_ptr (an int64 on the device), never stored.
-// Saved per row (fp32 (N, H) each): row_max, log_l, mass, m_t, log_l_t, qbar. With a gradient:
+// Saved per row (fp32 (N, H) each): row_max, log_l, mass, m_t, l_t, zbest, dbar. With a gradient:
 // dyh (N, H, Dt) and dc (H, V, Dt), zero-filled by the caller (the kernels accumulate into them);
 // dyh is dy when Hy = H, else the caller sums its heads.
 void gumbel_forward_backward_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t w, int w_dtype, std::uintptr_t bias,
@@ -231,7 +231,8 @@ void gumbel_forward_backward_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t 
                                   std::uintptr_t seed_ptr, double tgt_scale, double noise_scale, std::uintptr_t grad,
                                   int64_t N, int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps,
                                   std::uintptr_t loss, std::uintptr_t row_max, std::uintptr_t log_l,
-                                  std::uintptr_t mass, std::uintptr_t m_t, std::uintptr_t log_l_t, std::uintptr_t qbar,
+                                  std::uintptr_t mass, std::uintptr_t m_t, std::uintptr_t l_t, std::uintptr_t zbest,
+                                  std::uintptr_t dbar,
                                   std::uintptr_t top, std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db,
                                   std::uintptr_t dyh, std::uintptr_t dc, std::uintptr_t stream) {
   if (N == 0) return;
@@ -239,7 +240,7 @@ void gumbel_forward_backward_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t 
   Targets gt;
   Saved sv;
   host_args(x, x_dtype, w, w_dtype, bias, b_dtype, 0, 0, 0, N, H, Hx, V, D, scale, eps, row_max, log_l, 0, &a, &sv);
-  mpl::gumbel_args(y, c, Hy, Dt, tgt_scale, noise_scale, seed_ptr, mass, m_t, log_l_t, qbar, &gt, &sv);
+  mpl::gumbel_args(y, c, Hy, Dt, tgt_scale, noise_scale, seed_ptr, mass, m_t, l_t, zbest, dbar, &gt, &sv);
   const Launches plan = masked_prediction_launch::plan(N, H, Hx, V, D, grad != 0);
   launch_all<mpl::kGumbel>(a, gt, plan, as_ptr<const float>(grad), as_ptr<float>(loss), sv, as_ptr<uint8_t>(top),
                            as_ptr<float>(dx), as_ptr<float>(dw), as_ptr<float>(db), nullptr, as_ptr<float>(dyh),
@@ -259,7 +260,8 @@ void bind_masked_prediction(py::module_& m) {
         py::arg("Hy"), py::arg("Dt"), py::arg("seed_ptr"), py::arg("tgt_scale"), py::arg("noise_scale"),
         py::arg("grad"), py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"),
         py::arg("eps"), py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("mass"), py::arg("m_t"),
-        py::arg("log_l_t"), py::arg("qbar"), py::arg("top"), py::arg("dx"), py::arg("dw"), py::arg("db"),
+        py::arg("l_t"), py::arg("zbest"), py::arg("dbar"), py::arg("top"), py::arg("dx"), py::arg("dw"),
+        py::arg("db"),
         py::arg("dy"), py::arg("dc"), py::arg("cuda_stream"));
 }
 

@@ -679,8 +679,8 @@ void mpl_kernels(int mode, const mpl::Args& a, const mpl::Targets& gt, const mpl
     for (int64_t h = 0; h < plan[0].grid_y; ++h) {  // forward_kernel, block (row block, head)
       const int64_t n0 = bx * BM;
       RowState st[BM], tst[BM];
-      float gap[BM] = {}, gap_c[BM] = {};
-      float m_t[BM] = {}, log_l_t[BM] = {};
+      float acc[BM][4] = {};
+      float m_t[BM] = {}, l_t[BM] = {};
       int64_t t[BM];
       for (int r = 0; r < BM; ++r) {
         st[r] = row_init(mode != kHard);
@@ -694,7 +694,7 @@ void mpl_kernels(int mode, const mpl::Args& a, const mpl::Targets& gt, const mpl
         }
         for (int r = 0; r < BM; ++r) {
           m_t[r] = tst[r].m;
-          log_l_t[r] = row_log_l(tst[r]);
+          l_t[r] = row_denominator(tst[r]);
         }
       }
       for (int64_t v0 = 0; v0 < V; v0 += BV) {
@@ -704,7 +704,7 @@ void mpl_kernels(int mode, const mpl::Args& a, const mpl::Targets& gt, const mpl
         mpl_dot_tile(a, gt, *s, h, n0, v0, false, 0);
         for (int r = 0; r < BM; ++r) {
           if (gumbel)
-            fold_tile_gumbel(*s, st[r], gap[r], gap_c[r], r, v0, V, m_t[r], log_l_t[r]);
+            fold_tile_gumbel(*s, st[r], acc[r], r, v0, V, m_t[r], l_t[r]);
           else
             fold_tile(*s, st[r], r, v0, V, t[r], soft);
         }
@@ -712,7 +712,7 @@ void mpl_kernels(int mode, const mpl::Args& a, const mpl::Targets& gt, const mpl
       for (int r = 0; r < BM; ++r) {
         if (n0 + r >= N) continue;
         if (gumbel)
-          gumbel_row_out(a, st[r], gap[r], gap_c[r], m_t[r], log_l_t[r], n0 + r, h, loss, sv, top);
+          gumbel_row_out(a, st[r], acc[r], m_t[r], l_t[r], n0 + r, h, loss, sv, top);
         else
           forward_row_out(a, st[r], n0 + r, h, soft || t[r] >= 0, loss, sv, top);
       }
@@ -791,7 +791,8 @@ void masked_prediction_gumbel(std::uintptr_t x, int x_dtype, std::uintptr_t w, i
                               std::uintptr_t seed_ptr, double tgt_scale, double noise_scale, std::uintptr_t grad,
                               int64_t N, int64_t H, int64_t Hx, int64_t V, int64_t D, double scale, double eps,
                               std::uintptr_t loss, std::uintptr_t row_max, std::uintptr_t log_l, std::uintptr_t mass,
-                              std::uintptr_t m_t, std::uintptr_t log_l_t, std::uintptr_t qbar, std::uintptr_t top,
+                              std::uintptr_t m_t, std::uintptr_t l_t, std::uintptr_t zbest, std::uintptr_t dbar,
+                              std::uintptr_t top,
                               std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db, std::uintptr_t dyh,
                               std::uintptr_t dc) {
   if (N == 0) return;
@@ -800,7 +801,7 @@ void masked_prediction_gumbel(std::uintptr_t x, int x_dtype, std::uintptr_t w, i
   mpl::Saved sv;
   mpl::host_args(x, x_dtype, w, w_dtype, bias, b_dtype, 0, 0, 0, N, H, Hx, V, D, scale, eps, row_max, log_l, 0, &a,
                  &sv);
-  mpl::gumbel_args(y, c, Hy, Dt, tgt_scale, noise_scale, seed_ptr, mass, m_t, log_l_t, qbar, &gt, &sv);
+  mpl::gumbel_args(y, c, Hy, Dt, tgt_scale, noise_scale, seed_ptr, mass, m_t, l_t, zbest, dbar, &gt, &sv);
   mpl_kernels(mpl::kGumbel, a, gt, sv, as_ptr<const float>(grad), as_ptr<float>(loss), as_ptr<uint8_t>(top),
               as_ptr<float>(dx), as_ptr<float>(dw), as_ptr<float>(db), nullptr, as_ptr<float>(dyh),
               as_ptr<float>(dc));
@@ -873,8 +874,9 @@ void bind_testing(py::module_& m) {
         py::arg("w_dtype"), py::arg("bias"), py::arg("b_dtype"), py::arg("y"), py::arg("c"), py::arg("Hy"),
         py::arg("Dt"), py::arg("seed_ptr"), py::arg("tgt_scale"), py::arg("noise_scale"), py::arg("grad"),
         py::arg("N"), py::arg("H"), py::arg("Hx"), py::arg("V"), py::arg("D"), py::arg("scale"), py::arg("eps"),
-        py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("mass"), py::arg("m_t"), py::arg("log_l_t"),
-        py::arg("qbar"), py::arg("top"), py::arg("dx"), py::arg("dw"), py::arg("db"), py::arg("dy"), py::arg("dc"));
+        py::arg("loss"), py::arg("row_max"), py::arg("log_l"), py::arg("mass"), py::arg("m_t"), py::arg("l_t"),
+        py::arg("zbest"), py::arg("dbar"), py::arg("top"), py::arg("dx"), py::arg("dw"), py::arg("db"), py::arg("dy"),
+        py::arg("dc"));
   t.def("gumbel_tempered_weight", &gumbel_tempered_weight, py::arg("y"), py::arg("ym"), py::arg("n"), py::arg("tau"),
         py::arg("out"));
 }

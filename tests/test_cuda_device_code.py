@@ -499,3 +499,33 @@ def test_masked_prediction_kernels_on_the_host_large_logits(emulated_masked_pred
         for reduction in ("mean", "none"):
             emulated_masked_prediction_cuda.test_kernel_gradients_at_large_logits_within_twice_the_reference(
                 "cuda", base, reduction, soft)
+
+
+@pytest.fixture
+def emulated_birq_cuda(C, monkeypatch):
+    """sslfast.masked_prediction_loss with GumbelRPQTargets on backend="cuda" over CPU tensors:
+    the kGumbel instantiations of forward_kernel, dx_kernel and dw_kernel run by the host
+    emulation through the op's unchanged CUDA host code."""
+    import test_masked_prediction_birq as tb
+
+    _install_emulation(monkeypatch, masked_prediction_gumbel_forward_backward=_no_stream(
+        C._testing.masked_prediction_gumbel))
+    monkeypatch.setattr(tb, "_device", lambda backend: torch.device("cpu"))
+    return tb
+
+
+def test_birq_targets_on_the_host_match_the_reference(emulated_birq_cuda):
+    # tests/test_masked_prediction_birq.py's public-API checks (loss, stats, gradients of x, the
+    # heads, the features and the codebooks under the 2x rule; seeds; empty batch, zero vectors)
+    tb = emulated_birq_cuda
+    for shape in [(1, 1, 1, 1, 1), (7, 2, 9, 5, 3), (70, 3, 67, 20, 16)]:
+        for shared_y in (False, True):
+            tb.test_kernel_matches_reference("cuda", *shape, shared_y)
+    for opt in [dict(), dict(label_smoothing=0.1, reduction="sum"), dict(training=False, tau=0.1),
+                dict(use_mask=True, tau=2.0), dict(tau=1e-3)]:
+        for heads in ("shared", "perhead-nobias"):
+            tb.test_kernel_options_match_reference("cuda", opt, heads)
+    for dtype in (torch.float16, torch.bfloat16):
+        tb.test_kernel_low_precision("cuda", dtype)
+    tb.test_kernel_int_and_tensor_seeds_draw_the_same_targets("cuda")
+    tb.test_empty_batch_and_zero_vectors("cuda")

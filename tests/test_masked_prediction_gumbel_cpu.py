@@ -70,9 +70,9 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda cs: "n{}h{}x{}y{}v{}d{}t{}b{}e{}tau{}{}s{}".format(*cs))
 def test_core_within_twice_the_fp32_reference(case, dtype):
-    # With qbar = row_qbar (masked_prediction.h) three of these failed (dy 2.3x the fp32
-    # reference's error in the first case, fp32; dy in the second, bf16; dc in the fifth, fp32):
-    # the kernel sums qbar_term in double instead.
+    # With dt = g q ((1 - eps)(lse - z) - qbar), qbar = (1 - eps)(qsum lse - sum q z) in fp32, three
+    # of these failed (dy 2.3x the fp32 reference's error in the first case, fp32; dy in the
+    # second, bf16; dc in the fifth, fp32); dtarget_logit's (zbest - z) + dbar passes them.
     n, h, hx, hy, v, d, dt, bias, eps, tau, noise, scale = case
     x, w, b, y, c, g = make_case(n, h, hx, hy, v, d, dt, bias=bias, dtype=dtype, seed=n + v)
     seed = 977 + n

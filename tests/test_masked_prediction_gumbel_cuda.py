@@ -18,7 +18,7 @@ import torch
 
 from _tolerance import assert_error_rule
 from sslfast import _ext
-from sslfast._masked_prediction_gumbel_cuda import cuda_core_gumbel
+from sslfast.ops.masked_prediction import _cuda_gumbel as cuda_core_gumbel
 from sslfast.reference import masked_prediction as ref
 
 
@@ -104,8 +104,8 @@ CASES = [
     (40, 3, 1, 3, 97, 20, 40, True, 0.0, False, 0.5, 0.5),
     (33, 2, 2, 1, 66, 33, 17, True, 0.1, True, 2.0, 0.1),
     (5, 1, 1, 1, 3, 1, 1, False, 0.1, True, 1.0, 1.0),
-    # large logits (|z| to ~300) and sharp targets (tau 0.05, 0.1): qbar from the shifted,
-    # all-positive gap sum, where row_qbar's qsum m - sum q z cancels
+    # large logits (|z| to ~300) and sharp targets (tau 0.05, 0.1), where qsum m - sum q z would
+    # cancel: the loss from the all-positive gap sum, dt from zbest + dbar (masked_prediction.h)
     (40, 2, 2, 2, 70, 16, 16, False, 0.0, True, 100.0, 0.05),
     (64, 1, 1, 1, 300, 8, 16, True, 0.0, True, 10.0, 0.1),
 ]
@@ -121,10 +121,10 @@ def test_kernels_on_the_host_within_twice_the_fp32_reference(core, case):
     ((200, 1, 1, 1, 7, 16, 3, False, 0.1, False, 1.0, 2.0), torch.float32),
     ((131, 3, 1, 3, 97, 20, 16, True, 0.0, False, 0.5, 0.5), torch.bfloat16)])
 def test_target_gradient_within_twice_the_fp32_reference(core, case, dtype):
-    # dy / dc through dtarget_logit with qbar measured from lse (gumbel_row_out). With row_qbar
-    # these three failed (dy 2.3x, dc 2.8x, dy 2.2x the fp32 reference's error); with the gap
-    # sum but qbar = (1 - eps) (gap + qsum log l) against (m - z) + log l, the second still did
-    # (2.0x + 1.001 of the ulp floor). Data as tests/test_masked_prediction_gumbel_cpu.py's.
+    # dy / dc through dtarget_logit. With dt = g q ((1 - eps)(lse - z) - qbar), qbar = (1 - eps)
+    # (qsum lse - sum q z) in fp32, these three failed (dy 2.3x, dc 2.8x, dy 2.2x the fp32
+    # reference's error); with qbar from the gap sum the second still did (2.0x + 1.001 of the ulp
+    # floor). Data as tests/test_masked_prediction_gumbel_cpu.py's.
     n, v = case[0], case[4]
     check(core, case, dtype, data_seed=n + v, seed=977 + n, x_scale=1.5, b_scale=1.0)
 
