@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(Args a, float* loss, S
     // kept live left ptxas with 16 bytes of stack and 12 to 68 of spill stores on sm_80 or sm_90.
     const int64_t tiles = (a.V + BV - 1) / BV;
     float m_t = 0.0f, l_t = 0.0f;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // fold_tile_gumbel's sums
+    float acc[3] = {0.0f, 0.0f, 0.0f};  // fold_tile_gumbel's sums
     for (int64_t i = 0; i < 2 * tiles; ++i) {
       const bool loss_pass = i >= tiles;
       const int64_t v0 = (loss_pass ? i - tiles : i) * BV;

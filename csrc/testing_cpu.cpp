@@ -679,7 +679,7 @@ void mpl_kernels(int mode, const mpl::Args& a, const mpl::Targets& gt, const mpl
     for (int64_t h = 0; h < plan[0].grid_y; ++h) {  // forward_kernel, block (row block, head)
       const int64_t n0 = bx * BM;
       RowState st[BM], tst[BM];
-      float acc[BM][4] = {};
+      float acc[BM][3] = {};
       float m_t[BM] = {}, l_t[BM] = {};
       int64_t t[BM];
       for (int r = 0; r < BM; ++r) {
