@@ -168,6 +168,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
     qsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     qbest = tl.full((BLOCK_N,), -1.0, dtype=tl.float32)
     zbest = tl.zeros((BLOCK_N,), dtype=tl.float32)  # logit of the (first) most probable class
+    qd = tl.zeros((BLOCK_N,), dtype=tl.float32)  # GUMBEL: sum_v q_v (max - z_v), for qbar
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
@@ -181,7 +182,8 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
                              noise_scale, m_t, log_l_t, TARGET, NOISE, BLOCK_N, BLOCK_V, BLOCK_KT)
             zv = tl.where(v_ok[None, :], z, 0.0)
             zy += tl.sum(q * zv, axis=1)
-            qsum += tl.sum(q, axis=1)
+            q_sum_tile = tl.sum(q, axis=1)
+            qsum += q_sum_tile
             q_tile = tl.max(tl.where(v_ok[None, :], q, -1.0), axis=1)
             at = tl.argmax(tl.where(v_ok[None, :], q, -1.0), axis=1)
             better = q_tile > qbest
@@ -191,6 +193,9 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
             zsum += tl.sum(zv, axis=1)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a class
+        if TARGET == GUMBEL:  # terms >= 0, the earlier ones moved to the new max
+            qd += (qsum - q_sum_tile) * (m_new - tl.where(m_i > float("-inf"), m_i, m_new))
+            qd += tl.sum(q * tl.where(v_ok[None, :], m_new[:, None] - zv, 0.0), axis=1)
         alpha = tl.exp(m_i - m_new)
         l_i, c_i = add_compensated(l_i * alpha, c_i * alpha, tl.sum(tl.exp(z - m_new[:, None]), axis=1))
         m_i = m_new
@@ -199,10 +204,8 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
         tl.store(max_ptr + pair, m_i, mask=n_ok)
         tl.store(log_l_ptr + pair, log_l, mask=n_ok)
     else:
-        # lse expanded as in csrc/masked_prediction.h row_loss: exact for a hard label at the
-        # maximum; its first term is row_qbar
-        qbar = (1.0 - eps) * ((qsum * m_i - zy) + qsum * log_l)
-        loss = qbar + eps * log_l + eps * (m_i - zsum / V)
+        # lse expanded as in csrc/masked_prediction.h row_loss: exact for a hard label at the maximum
+        loss = (1.0 - eps) * ((qsum * m_i - zy) + qsum * log_l) + eps * log_l + eps * (m_i - zsum / V)
         if TARGET == HARD:
             valid = t >= 0
         else:
@@ -213,6 +216,12 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
         tl.store(mass_ptr + pair, (1.0 - eps) * qsum + eps, mask=n_ok)
         tl.store(top_ptr + pair, (valid & (zbest >= m_i)).to(tl.int8), mask=n_ok)
         if TARGET == GUMBEL:
+            # row_qbar = (1 - eps) sum_v q_v (lse - z_v), over qsum (1 in exact arithmetic): q's
+            # fp32 normaliser l_t is off by a relative ~ulp common to the row, which the bracket
+            # of dt = g q ((1 - eps)(lse - z) - qbar) would otherwise carry as qbar * that error
+            # into every class (3.5x the fp32 reference's error in dY; divided out: within it).
+            # sum_v q_v (max - z_v) is summed as above, nonnegative terms, not qsum max - sum q z.
+            qbar = (1.0 - eps) * (qd + qsum * log_l) / tl.where(qsum > 0.0, qsum, 1.0)
             tl.store(tst_ptr + NH + NH + pair, qbar, mask=n_ok)
 
 
