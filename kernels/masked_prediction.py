@@ -27,7 +27,7 @@ soft targets made on the fly and never stored (``core_gumbel``; csrc/masked_pred
 (G: gumbel_vector_quantize's noise for an (N, H*V) row, ``_gumbel_tile``) are recomputed tile
 by tile with ``_logits`` on (y, c), and ``q = exp((t - m_t) - log l_t)`` from each row's target
 statistics, which a first ``_forward_kernel`` launch in mode TSTATS (logits of (y, c) plus the
-noise, no target) computes. The GUMBEL forward also saves ``qbar`` per row (row_qbar); the
+noise, no target) computes. The GUMBEL forward also saves ``qbar`` per row (row_qbar / qsum); the
 gradient kernels form ``dt = g q ((1 - eps)(lse - z) - qbar)`` next to dS and, in their first
 ``cdiv(Dt, BLOCK_DT)`` column programs, add ``dt @ c`` (dY, per head, summed over heads on the
 host when y is shared) and ``dt^T @ y`` (dC); these products run in fp32 ('ieee').
@@ -114,7 +114,7 @@ def _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr, tst_ptr, NH, pai
     if TARGET == GUMBEL:
         m_t = tl.load(tst_ptr + pair, mask=n_ok, other=0.0)
         log_l_t = tl.load(tst_ptr + NH + pair, mask=n_ok, other=0.0)
-        qbar = tl.load(tst_ptr + 2 * NH + pair, mask=n_ok, other=0.0)
+        qbar = tl.load(tst_ptr + NH + NH + pair, mask=n_ok, other=0.0)
     return t, row_max, log_l, mass, g, m_t, log_l_t, qbar
 
 
@@ -137,6 +137,22 @@ def _dtarget(z, row_max, log_l, g, q, qbar, eps):
 
 
 @triton.jit
+def _key(seed_ptr, NOISE: tl.constexpr):
+    """The Philox key of the Gumbel noise, read on the device; 0 (never used) without noise."""
+    if NOISE:
+        return tl.load(seed_ptr)
+    else:
+        return 0
+
+
+@triton.jit
+def _target_columns(pid_d, Dt, BLOCK_DT: tl.constexpr):
+    """(columns, in range, any in range) of dY / dC that column program pid_d owns (GUMBEL)."""
+    offs_dt = pid_d * BLOCK_DT + tl.arange(0, BLOCK_DT)
+    return offs_dt, offs_dt < Dt, pid_d * BLOCK_DT < Dt
+
+
+@triton.jit
 def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_ptr, mass_ptr, top_ptr, y_ptr, c_ptr,
                     seed_ptr, tst_ptr, N, H, Hx, V, D, Hy, Dt, NH, scale, eps, tgt_scale, noise_scale,
                     HAS_BIAS: tl.constexpr, TARGET: tl.constexpr, NOISE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -150,10 +166,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     pair = offs_n.to(tl.int64) * H + h
-    if NOISE:
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
+    seed = _key(seed_ptr, NOISE)
     t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
     m_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     log_l_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -242,14 +255,9 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, max_ptr, log_l_ptr, mass_ptr, 
     offs_dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < D
     eps_over_v = eps / V
-    if NOISE:
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
+    seed = _key(seed_ptr, NOISE)
     if TARGET == GUMBEL:
-        offs_dt = pid_d * BLOCK_DT + tl.arange(0, BLOCK_DT)
-        dt_ok = offs_dt < Dt
-        do_dt = pid_d * BLOCK_DT < Dt
+        offs_dt, dt_ok, do_dt = _target_columns(pid_d, Dt, BLOCK_DT)
     acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     # x shared by every head (Hx = 1): this program sums all H heads; else just head hx
     # (not software-pipelined: each step is a whole sweep over V; with V and D specialised to 1
@@ -306,14 +314,9 @@ def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, max_ptr, log_l_ptr, mass_ptr, 
     offs_dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < D
     eps_over_v = eps / V
-    if NOISE:
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
+    seed = _key(seed_ptr, NOISE)
     if TARGET == GUMBEL:
-        offs_dt = pid_d * BLOCK_DT + tl.arange(0, BLOCK_DT)
-        dt_ok = offs_dt < Dt
-        do_dt = pid_d * BLOCK_DT < Dt
+        offs_dt, dt_ok, do_dt = _target_columns(pid_d, Dt, BLOCK_DT)
         acc_t = tl.zeros((BLOCK_V, BLOCK_DT), dtype=tl.float32)
     acc = tl.zeros((BLOCK_V, BLOCK_DV), dtype=tl.float32)
     db = tl.zeros((BLOCK_V,), dtype=tl.float32)
@@ -369,6 +372,17 @@ def config(d: int, dtype: torch.dtype) -> dict:
                 num_warps=8, num_stages=3)
 
 
+def gumbel_grad_config(d: int, dtype: torch.dtype) -> dict:
+    """Tiles of the dX / dW kernels in GUMBEL mode: besides the logit tile they hold the target
+    logits' tile (an fp32 FMA dot), its Gumbel noise (Philox words, fp64 logs) and the dY / dC
+    products (fp32 FMA dots over the tile's classes / rows). With the tiles of ``config``
+    (64 x 64 at 8 warps for fp16 / bf16, 32 x 32 at 4 warps for fp32) they reached 255 registers
+    and spilled 8-280 B (sm_80 / sm_90); 16 x 32 tiles at 4 warps (4 values per thread), 64
+    gradient columns per program."""
+    cfg = config(d, dtype)
+    return dict(cfg, BLOCK_N=16, BLOCK_V=32, BLOCK_DV=min(64, cfg["BLOCK_DV"]), num_warps=4, num_stages=2)
+
+
 def _precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"  # ignored for fp16/bf16 operands
 
@@ -405,6 +419,10 @@ def _launch(x, w, bias, tgt, q, grad, scale, eps, mode, outs, gum=None):
         *birq, **common)
     if grad is None:
         return
+    if gum is not None:
+        cfg = gumbel_grad_config(d, x.dtype)
+        common.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+                      num_stages=cfg["num_stages"])
     gmax = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     g = (grad / gmax).contiguous()
     n_dblk = triton.cdiv(d, cfg["BLOCK_DV"])
