@@ -25,10 +25,10 @@ Targets (constexpr TARGET): HARD labels, SOFT (N, H, V) probabilities given, or 
 soft targets made on the fly and never stored (``core_gumbel``; csrc/masked_prediction.h,
 "BiRQ"): the target logits ``t = tgt_scale * <y[n, h % Hy], c[h, v]> + noise_scale * G(n, h*V + v)``
 (G: gumbel_vector_quantize's noise for an (N, H*V) row, ``_gumbel_tile``) are recomputed tile
-by tile with ``_logits`` on (y, c), and ``q = exp((t - m_t) - log l_t)`` from each row's target
+by tile with ``_logits`` on (y, c), and ``q = exp(t - m_t) / l_t`` from each row's target
 statistics, which a first ``_forward_kernel`` launch in mode TSTATS (logits of (y, c) plus the
-noise, no target) computes. The GUMBEL forward also saves ``qbar`` per row (row_qbar / qsum); the
-gradient kernels form ``dt = g q ((1 - eps)(lse - z) - qbar)`` next to dS and, in their first
+noise, no target) computes. The GUMBEL forward also saves ``zbar = sum q z / sum q`` per row
+(row_zbar); the gradient kernels form ``dt = g (1 - eps) q (zbar - z)`` next to dS and, in their first
 ``cdiv(Dt, BLOCK_DT)`` column programs, add ``dt @ c`` (dY, per head, summed over heads on the
 host when y is shared) and ``dt^T @ y`` (dC); these products run in fp32 ('ieee').
 """
@@ -80,11 +80,12 @@ def _target_logits(y_ptr, c_ptr, seed, offs_n, offs_v, n_ok, v_ok, h, Hy, V, Dt,
 
 @triton.jit
 def _target_tile(q_ptr, pair, t, offs_n, offs_v, n_ok, v_ok, h, V, y_ptr, c_ptr, seed, Hy, Dt, tgt_scale,
-                 noise_scale, m_t, log_l_t, TARGET: tl.constexpr, NOISE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 noise_scale, m_t, l_t, TARGET: tl.constexpr, NOISE: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_KT: tl.constexpr):
     """The target probabilities of a tile (BLOCK_N, BLOCK_V): soft q, the one-hot of t, or (GUMBEL)
-    softmax of the target logits from the row's target statistics (m_t, log l_t): 0 outside
-    the valid rows and classes."""
+    softmax of the target logits from the row's target statistics (max m_t, denominator l_t), as
+    exp(t - m_t) / l_t (csrc/masked_prediction.h target_prob): 0 outside the valid rows and
+    classes."""
     if TARGET == SOFT:
         q = tl.load(q_ptr + pair[:, None] * V + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0)
         return q.to(tl.float32)
@@ -92,7 +93,7 @@ def _target_tile(q_ptr, pair, t, offs_n, offs_v, n_ok, v_ok, h, V, y_ptr, c_ptr,
         tt = _target_logits(y_ptr, c_ptr, seed, offs_n, offs_v, n_ok, v_ok, h, Hy, V, Dt, tgt_scale, noise_scale,
                             NOISE, BLOCK_N, BLOCK_V, BLOCK_KT)
         ok = n_ok[:, None] & v_ok[None, :]
-        return tl.exp((tl.where(ok, tt, float("-inf")) - m_t[:, None]) - log_l_t[:, None])
+        return tl.exp(tl.where(ok, tt, float("-inf")) - m_t[:, None]) / l_t[:, None]
     else:
         return tl.where(offs_v[None, :] == t[:, None], 1.0, 0.0)
 
@@ -100,7 +101,7 @@ def _target_tile(q_ptr, pair, t, offs_n, offs_v, n_ok, v_ok, h, V, y_ptr, c_ptr,
 @triton.jit
 def _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr, tst_ptr, NH, pair, n_ok, TARGET: tl.constexpr):
     """(target, max, log l, target mass, gradient weight, and for GUMBEL the target statistics
-    m_t, log l_t and qbar; else zeros) of rows ``pair``; g = 0 on ignored rows."""
+    m_t, l_t and zbar; else zeros) of rows ``pair``; g = 0 on ignored rows."""
     t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
     row_max = tl.load(max_ptr + pair, mask=n_ok, other=0.0)
     log_l = tl.load(log_l_ptr + pair, mask=n_ok, other=0.0)
@@ -109,13 +110,13 @@ def _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr, tst_ptr, NH, pai
     if TARGET == HARD:
         g = tl.where(t >= 0, g, 0.0)
     m_t = tl.zeros_like(g)
-    log_l_t = tl.zeros_like(g)
-    qbar = tl.zeros_like(g)
+    l_t = tl.full(g.shape, 1.0, tl.float32)
+    zbar = tl.zeros_like(g)
     if TARGET == GUMBEL:
         m_t = tl.load(tst_ptr + pair, mask=n_ok, other=0.0)
-        log_l_t = tl.load(tst_ptr + NH + pair, mask=n_ok, other=0.0)
-        qbar = tl.load(tst_ptr + NH + NH + pair, mask=n_ok, other=0.0)
-    return t, row_max, log_l, mass, g, m_t, log_l_t, qbar
+        l_t = tl.load(tst_ptr + NH + pair, mask=n_ok, other=1.0)
+        zbar = tl.load(tst_ptr + NH + NH + pair, mask=n_ok, other=0.0)
+    return t, row_max, log_l, mass, g, m_t, l_t, zbar
 
 
 @triton.jit
@@ -130,10 +131,10 @@ def _dlogits(z, row_max, log_l, g, q, mass, v_ok, n_ok, eps, eps_over_v):
 
 
 @triton.jit
-def _dtarget(z, row_max, log_l, g, q, qbar, eps):
+def _dtarget(z, zbar, g, q, eps):
     """g * dloss/dt for a tile through q = softmax(t) (csrc/masked_prediction.h dtarget_logit):
-    g q ((1 - eps) (lse - z) - qbar), lse - z as (max - z) + log l; 0 where q is."""
-    return g[:, None] * q * ((1.0 - eps) * ((row_max[:, None] - z) + log_l[:, None]) - qbar[:, None])
+    g (1 - eps) q (zbar - z), lse cancelled; 0 where q is."""
+    return (g * (1.0 - eps))[:, None] * q * (zbar[:, None] - z)
 
 
 @triton.jit
@@ -159,7 +160,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KT: tl.constexpr, PRECISION: tl.constexpr):
     """TSTATS: x, w are BiRQ's y, c (Hx = Hy, D = Dt, scale = tgt_scale), the logits get the
     Gumbel noise, and only the row statistics (max, log l) are written. GUMBEL: reads the
-    target statistics from tst (3, N, H) and writes qbar into its third plane."""
+    target statistics (m_t, l_t) from tst (3, N, H) and writes zbar into its third plane."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     hx = h % Hx
@@ -169,10 +170,10 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
     seed = _key(seed_ptr, NOISE)
     t = tl.load(t_ptr + pair, mask=n_ok, other=-1)
     m_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    log_l_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    l_t = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
     if TARGET == GUMBEL:
         m_t = tl.load(tst_ptr + pair, mask=n_ok, other=0.0)
-        log_l_t = tl.load(tst_ptr + NH + pair, mask=n_ok, other=0.0)
+        l_t = tl.load(tst_ptr + NH + pair, mask=n_ok, other=1.0)
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     c_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # l_i's compensation
@@ -181,7 +182,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
     qsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     qbest = tl.full((BLOCK_N,), -1.0, dtype=tl.float32)
     zbest = tl.zeros((BLOCK_N,), dtype=tl.float32)  # logit of the (first) most probable class
-    qd = tl.zeros((BLOCK_N,), dtype=tl.float32)  # GUMBEL: sum_v q_v (max - z_v), for qbar
+    qd = tl.zeros((BLOCK_N,), dtype=tl.float32)  # GUMBEL: sum_v q_v (max - z_v), for the loss
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
@@ -192,7 +193,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
             z = _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, scale, HAS_BIAS, BLOCK_N,
                         BLOCK_V, BLOCK_K, PRECISION)
             q = _target_tile(q_ptr, pair, t, offs_n, offs_v, n_ok, v_ok, h, V, y_ptr, c_ptr, seed, Hy, Dt, tgt_scale,
-                             noise_scale, m_t, log_l_t, TARGET, NOISE, BLOCK_N, BLOCK_V, BLOCK_KT)
+                             noise_scale, m_t, l_t, TARGET, NOISE, BLOCK_N, BLOCK_V, BLOCK_KT)
             zv = tl.where(v_ok[None, :], z, 0.0)
             zy += tl.sum(q * zv, axis=1)
             q_sum_tile = tl.sum(q, axis=1)
@@ -213,12 +214,15 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
         l_i, c_i = add_compensated(l_i * alpha, c_i * alpha, tl.sum(tl.exp(z - m_new[:, None]), axis=1))
         m_i = m_new
     log_l = log_denominator(l_i, c_i)
-    if TARGET == TSTATS:
+    if TARGET == TSTATS:  # the target statistics: max and denominator (row_denominator)
         tl.store(max_ptr + pair, m_i, mask=n_ok)
-        tl.store(log_l_ptr + pair, log_l, mask=n_ok)
+        tl.store(log_l_ptr + pair, l_i - c_i, mask=n_ok)
     else:
-        # lse expanded as in csrc/masked_prediction.h row_loss: exact for a hard label at the maximum
-        loss = (1.0 - eps) * ((qsum * m_i - zy) + qsum * log_l) + eps * log_l + eps * (m_i - zsum / V)
+        if TARGET == GUMBEL:  # row_loss_xent, xent = sum_v q_v ((m - z_v) + log l) from terms >= 0
+            loss = (1.0 - eps) * (qd + qsum * log_l) + eps * log_l + eps * (m_i - zsum / V)
+        else:
+            # lse expanded as in csrc/masked_prediction.h row_loss: exact for a hard label at the maximum
+            loss = (1.0 - eps) * ((qsum * m_i - zy) + qsum * log_l) + eps * log_l + eps * (m_i - zsum / V)
         if TARGET == HARD:
             valid = t >= 0
         else:
@@ -228,14 +232,8 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
         tl.store(log_l_ptr + pair, log_l, mask=n_ok)
         tl.store(mass_ptr + pair, (1.0 - eps) * qsum + eps, mask=n_ok)
         tl.store(top_ptr + pair, (valid & (zbest >= m_i)).to(tl.int8), mask=n_ok)
-        if TARGET == GUMBEL:
-            # row_qbar = (1 - eps) sum_v q_v (lse - z_v), over qsum (1 in exact arithmetic): q's
-            # fp32 normaliser l_t is off by a relative ~ulp common to the row, which the bracket
-            # of dt = g q ((1 - eps)(lse - z) - qbar) would otherwise carry as qbar * that error
-            # into every class (3.5x the fp32 reference's error in dY; divided out: within it).
-            # sum_v q_v (max - z_v) is summed as above, nonnegative terms, not qsum max - sum q z.
-            qbar = (1.0 - eps) * (qd + qsum * log_l) / tl.where(qsum > 0.0, qsum, 1.0)
-            tl.store(tst_ptr + NH + NH + pair, qbar, mask=n_ok)
+        if TARGET == GUMBEL:  # zbar = sum_v q_v z_v / sum_v q_v (row_zbar)
+            tl.store(tst_ptr + NH + NH + pair, zy / tl.where(qsum > 0.0, qsum, 1.0), mask=n_ok)
 
 
 @triton.jit
@@ -265,7 +263,7 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, max_ptr, log_l_ptr, mass_ptr, 
     for i in tl.range(0, H // Hx, num_stages=1):
         h = hx + i
         pair = offs_n.to(tl.int64) * H + h
-        t, row_max, log_l, mass, g, m_t, log_l_t, qbar = _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr,
+        t, row_max, log_l, mass, g, m_t, l_t, zbar = _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr,
                                                                           tst_ptr, NH, pair, n_ok, TARGET)
         if TARGET == GUMBEL:
             acc_t = tl.zeros((BLOCK_N, BLOCK_DT), dtype=tl.float32)
@@ -279,10 +277,10 @@ def _dx_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, max_ptr, log_l_ptr, mass_ptr, 
                     dq = (g * tl.load(gmax_ptr))[:, None] * (1.0 - eps) * ((row_max[:, None] - z) + log_l[:, None])
                     tl.store(dq_ptr + pair[:, None] * V + offs_v[None, :], dq, mask=n_ok[:, None] & v_ok[None, :])
             q = _target_tile(q_ptr, pair, t, offs_n, offs_v, n_ok, v_ok, h, V, y_ptr, c_ptr, seed, Hy, Dt, tgt_scale,
-                             noise_scale, m_t, log_l_t, TARGET, NOISE, BLOCK_N, BLOCK_V, BLOCK_KT)
+                             noise_scale, m_t, l_t, TARGET, NOISE, BLOCK_N, BLOCK_V, BLOCK_KT)
             if TARGET == GUMBEL:
                 if do_dt:
-                    dtl = _dtarget(z, row_max, log_l, g, q, qbar, eps)
+                    dtl = _dtarget(z, zbar, g, q, eps)
                     cv = tl.load(c_ptr + (h.to(tl.int64) * V + offs_v.to(tl.int64))[:, None] * Dt + offs_dt[None, :],
                                  mask=v_ok[:, None] & dt_ok[None, :], other=0.0)
                     acc_t = tl.dot(dtl, cv, acc_t, input_precision="ieee")
@@ -324,15 +322,15 @@ def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, max_ptr, log_l_ptr, mass_ptr, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         pair = offs_n.to(tl.int64) * H + h
-        t, row_max, log_l, mass, g, m_t, log_l_t, qbar = _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr,
+        t, row_max, log_l, mass, g, m_t, l_t, zbar = _row_grad_state(t_ptr, max_ptr, log_l_ptr, mass_ptr, g_ptr,
                                                                           tst_ptr, NH, pair, n_ok, TARGET)
         z = _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, scale, HAS_BIAS, BLOCK_N,
                     BLOCK_V, BLOCK_K, PRECISION)
         q = _target_tile(q_ptr, pair, t, offs_n, offs_v, n_ok, v_ok, h, V, y_ptr, c_ptr, seed, Hy, Dt, tgt_scale,
-                         noise_scale, m_t, log_l_t, TARGET, NOISE, BLOCK_N, BLOCK_V, BLOCK_KT)
+                         noise_scale, m_t, l_t, TARGET, NOISE, BLOCK_N, BLOCK_V, BLOCK_KT)
         if TARGET == GUMBEL:
             if do_dt:
-                dtl = _dtarget(z, row_max, log_l, g, q, qbar, eps)
+                dtl = _dtarget(z, zbar, g, q, eps)
                 yv = tl.load(y_ptr + (offs_n.to(tl.int64) * Hy + h % Hy)[:, None] * Dt + offs_dt[None, :],
                              mask=n_ok[:, None] & dt_ok[None, :], other=0.0)
                 acc_t = tl.dot(tl.trans(dtl), yv, acc_t, input_precision="ieee")
@@ -494,7 +492,7 @@ def core_gumbel(x, w, bias, y, c, seed_t, tgt_scale, noise_scale, grad, scale, e
         dy_heads = dy if hy == h else torch.zeros(n, h, dt, **f32)
     if n == 0:
         return loss, stats, top, dx, dw, db, dy, dc
-    tst = torch.empty(3, n, h, **f32)  # the target logits' max, log l, and each row's qbar
+    tst = torch.empty(3, n, h, **f32)  # the target logits' max and denominator, each row's zbar
     noise_scale, tgt_scale = float(noise_scale), float(tgt_scale)
     gum = dict(y=y, c=c, seed_t=seed_t, tst=tst, dy=dy_heads if dy_heads is not None else loss,
                dc=dc if dc is not None else loss, tgt_scale=tgt_scale, noise_scale=noise_scale)
@@ -505,7 +503,7 @@ def core_gumbel(x, w, bias, y, c, seed_t, tgt_scale, noise_scale, grad, scale, e
         tgt_scale, 0.0, tgt_scale, noise_scale, HAS_BIAS=False, TARGET=TSTATS, NOISE=noise_scale != 0.0,
         BLOCK_N=tc["BLOCK_N"], BLOCK_V=tc["BLOCK_V"], BLOCK_K=BLOCK_KT, BLOCK_KT=BLOCK_KT, PRECISION="ieee",
         num_warps=tc["num_warps"], num_stages=tc["num_stages"])
-    # pass 2 (loss, qbar) and the gradient passes
+    # pass 2 (loss, zbar) and the gradient passes
     _launch(x, w, bias, loss, loss, grad, scale, eps, GUMBEL, (loss, stats, mass, top, dx, dw, db, None), gum)
     if grad is not None and dy_heads is not dy:
         torch.sum(dy_heads, dim=1, keepdim=True, out=dy)  # y shared by the heads: a fixed-order sum
