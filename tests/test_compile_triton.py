@@ -68,12 +68,9 @@ SPILL_BUDGET: dict[str, int] = {
     # the final store: stored once at entry, reloaded once after the head / V / K loops (resp.
     # the row loop), never inside them; read from the SASS. Every other case: no stack. Was
     # 200-4500 B of spills with 64 x 64 fp32 tiles and K chunks of 64.
-    # BiRQ's GUMBEL mode (16 x 32 tiles, 4 warps), fp32, D = 16, Dt = 40, no noise (sm_80, Triton
-    # 3.9): at 96 registers (an occupancy step) ptxas parks three 32-bit values, stored at entry
-    # and reloaded once after the loops for the final stores, and two 64-bit addresses, each
-    # reloaded once per 16 x 32 class tile (at the top of the V loop and before the dY
-    # product's loads), never inside the dot products' K loops: 32 B, read from the SASS.
-    "masked_prediction:_dx_kernel": 32,
+    # BiRQ's GUMBEL mode (bf16, D = 1024, Hx = Hy = 2, sm_90, 168 registers): the same pattern in
+    # _dx_kernel, 16 B: three 32-bit values stored at entry, reloaded once after the loops (SASS).
+    "masked_prediction:_dx_kernel": 16,
     "masked_prediction:_dw_kernel": 16,
     # info_nce, fp32 (FMA-unit dots, 256 threads): the column-side pass (dB) with D >= 128 on
     # sm_90 (Triton 3.9) sits at ptxas's 128-register step (two blocks per SM) by parking four
