@@ -220,6 +220,25 @@ def masked_prediction():
             t = torch.softmax(torch.randn(N, H, V), -1).to(dtype) if soft else torch.randint(0, V, (N, H))
             sslfast.masked_prediction_loss(x, w, t, head=head, bias=b, **TRITON).backward()
         yield f"{head} N={N} H={H} V={V} D={D} x heads={Hx} {dtype} soft={soft}", run
+    # BiRQ's on-the-fly Gumbel-softmax targets (TARGET = TSTATS, GUMBEL): the Triton core
+    # called directly (its public op is registered by sslfast/ops/masked_prediction.py), with
+    # the noise on and off, a bias or not, Hx and Hy each 1 or H, Dt = 16 (BEST-RQ), 1, and 40
+    # (three dY / dC column blocks: more than the dX / dW blocks of D = 16); grad None: forward only
+    from sslfast.kernels import masked_prediction as kmp
+
+    gumbel = [(2048, 4, 8192, 256, 1, 1, 16), (64, 2, 504, 1024, 2, 2, 16), (33, 2, 1, 1, 1, 2, 1),
+              (64, 2, 300, 16, 2, 1, 40)]
+    flags = itertools.cycle([(True, True, True), (False, True, True), (True, False, True), (True, True, False)])
+    for (N, H, V, D, Hx, Hy, Dt), dtype in itertools.product(gumbel, FLOATS):
+        noise, bias, grad = next(flags)
+
+        def birq(N=N, H=H, V=V, D=D, Hx=Hx, Hy=Hy, Dt=Dt, dtype=dtype, noise=noise, bias=bias, grad=grad):
+            kmp.core_gumbel(_rand(N, Hx, D, dtype=dtype), _rand(H, V, D, dtype=dtype),
+                            _rand(H, V, dtype=dtype) if bias else None, _rand(N, Hy, Dt), _rand(H, V, Dt),
+                            torch.tensor([7]), 2.0, 1.0 if noise else 0.0, torch.rand(N, H) if grad else None, 1.0,
+                            0.1)
+        yield (f"gumbel N={N} H={H} V={V} D={D} x heads={Hx} y heads={Hy} Dt={Dt} {dtype} noise={noise} "
+               f"bias={bias} grad={grad}"), birq
 
 
 FAMILIES = {f.__name__: f for f in (masking, negatives, apply_mask, contrastive, info_nce, gumbel_quantize,

@@ -68,6 +68,8 @@ SPILL_BUDGET: dict[str, int] = {
     # the final store: stored once at entry, reloaded once after the head / V / K loops (resp.
     # the row loop), never inside them; read from the SASS. Every other case: no stack. Was
     # 200-4500 B of spills with 64 x 64 fp32 tiles and K chunks of 64.
+    # BiRQ's GUMBEL mode (bf16, D = 1024, Hx = Hy = 2, sm_90, 168 registers): the same pattern in
+    # _dx_kernel, 16 B: three 32-bit values stored at entry, reloaded once after the loops (SASS).
     "masked_prediction:_dx_kernel": 16,
     "masked_prediction:_dw_kernel": 16,
     # info_nce, fp32 (FMA-unit dots, 256 threads): the column-side pass (dB) with D >= 128 on
