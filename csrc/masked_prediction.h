@@ -174,20 +174,19 @@ SSLFAST_HD float dtarget_logit(float z, float zbest, float dbar, float g, float 
   return g * (1.0f - eps) * q * ((zbest - z) + dbar);
 }
 
-// Folds q[0..n), z[0..n) into d = sum_u q_u (z_u - zbest), moving the anchor with st.zbest /
-// st.qbest (row_update_soft's first-argmax rule; call this before row_update_soft on the same tile,
-// which then finds them already updated and keeps them): D += qsum (old - new). A plain fp32 sum:
-// its terms are small where q peaks, and compensating it spilled forward_kernel<kGumbel> (16 B on
-// sm_80, 8 B on sm_90).
+// Folds q[0..n), z[0..n) into d = sum_u q_u (z_u - zbest) and the row state's target mass and
+// first-argmax (qsum, qbest, zbest: row_update_soft's rule), moving the anchor when zbest changes:
+// D += qsum (old - new). BiRQ's rows take this and lse_update in place of row_update_soft (their
+// sum_v q_v z_v is not needed: dtarget_logit and row_xent). A plain fp32 sum: its terms are small
+// where q peaks, and compensating it spilled forward_kernel<kGumbel> (16 B on sm_80, 8 B on sm_90).
 SSLFAST_HD void target_mean_update(RowState& st, float& d, const float* z, const float* q, int n) {
-  float qs = st.qsum;
   for (int j = 0; j < n; ++j) {
     const bool better = q[j] > st.qbest;  // selects, not a branch (row_update)
-    d += better ? qs * (st.zbest - z[j]) : 0.0f;
+    d += better ? st.qsum * (st.zbest - z[j]) : 0.0f;
     st.zbest = better ? z[j] : st.zbest;
     st.qbest = better ? q[j] : st.qbest;
     d += q[j] * (z[j] - st.zbest);
-    qs += q[j];
+    st.qsum += q[j];
   }
 }
 
@@ -195,7 +194,7 @@ SSLFAST_HD void target_mean_update(RowState& st, float& d, const float* z, const
 SSLFAST_HD float target_mean_dbar(const RowState& st, float d) { return d / st.qsum; }
 
 // gap - gap_c (compensated) = sum_v q_v (m - z_v) at the running max m, for the loss: after
-// row_update_soft folded q[0..n), z[0..n) (its max before was m_old, its target mass qsum_old), the
+// the row state folded q[0..n), z[0..n) (its max before was m_old, its target mass qsum_old), the
 // sum moves to the new max and takes the tile's terms, every one >= 0 (no cancellation, unlike
 // qsum m - sum q z; the shifted-anchor sum of target_mean_update put BiRQ's loss at 1.9x the fp32
 // reference's error where this one is at 0.9x).
@@ -427,16 +426,17 @@ SSLFAST_HD void fold_target_stats(const Smem& s, RowState& st, int r, int64_t v0
 }
 
 // forward_kernel (kGumbel), second sweep, thread r < BM after the target and logit tiles: row r's
-// target logits in s.q become q = target_prob(t, m_t, l_t) and fold in as a soft target, with
+// target logits in s.q become q = target_prob(t, m_t, l_t) and fold in as a soft target (without
+// sum q z: target_mean_update and lse_update), with
 // acc = {d, gap, gap_c}: sum_v q_v (z_v - zbest) (target_mean_update) and sum_v q_v (m - z_v)
 // (gap_update) beside it.
 SSLFAST_HD void fold_tile_gumbel(Smem& s, RowState& st, float (&acc)[3], int r, int64_t v0, int64_t V, float m_t,
                                  float l_t) {
   const int nv = static_cast<int>(V - v0 < BV ? V - v0 : BV);
   for (int j = 0; j < nv; ++j) s.q[r][j] = target_prob(s.q[r][j], m_t, l_t);
-  target_mean_update(st, acc[0], s.z[r], s.q[r], nv);
   const float m_old = st.m, qsum_old = st.qsum;
-  row_update_soft(st, s.z[r], s.q[r], nv);
+  target_mean_update(st, acc[0], s.z[r], s.q[r], nv);
+  lse_update(st, s.z[r], nv);
   gap_update(acc[1], acc[2], m_old, qsum_old, st, s.z[r], s.q[r], nv);
 }
 

@@ -411,7 +411,7 @@ void chunk_rows(const Problem& p, const Layout& L, MicroFn micro, const Packed& 
         target_row(p, h, n0 + r, tr, sl.qrow);
         float d = 0.0f, gap = 0.0f, gap_c = 0.0f;
         target_mean_update(st, d, z, sl.qrow, static_cast<int>(p.V));
-        row_update_soft(st, z, sl.qrow, static_cast<int>(p.V));
+        lse_update(st, z, static_cast<int>(p.V));
         gap_update(gap, gap_c, -INFINITY, 0.0f, st, z, sl.qrow, static_cast<int>(p.V));
         dbar = target_mean_dbar(st, d);
         xent = row_xent(st, gap, gap_c);

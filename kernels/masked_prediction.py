@@ -70,9 +70,21 @@ def _logits(x_ptr, w_ptr, b_ptr, offs_n, offs_v, n_ok, v_ok, h, hx, Hx, V, D, sc
 def _target_logits(y_ptr, c_ptr, seed, offs_n, offs_v, n_ok, v_ok, h, Hy, V, Dt, tgt_scale, noise_scale,
                    NOISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_KT: tl.constexpr):
     """BiRQ's target logits (BLOCK_N, BLOCK_V) fp32: tgt_scale <y[n, h % Hy], c[h, v]> plus
-    noise_scale times the Gumbel noise at position h*V + v of row n (drawn only with NOISE)."""
-    t = _logits(y_ptr, c_ptr, c_ptr, offs_n, offs_v, n_ok, v_ok, h, h % Hy, Hy, V, Dt, tgt_scale, False, BLOCK_N,
-                BLOCK_V, BLOCK_KT, "ieee")
+    noise_scale times the Gumbel noise at position h*V + v of row n (drawn only with NOISE).
+
+    The dot products are an FMA loop over Dt, each element's terms added in the order of d, not a
+    tl.dot: every kernel then gets the same bits for the same t_v whatever its tile shape, as
+    q = exp(t - m_t) / l_t needs (t is recomputed against statistics from another pass, and at
+    tau 1e-3 (t ~ 1e4) an ulp of t moves q by 1e-3: dx was 250x over the fp32 reference's error
+    with tl.dot tiles of different shapes in the statistics and gradient passes)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    y_rows = (offs_n.to(tl.int64) * Hy + h % Hy) * Dt
+    c_rows = (h.to(tl.int64) * V + offs_v.to(tl.int64)) * Dt
+    for k in range(0, Dt):
+        yk = tl.load(y_ptr + y_rows + k, mask=n_ok, other=0.0)
+        ck = tl.load(c_ptr + c_rows + k, mask=v_ok, other=0.0)
+        acc += yk[:, None] * ck[None, :]
+    t = acc * tgt_scale
     if NOISE:
         t += noise_scale * _gumbel_tile(seed, offs_n, h * V + offs_v, _U_LO)
     return t

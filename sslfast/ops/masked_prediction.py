@@ -222,6 +222,14 @@ def _triton_core(x, w, bias, targets, grad, scale, eps, want_rows=True):
     return kern.core(x, w, bias, targets, grad, scale, eps, want_rows)
 
 
+@_dispatch.register(OP_GUMBEL, "triton")
+@_dispatch.register(OP_GUMBEL_BWD, "triton")
+def _triton_gumbel(x, w, bias, y, c, seed_t, tgt_scale, noise_scale, grad, scale, eps, want_rows=True):
+    from ..kernels import masked_prediction as kern
+
+    return kern.core_gumbel(x, w, bias, y, c, seed_t, tgt_scale, noise_scale, grad, scale, eps, want_rows)
+
+
 # ----------------------------------------------------------------------------- custom ops
 # Every custom op takes the hard / soft targets (``targets``) or BiRQ's target inputs (``y``, ``c``,
 # ``seed``/``seed_t``, ``tgt_scale``, ``noise_scale``; ``targets`` None), and returns the gradients
