@@ -387,10 +387,11 @@ def gumbel_grad_config(d: int, dtype: torch.dtype) -> dict:
     logits' tile (an fp32 FMA dot), its Gumbel noise (Philox words, fp64 logs) and the dY / dC
     products (fp32 FMA dots over the tile's classes / rows). With the tiles of ``config``
     (64 x 64 at 8 warps for fp16 / bf16, 32 x 32 at 4 warps for fp32) they reached 255 registers
-    and spilled 8-280 B (sm_80 / sm_90); 16 x 32 tiles at 4 warps (4 values per thread), 64
-    gradient columns per program."""
+    and spilled 8-280 B (sm_80 / sm_90); 16 x 32 tiles at 4 warps (4 values per thread), 32
+    gradient columns per program, one stage (64 columns, or two stages, with the target tile's
+    FMA dot: 24 B of stack, bf16, D = 1024, sm_90)."""
     cfg = config(d, dtype)
-    return dict(cfg, BLOCK_N=16, BLOCK_V=32, BLOCK_DV=min(64, cfg["BLOCK_DV"]), num_warps=4, num_stages=2)
+    return dict(cfg, BLOCK_N=16, BLOCK_V=32, BLOCK_DV=min(32, cfg["BLOCK_DV"]), num_warps=4, num_stages=1)
 
 
 def _precision(t: torch.Tensor) -> str:
@@ -420,6 +421,11 @@ def _launch(x, w, bias, tgt, q, grad, scale, eps, mode, outs, gum=None):
         tgt_scale, noise_scale = float(gum["tgt_scale"]), float(gum["noise_scale"])
         noise = noise_scale != 0.0
     nh = n * h
+    if gum is not None:
+        # the loss pass holds the target tile (an FMA dot over Dt, its noise) beside the logit
+        # tile: 32 x 32 tiles at 4 warps for every dtype (fp16 / bf16's 64 x 64 at 8 warps: 80-168 B
+        # of stack on sm_80 / sm_90)
+        cfg = dict(cfg, BLOCK_N=32, BLOCK_V=32, num_warps=4, num_stages=2)
     common = dict(HAS_BIAS=bias is not None, TARGET=mode, NOISE=noise, BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], BLOCK_KT=BLOCK_KT, PRECISION=_precision(x),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
