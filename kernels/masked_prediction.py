@@ -25,10 +25,12 @@ Targets (constexpr TARGET): HARD labels, SOFT (N, H, V) probabilities given, or 
 soft targets made on the fly and never stored (``core_gumbel``; csrc/masked_prediction.h,
 "BiRQ"): the target logits ``t = tgt_scale * <y[n, h % Hy], c[h, v]> + noise_scale * G(n, h*V + v)``
 (G: gumbel_vector_quantize's noise for an (N, H*V) row, ``_gumbel_tile``) are recomputed tile
-by tile with ``_logits`` on (y, c), and ``q = exp(t - m_t) / l_t`` from each row's target
-statistics, which a first ``_forward_kernel`` launch in mode TSTATS (logits of (y, c) plus the
-noise, no target) computes. The GUMBEL forward also saves ``zbar = sum q z / sum q`` per row
-(row_zbar); the gradient kernels form ``dt = g (1 - eps) q (zbar - z)`` next to dS and, in their first
+by tile (``_target_logits``: an FMA loop over Dt, the same bits in every pass), and
+``q = exp(t - m_t) / l_t`` from each row's target statistics, which a first ``_forward_kernel``
+launch in mode TSTATS (target logits, no target) computes. The GUMBEL forward also saves
+``zbar = sum q z / sum q`` per row (tile sums in fp32; the C++ and CUDA kernels keep it as
+zbest + dbar, anchored at q's peak: csrc/masked_prediction.h dtarget_logit); the gradient kernels
+form ``dt = g (1 - eps) q (zbar - z)`` next to dS and, in their first
 ``cdiv(Dt, BLOCK_DT)`` column programs, add ``dt @ c`` (dY, per head, summed over heads on the
 host when y is shared) and ``dt^T @ y`` (dC); these products run in fp32 ('ieee').
 """
@@ -244,7 +246,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, q_ptr, loss_ptr, max_ptr, log_l_
         tl.store(log_l_ptr + pair, log_l, mask=n_ok)
         tl.store(mass_ptr + pair, (1.0 - eps) * qsum + eps, mask=n_ok)
         tl.store(top_ptr + pair, (valid & (zbest >= m_i)).to(tl.int8), mask=n_ok)
-        if TARGET == GUMBEL:  # zbar = sum_v q_v z_v / sum_v q_v (row_zbar)
+        if TARGET == GUMBEL:  # zbar = sum_v q_v z_v / sum_v q_v
             tl.store(tst_ptr + NH + NH + pair, zy / tl.where(qsum > 0.0, qsum, 1.0), mask=n_ok)
 
 
