@@ -281,15 +281,10 @@ def _(x, w, bias, targets, y, c, seed, seed_t, tgt_scale, noise_scale, scale, ep
     return _fake_rows(x, w)
 
 
-def _cast_grads(x, w, bias, targets, y, c, dx, dw, db, dq, dy, dc, g=None):
-    """The gradients in their inputs' dtypes (scaled by g when given), empty where absent."""
-    out = []
-    for t, d in ((x, dx), (w, dw), (bias, db), (targets, dq), (y, dy), (c, dc)):
-        if t is None or d is None or not t.is_floating_point():
-            out.append(_empty_f32(x))
-        else:
-            out.append((d if g is None else d * g).to(t.dtype))
-    return out
+def _cast_grads(x, w, bias, targets, y, c, dx, dw, db, dq, dy, dc):
+    """The gradients in their inputs' dtypes, empty where absent."""
+    return [_empty_f32(x) if t is None or d is None or not t.is_floating_point() else d.to(t.dtype)
+            for t, d in ((x, dx), (w, dw), (bias, db), (targets, dq), (y, dy), (c, dc))]
 
 
 def _fake_grads(x, w, bias, targets, y, c):
